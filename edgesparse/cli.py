@@ -1,0 +1,219 @@
+"""The `edgesparse` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgesparseError
+
+
+class Cli(click.Group):
+    """Turns every failure into one line on stderr and a non-zero exit; --debug shows tracebacks."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(exc, EdgesparseError):
+                message = str(exc)
+            else:
+                message = f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            click.echo(f"error: {message}".splitlines()[0], err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Cli)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="edgesparse")
+def main(debug):
+    """edgesparse: prune, compile and package sparse models for edge targets, with the speed-up
+    measured against dense."""
+
+
+def _emit(data, as_json: bool, text: str):
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--target", "-t", help="Target name (see `edgesparse targets`).")
+@click.option("--pass", "-p", "pass_specs", multiple=True, metavar="NAME[:key=value,...]", help="A pass to run; repeat for more.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="TOML file holding any of these options.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Package folder to write (a .zip is written beside it).")
+@click.option("--backend", help="Compile backend (default: the target's first).")
+@click.option("--tolerance", type=float, help="Max abs error vs the reference, relative to max(1, |reference|). Default 1e-4.")
+@click.option("--threads", type=int, help="Threads for verification. Default 1.")
+@click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, force, as_json):
+    """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
+    from .pipeline import BuildRequest, build as run_build
+    from .recipe import load_recipe, parse_pass
+
+    settings = load_recipe(recipe) if recipe else {}
+    flags = {"model": model, "target": target, "output": output, "backend": backend,
+             "tolerance": tolerance, "threads": threads, "inputs": inputs}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if pass_specs:
+        settings["passes"] = [parse_pass(s) for s in pass_specs]
+    for required in ("model", "target", "output"):
+        if not settings.get(required):
+            raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
+    request = BuildRequest(
+        model=str(settings["model"]), target=settings["target"], output=Path(settings["output"]),
+        passes=settings.get("passes", []), backend=settings.get("backend"),
+        tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
+        inputs=Path(settings["inputs"]) if settings.get("inputs") else None, force=force,
+        quiet=as_json, name=settings.get("name"),
+    )
+    manifest = run_build(request)
+    v = manifest["verification"]
+    frac = v["fraction_on_sparse_kernels"]
+    _emit(manifest, as_json, (
+        f"package: {request.output} (archive {request.output}.zip)\n"
+        f"verified: max abs error {v['max_abs_error']:.2e} <= {v['tolerance']:.1e}; "
+        f"sparse nodes on sparse kernels: {v['sparse_nodes_on_kernel']}/{v['sparse_nodes']}"
+        + ("" if frac is None else f" ({frac:.0%})")
+    ))
+
+
+@main.command()
+@click.argument("package")
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
+@click.option("--rounds", default=30, show_default=True, help="Interleaved rounds at most.")
+@click.option("--quick", is_flag=True, help="For `bench kernels`: a few shapes only.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(package, threads, rounds, quick, as_json):
+    """Time PACKAGE against its dense baseline, interleaved in one process.
+
+    `edgesparse bench kernels` instead times each sparse operator against ORT's dense kernel."""
+    thread_counts = tuple(int(t) for t in threads.split(",") if t)
+    if package == "kernels":
+        from .kernels.bench import run_kernel_benchmarks
+
+        records = run_kernel_benchmarks(quick=quick, threads=thread_counts)
+        lines = [f"{r['op']:<18} {_shape(r):<24} sparsity {r['sparsity']:.2f} threads {r['threads']}: "
+                 f"speedup {r['speedup']:.2f}x" for r in records]
+        _emit(records, as_json, "\n".join(lines))
+        return
+    from . import runtime
+    from .bench import bench_package
+
+    pkg = runtime.load(package)
+    batch = _verification_inputs(pkg)
+    records = bench_package(pkg, batch, threads=thread_counts, rounds=rounds)
+    lines = [f"threads {r['threads']}: dense {r['dense']['median_ms']:.3f} ms "
+             f"[{r['dense']['p25_ms']:.3f}-{r['dense']['p75_ms']:.3f}], package {r['package']['median_ms']:.3f} ms "
+             f"[{r['package']['p25_ms']:.3f}-{r['package']['p75_ms']:.3f}], speedup {r['speedup']:.2f}x"
+             for r in records]
+    _emit(records, as_json, "\n".join(lines))
+
+
+def _shape(record) -> str:
+    keys = [k for k in ("M", "K", "N", "C", "H", "W", "O", "kernel") if k in record]
+    return " ".join(f"{k}={record[k]}" for k in keys)
+
+
+def _verification_inputs(pkg) -> dict:
+    import numpy as np
+
+    from .pipeline import VERIFICATION_DATA
+
+    data = np.load(pkg.root / VERIFICATION_DATA)
+    return {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+
+
+@main.command()
+@click.argument("package")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(package, as_json):
+    """Show what PACKAGE holds: target, passes, per-layer sparsity, verification."""
+    from . import runtime
+
+    m = runtime.load(package, check_target=False).manifest
+    v = m.get("verification", {})
+    lines = [
+        f"{m['name']}: target {m['target']['name']} ({m['target'].get('machine')}), backend {m['backend']}",
+        "passes: " + (", ".join(f"{p['name']}({', '.join(f'{k}={x}' for k, x in p['options'].items())})" for p in m["passes"]) or "none"),
+        "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["inputs"]),
+        f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
+        f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
+        f"layers ({len(m['layers'])} sparse):",
+    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}" for l in m["layers"]]
+    _emit(m, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("package")
+def verify(package):
+    """Check PACKAGE's checksums and format, run it where its target runs, and compare with the
+    reference outputs recorded at build time."""
+    import numpy as np
+
+    from . import runtime
+    from .pipeline import VERIFICATION_DATA
+    from .plugins import registry
+
+    pkg = runtime.load(package, check_target=False)
+    target_name = pkg.manifest["target"]["name"]
+    target = registry().targets.get(target_name)
+    data = np.load(pkg.root / VERIFICATION_DATA)
+    batch = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+    expected = [data[k] for k in data.files if k.startswith("output:")]
+    if target is not None:
+        got = target.run_package(pkg.root, batch).outputs
+    else:
+        runtime.check_machine(pkg.manifest)
+        got = pkg.run(batch)
+    from .verify import max_abs_error
+
+    error = max_abs_error([got], [expected])
+    tolerance = pkg.manifest["verification"]["tolerance"]
+    if error > tolerance:
+        raise EdgesparseError(f"{package}: max abs error {error:.3g} exceeds tolerance {tolerance:.3g}")
+    click.echo(f"ok: {package} (target {target_name}); max abs error {error:.2e} <= {tolerance:.1e}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json):
+    """List installed plugins, their versions and what each registered."""
+    from .plugins import registry
+
+    infos = registry().plugins
+    data = [{"name": p.name, "version": p.version, "registered": p.registered, "error": p.error} for p in infos]
+    lines = [f"{p.name} {p.version}: " + (f"FAILED: {p.error}" if p.error else ", ".join(p.registered) or "nothing") for p in infos]
+    _emit(data, as_json, "\n".join(lines) or "no plugins installed")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def passes(as_json):
+    """List the available passes and their options."""
+    from .plugins import registry
+
+    described = [cls.describe() for cls in registry().passes.values()]
+    lines = []
+    for d in described:
+        lines.append(f"{d['name']}: {d['summary']} [stages: {', '.join(d['stages'])}; needs: {d['needs']}]")
+        lines += [f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}" for o in d["options"]]
+    _emit(described, as_json, "\n".join(lines) or "no passes installed")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json):
+    """List the available targets."""
+    from .plugins import registry
+
+    described = [t.describe() for t in registry().targets.values()]
+    lines = [f"{d['name']}: {d['summary']} [backends: {', '.join(d['backends'])}]" for d in described]
+    _emit(described, as_json, "\n".join(lines) or "no targets installed")

@@ -1,0 +1,77 @@
+"""What a pass sees of the build: the target, the data, and where to report."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import EdgesparseError
+
+
+class BuildContext:
+    def __init__(self, target, registry, *, calibration: list[dict], train: Callable | None = None,
+                 threads: int = 1, quiet: bool = False):
+        self.target = target
+        self.registry = registry
+        self.threads = threads
+        self._calibration = calibration
+        self._train = train
+        self._quiet = quiet
+        self.reports: dict[str, dict] = {}
+        self.warnings: list[str] = []
+        self._current = None
+
+    # -- data -----------------------------------------------------------------
+    def calibration_inputs(self) -> list[dict[str, np.ndarray]]:
+        """Real inputs when the model factory provides them, else generated ones."""
+        return self._calibration
+
+    @property
+    def train(self) -> Callable:
+        """The user's training loop: train(module, steps). Raises when the factory has none."""
+        if self._train is None:
+            raise EdgesparseError(
+                f"pass '{self._current}' needs a training loop: add train= to the TorchModel"
+            )
+        return self._train
+
+    @property
+    def has_train(self) -> bool:
+        return self._train is not None
+
+    # -- reporting ------------------------------------------------------------
+    def begin_pass(self, name: str) -> None:
+        self._current = name
+        self.reports.setdefault(name, {})
+
+    def report(self, key: str, value) -> None:
+        """Record a figure in the current pass's section of the manifest."""
+        self.reports[self._current][key] = value
+
+    def warn(self, message: str) -> None:
+        text = f"{self._current}: {message}" if self._current else message
+        self.warnings.append(text)
+        self.log(f"warning: {text}")
+
+    def log(self, message: str) -> None:
+        if not self._quiet:
+            print(message, file=sys.stderr)
+
+    def progress(self, iterable: Iterable, label: str, length: int | None = None):
+        """Wrap a long loop in a progress bar (on stderr, only when it is a terminal)."""
+        if self._quiet or not sys.stderr.isatty():
+            return iter(iterable)
+        import click
+
+        def bar():
+            with click.progressbar(iterable, length=length, label=label, file=sys.stderr) as items:
+                yield from items
+
+        return bar()
+
+    def kernel_library(self, domain: str):
+        for lib in self.registry.kernels.values():
+            if lib.domain == domain:
+                return lib
+        raise EdgesparseError(f"no kernel library provides domain '{domain}'")

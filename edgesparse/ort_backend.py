@@ -1,0 +1,49 @@
+"""The ONNX Runtime backend: the model as .onnx plus each kernel library compiled for the target.
+An app registers the libraries with SessionOptions.register_custom_ops_library and loads the model."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import onnx
+
+from .backends import Backend
+
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # protobuf's 2 GB limit, with room
+
+
+class OrtBackend(Backend):
+    name = "ort"
+    summary = "ONNX Runtime plus edgesparse's sparse custom operators"
+
+    def compile(self, model: onnx.ModelProto, target, staging: Path, libraries) -> dict:
+        model_file = staging / "model.onnx"
+        if model.ByteSize() > EXTERNAL_DATA_ABOVE:
+            onnx.save(model, str(model_file), save_as_external_data=True, location="model.onnx.data")
+        else:
+            onnx.save(model, str(model_file))
+        written = []
+        toolchain = target.toolchain() if libraries else None
+        for lib in libraries:
+            built = Path(lib.build(toolchain))
+            dest = staging / "lib" / built.name
+            dest.parent.mkdir(exist_ok=True)
+            shutil.copy2(built, dest)
+            written.append(dest.relative_to(staging).as_posix())
+        return {
+            "engine": "onnxruntime",
+            "model": "model.onnx",
+            "custom_op_libraries": written,
+            "custom_domains": sorted({lib.domain for lib in libraries}),
+            "custom_ops": sorted({op for lib in libraries for op in lib.ops}),
+            "compiler": _compiler_version(toolchain) if toolchain else None,
+        }
+
+
+def _compiler_version(toolchain) -> str | None:
+    try:
+        out = subprocess.run([*toolchain.cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None

@@ -1,0 +1,224 @@
+"""The build, top to bottom:
+
+    load -> torch passes -> export -> check -> ONNX passes -> check -> compile -> package -> verify -> publish
+
+Every stage is a call into a small module; this file only orders them and records what happened.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__, export, inputs, package, verify
+from .context import BuildContext
+from .errors import EdgesparseError
+from .plugins import registry as default_registry
+from .source import TorchModel, is_factory, load_factory
+
+CALIBRATION_BATCHES = 8
+VERIFY_BATCHES = 2
+VERIFICATION_DATA = "verification.npz"
+
+
+@dataclass
+class BuildRequest:
+    model: str
+    target: str
+    output: Path
+    passes: list[tuple[str, dict]] = field(default_factory=list)
+    backend: str | None = None
+    tolerance: float = 1e-4
+    threads: int = 1
+    inputs: Path | None = None
+    force: bool = False
+    quiet: bool = False
+    name: str | None = None
+
+
+def build(request: BuildRequest, registry=None) -> dict:
+    """Run the pipeline and publish the package; return its manifest."""
+    registry = registry or default_registry()
+    target = registry.get("targets", request.target)
+    backend = _backend_for(registry, target, request.backend)
+    passes = [registry.get("passes", name)(**options) for name, options in request.passes]
+    for p in passes:
+        if p.targets is not None and target.name not in p.targets:
+            raise EdgesparseError(f"pass '{p.name}' cannot run on target '{target.name}' (supports: {', '.join(p.targets)})")
+    out = Path(request.output)
+    package.check_destination(out, request.force)
+    target.check_environment()
+
+    # load
+    source = load_factory(request.model) if is_factory(request.model) else None
+    torch_passes = [p for p in passes if "torch" in p.stages()]
+    if torch_passes and source is None:
+        raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
+    model = export.load_onnx(Path(request.model)) if source is None else None
+
+    # torch passes and export
+    calibration = _calibration(request, source, model)
+    ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
+                       threads=request.threads, quiet=request.quiet)
+    if source is not None:
+        for p in torch_passes:
+            ctx.begin_pass(p.name)
+            ctx.log(f"[{p.name}] transforming the PyTorch module")
+            source.module = p.transform_module(source.module, ctx)
+        ctx.log("exporting to ONNX")
+        model = export.export_torch(source)
+        if not calibration:
+            ctx._calibration = calibration = inputs.generated(model)
+    model = export.check(model, "before the passes")
+
+    # ONNX passes
+    import onnx_ir as ir
+
+    graph = ir.from_proto(model)
+    for p in passes:
+        if "onnx" in p.stages():
+            ctx.begin_pass(p.name)
+            ctx.log(f"[{p.name}] rewriting the ONNX graph")
+            p.rewrite_graph(graph, ctx)
+    model = ir.to_proto(graph)
+    libraries = _attach_functions(model, registry)
+    model = export.check(model, "after the passes")
+
+    # compile, package, verify
+    ctx.log(f"compiling for {target.name} with the {backend.name} backend")
+    with package.staging_for(out) as staging:
+        runtime = backend.compile(model, target, staging, libraries)
+        manifest = {
+            "name": request.name or out.name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "target": target.describe(),
+            "backend": backend.name,
+            "runtime": runtime,
+            "inputs": inputs.signature(model, "input"),
+            "outputs": inputs.signature(model, "output"),
+            "passes": [{"name": p.name, "options": _jsonable(p.config), "report": ctx.reports.get(p.name, {})} for p in passes],
+            "layers": _layers(model, libraries),
+            "warnings": ctx.warnings,
+            "tools": _tool_versions(target),
+        }
+        package.finalize(staging, manifest)
+
+        ctx.log(f"verifying on {len(calibration[:VERIFY_BATCHES])} input batches")
+        batches = calibration[:VERIFY_BATCHES]
+        runs = [target.run_package(staging, b, request.threads) for b in batches]
+        reference = verify.reference_outputs(staging / runtime["model"], batches)
+        error = verify.max_abs_error([r.outputs for r in runs], reference)
+        scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
+        tolerance = request.tolerance * max(1.0, scale)
+        cover = verify.coverage(verify.sparse_nodes(model, libraries), runs[0].kernel_nodes, libraries)
+        _save_verification_data(staging, batches[0], reference[0], model)
+        manifest["verification"] = {
+            "max_abs_error": error,
+            "tolerance": tolerance,
+            "passed": error <= tolerance,
+            "batches": len(batches),
+            "inputs": "calibration" if source and source.calibration or request.inputs else "generated",
+            **cover,
+        }
+        manifest = package.finalize(staging, manifest)
+        if error > tolerance:
+            raise EdgesparseError(f"verification failed: max abs error {error:.3g} exceeds tolerance {tolerance:.3g}")
+        fraction = cover["fraction_on_sparse_kernels"]
+        if fraction is not None and fraction < 1:
+            ctx.warn(f"only {cover['sparse_nodes_on_kernel']}/{cover['sparse_nodes']} sparse nodes run on a sparse kernel: the rest run dense")
+            manifest["warnings"] = ctx.warnings
+            manifest = package.finalize(staging, manifest)
+        package.publish(staging, out, request.force)
+    return manifest
+
+
+def _save_verification_data(staging: Path, batch: dict, outputs: list, model) -> None:
+    """One input batch and its reference outputs travel with the package for `edgesparse verify`."""
+    names = [o["name"] for o in inputs.signature(model, "output")]
+    arrays = {f"input:{k}": v for k, v in batch.items()} | {f"output:{n}": o for n, o in zip(names, outputs)}
+    np.savez_compressed(staging / VERIFICATION_DATA, **arrays)
+
+
+def _backend_for(registry, target, name):
+    name = name or target.backends[0]
+    if name not in target.backends:
+        raise EdgesparseError(f"target '{target.name}' cannot use backend '{name}' (supports: {', '.join(target.backends)})")
+    return registry.get("backends", name)
+
+
+def _calibration(request: BuildRequest, source: TorchModel | None, model) -> list[dict]:
+    if request.inputs is not None:
+        if model is None:
+            raise EdgesparseError("--inputs is for ONNX models; a model factory provides calibration=")
+        return inputs.from_npz(request.inputs, model)
+    if source is not None and source.calibration is not None:
+        batches = []
+        for batch in source.calibration():
+            batches.append(inputs.to_numpy(batch))
+            if len(batches) == CALIBRATION_BATCHES:
+                break
+        if not batches:
+            raise EdgesparseError("the model factory's calibration() yielded no batches")
+        return batches
+    if source is not None:
+        return [inputs.to_numpy(source.example_inputs)]
+    return inputs.generated(model)
+
+
+def _attach_functions(model: onnx.ModelProto, registry) -> list:
+    """Give every custom domain the model uses its dense ONNX functions and an opset import."""
+    used = {n.domain for n in model.graph.node}
+    libraries = [lib for lib in registry.kernels.values() if lib.domain in used]
+    known = {(f.domain, f.name) for f in model.functions}
+    for lib in libraries:
+        for function in lib.functions():
+            if (function.domain, function.name) not in known:
+                model.functions.append(function)
+        if all(o.domain != lib.domain for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(lib.domain, 1))
+    unknown = {d for d in used if d not in ("", "ai.onnx", "com.microsoft") and d not in {l.domain for l in libraries}}
+    if unknown:
+        raise EdgesparseError(f"the graph uses op domain '{sorted(unknown)[0]}' that no installed kernel library provides")
+    return libraries
+
+
+def _layers(model: onnx.ModelProto, libraries) -> list[dict]:
+    """Sparsity actually present in the packaged weights, per sparse node."""
+    by_domain = {lib.domain: lib for lib in libraries}
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        lib = by_domain.get(node.domain)
+        if lib is not None:
+            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays))})
+    return layers
+
+
+def _tool_versions(target) -> dict:
+    import onnxruntime
+
+    versions = {
+        "edgesparse": __version__,
+        "python": platform.python_version(),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    return versions
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,73 @@
+"""Build requests from the command line and from recipe files. A recipe TOML holds everything the
+flags can:
+
+    model = "samples/minilm/model.py:build"
+    target = "x86"
+    output = "out/minilm"
+    tolerance = 1e-4
+    threads = 1
+
+    [[passes]]
+    name = "magnitude"
+    sparsity = 0.75
+    block = 16
+
+Relative paths in a recipe are relative to the recipe's folder. Flags given on the command line
+win over the recipe; `--pass` flags replace the recipe's passes.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import EdgesparseError
+
+KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "passes", "name"}
+
+
+def parse_pass(text: str) -> tuple[str, dict]:
+    """'magnitude:sparsity=0.75,block=16' -> ('magnitude', {'sparsity': '0.75', 'block': '16'}).
+    Values stay strings here; the pass's declared option types convert them."""
+    name, _, rest = text.partition(":")
+    if not name:
+        raise EdgesparseError(f"--pass needs a name: {text!r}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise EdgesparseError(f"--pass option must be key=value: {item!r} in {text!r}")
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def load_recipe(path: Path) -> dict:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EdgesparseError(f"recipe not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgesparseError(f"recipe {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise EdgesparseError(f"recipe {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(KEYS))})")
+    base = Path(path).parent
+    for key in ("model", "output", "inputs"):
+        if key in data:
+            data[key] = _relative(base, data[key])
+    passes = []
+    for entry in data.get("passes", []):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise EdgesparseError(f"recipe {path}: each [[passes]] entry needs a name")
+        entry = dict(entry)
+        passes.append((entry.pop("name"), entry))
+    data["passes"] = passes
+    return data
+
+
+def _relative(base: Path, value: str) -> str:
+    spec, colon, func = str(value).partition(".py:")
+    if colon:
+        p = Path(spec + ".py")
+        return f"{p if p.is_absolute() else base / p}:{func}"
+    p = Path(value)
+    return str(p if p.is_absolute() else base / p)

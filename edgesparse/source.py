@@ -1,0 +1,63 @@
+"""Model inputs to a build: an .onnx file, or a Python factory `path/to/model.py:build` that
+returns a TorchModel."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import EdgesparseError
+
+
+@dataclass
+class TorchModel:
+    """What a model factory returns.
+
+    module:          the torch.nn.Module to export (put in eval mode by the build).
+    example_inputs:  {input name: tensor}, in forward()'s argument order; used for export.
+    dynamic_axes:    {input or output name: {axis: "name"}} for axes whose size varies at run time.
+    output_names:    names of the outputs, in order.
+    calibration:     optional () -> iterable of {input name: array}: real inputs for passes that
+                     calibrate and for the build's verification.
+    train:           optional (module, steps: int) -> None: the user's training loop, for passes
+                     that fine-tune.
+    """
+
+    module: Any
+    example_inputs: dict[str, Any]
+    output_names: list[str] = field(default_factory=lambda: ["output"])
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    calibration: Callable[[], Iterable[dict]] | None = None
+    train: Callable | None = None
+
+
+def load_factory(spec: str) -> TorchModel:
+    """Import `path/to/model.py:build` and call it."""
+    path_str, _, func = spec.rpartition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise EdgesparseError(f"model factory file not found: {path}")
+    module_name = f"_edgesparse_model_{abs(hash(path.resolve()))}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise EdgesparseError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, func, None)
+    if not callable(factory):
+        raise EdgesparseError(f"{path} has no function '{func}'")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise EdgesparseError(f"{spec} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, TorchModel):
+        raise EdgesparseError(f"{spec} must return edgesparse.TorchModel, got {type(result).__name__}")
+    return result
+
+
+def is_factory(spec: str) -> bool:
+    return ".py:" in spec

@@ -1,0 +1,60 @@
+"""The target API: where a package runs, how its kernels are compiled, and how the build runs a
+package there to verify it (natively, under an emulator, in a browser...)."""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass
+class RunResult:
+    outputs: list[np.ndarray]
+    # Nodes that ran on a kernel-library kernel, by op type, when the target can observe it (ORT
+    # profiling); None when it cannot, and the build then counts from the library's op list.
+    kernel_nodes: dict[str, int] | None = None
+
+
+class Target:
+    """Base class of a deployment target. Subclasses set the class attributes and implement
+    `toolchain` and `run_package`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("ort",)  # the first is the default
+    machine: ClassVar[str] = ""  # platform.machine() of the devices the package runs on
+    isa: ClassVar[str] = ""      # instruction set the kernels' dispatch table is keyed by
+
+    def toolchain(self):
+        """The `edgesparse.kernels.Toolchain` that compiles kernel libraries for this target."""
+        raise NotImplementedError
+
+    def check_environment(self) -> None:
+        """Raise EdgesparseError naming what to install when this machine cannot build for the
+        target. Called before any work starts."""
+
+    def run_package(self, package_dir: Path, inputs: dict[str, np.ndarray], threads: int = 1) -> RunResult:
+        """Run the package where it runs and return its outputs."""
+        raise NotImplementedError
+
+    def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
+        """Whether the sparse kernel beats the dense one for this layer on this target, from the
+        kernel library's measured dispatch table."""
+        from .kernels import dispatch
+
+        return dispatch.prefers_sparse(op, shape, sparsity, block, isa=self.isa, threads=threads)
+
+    def runs_here(self) -> bool:
+        return platform.machine() == self.machine
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "backends": list(self.backends),
+            "machine": self.machine,
+            "isa": self.isa,
+        }
