@@ -1,0 +1,46 @@
+"""edgesparse sparse kernels: C++ ONNX Runtime custom operators and their Python helpers.
+
+Operators (domain ``com.edgesparse``, version 1), contracts in docs/kernels.md:
+
+- ``BlockSparseMatMul``: Y = act(X @ W + bias), W in B x 1 blocks (see blocksparse)
+- ``BlockSparseConv``: NCHW Conv2d, groups of B output channels x 1 input channel (see conv)
+- ``GatheredFFN``: FFN computing only the selected experts (see gathered_ffn)
+
+Build and load::
+
+    lib = build_library(X86_64)
+    so = onnxruntime.SessionOptions(); so.register_custom_ops_library(str(lib))
+
+Every op also carries its dense meaning as a model-local ONNX function
+(``function_protos`` / ``attach_functions``), so models still run without the library.
+"""
+
+from edgesparse.kernels.blocksparse import (
+    BLOCK_SIZES,
+    DOMAIN,
+    block_sparse_matmul_reference,
+    block_sparsity,
+    make_block_sparse_matmul,
+    pack_block_sparse,
+    unpack_block_sparse,
+)
+from edgesparse.kernels.build import X86_64, Toolchain, build_kernel_archive, build_library
+from edgesparse.kernels.onnx_functions import attach_functions, function_protos
+from edgesparse.kernels.ort_headers import ort_include_dir
+
+__all__ = [
+    "BLOCK_SIZES",
+    "DOMAIN",
+    "X86_64",
+    "Toolchain",
+    "attach_functions",
+    "block_sparse_matmul_reference",
+    "block_sparsity",
+    "build_kernel_archive",
+    "build_library",
+    "function_protos",
+    "make_block_sparse_matmul",
+    "ort_include_dir",
+    "pack_block_sparse",
+    "unpack_block_sparse",
+]

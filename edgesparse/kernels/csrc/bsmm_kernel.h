@@ -1,0 +1,169 @@
+// Block-sparse matmul kernel: Y = act(X @ W + bias), W in B x 1 blocks.
+//
+// Vectorised over the B outputs of a block row (one or more native vectors),
+// register-tiled over T tokens: each weight block is loaded once per tile of T
+// tokens and multiplied with T broadcast inputs. X is first packed per token
+// tile as xt[k * T + t] so the T inputs for one k_index share a cache line
+// (the k_index gather then touches one line per block instead of T).
+// With one token (M == 1) X is used in place and several independent
+// accumulator chains hide the FMA latency instead.
+#ifndef EDGESPARSE_BSMM_KERNEL_H
+#define EDGESPARSE_BSMM_KERNEL_H
+
+#include "es_activation.h"
+#include "es_kernels.h"
+#include "es_simd.h"
+
+namespace ES_NS {
+
+// Tokens per register tile: T * R accumulators + R weight vectors + one
+// broadcast must fit in the register file.
+template <int B>
+struct BsmmTile {
+  static constexpr int R = Lanes<B>::R;
+  static constexpr int fit = (ES_NUM_VREGS - 2 - R) / R;
+  static constexpr int T = fit > 8 ? 8 : (fit < 1 ? 1 : fit);
+};
+
+static inline int32_t bsmm_tile_m(int32_t block) {
+  switch (block) {
+    case 4:
+      return BsmmTile<4>::T;
+    case 8:
+      return BsmmTile<8>::T;
+    default:
+      return BsmmTile<16>::T;
+  }
+}
+
+// acc[t][r] = sum over blocks p in [p0, p1) of values[p, r*L:(r+1)*L] * xt[k_index[p] * ldx + t]
+template <int B, int T>
+ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
+                               const float* ES_RESTRICT vals, const int32_t* ES_RESTRICT kidx,
+                               int32_t p0, int32_t p1, typename Lanes<B>::V (&acc)[T][Lanes<B>::R]) {
+  typedef typename Lanes<B>::V V;
+  constexpr int L = Lanes<B>::L, R = Lanes<B>::R;
+  // Independent accumulator sets: with few tokens one chain per output vector
+  // would wait on the FMA latency (4 cycles) every block.
+  constexpr int U = T * R >= 4 ? 1 : (T * R == 1 ? 4 : 2);
+  V part[U][T][R];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) part[u][t][r] = vzero<V>();
+  int32_t p = p0;
+  for (; p + U <= p1; p += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* xp = xt + (int64_t)kidx[p + u] * ldx;
+      const float* w = vals + (int64_t)(p + u) * B;
+      for (int r = 0; r < R; ++r) {
+        V wv = vload<V>(w + r * L);
+        for (int t = 0; t < T; ++t) part[u][t][r] += wv * xp[t];
+      }
+    }
+  }
+  for (; p < p1; ++p) {
+    const float* xp = xt + (int64_t)kidx[p] * ldx;
+    const float* w = vals + (int64_t)p * B;
+    for (int r = 0; r < R; ++r) {
+      V wv = vload<V>(w + r * L);
+      for (int t = 0; t < T; ++t) part[0][t][r] += wv * xp[t];
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      V s = part[0][t][r];
+      for (int u = 1; u < U; ++u) s += part[u][t][r];
+      acc[t][r] = s;
+    }
+}
+
+// Block rows [jb, je) for the T tokens starting at m0 (inputs at xt, stride ldx).
+template <int B, int T>
+static void bsmm_rows(const es_bsmm_args* a, const float* xt, int64_t ldx, int64_t m0, int64_t jb,
+                      int64_t je) {
+  typedef typename Lanes<B>::V V;
+  constexpr int L = Lanes<B>::L, R = Lanes<B>::R;
+  const int64_t n = a->n;
+  const int act = a->activation;
+  for (int64_t j = jb; j < je; ++j) {
+    V acc[T][R];
+    bsmm_accumulate<B, T>(xt, ldx, a->values, a->k_index, a->row_ptr[j], a->row_ptr[j + 1], acc);
+    const int64_t n0 = j * B;
+    const int valid = n - n0 < B ? (int)(n - n0) : B;  // last block row may be partial
+    V bias[R];
+    for (int r = 0; r < R; ++r) {
+      int vr = valid - r * L;
+      if (!a->bias || vr <= 0)
+        bias[r] = vzero<V>();
+      else if (vr >= L)
+        bias[r] = vload<V>(a->bias + n0 + r * L);
+      else
+        bias[r] = vload_partial<V>(a->bias + n0 + r * L, vr);
+    }
+    for (int t = 0; t < T; ++t) {
+      float* y = a->y + (m0 + t) * n + n0;
+      for (int r = 0; r < R; ++r) {
+        V v = vactivate(acc[t][r] + bias[r], act);
+        int vr = valid - r * L;
+        if (vr >= L)
+          vstore<V>(y + r * L, v);
+        else if (vr > 0)
+          vstore_partial<V>(y + r * L, v, vr);
+      }
+    }
+  }
+}
+
+template <int B>
+static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, int64_t ldx,
+                          int64_t m0, int64_t jb, int64_t je) {
+  constexpr int TM = BsmmTile<B>::T;
+  switch (tcount) {
+#define ES_CASE(n)                                                      \
+  case n:                                                               \
+    if constexpr (n <= TM) bsmm_rows<B, (n <= TM ? n : 1)>(a, xt, ldx, m0, jb, je); \
+    return;
+    ES_CASE(1) ES_CASE(2) ES_CASE(3) ES_CASE(4) ES_CASE(5) ES_CASE(6) ES_CASE(7) ES_CASE(8)
+#undef ES_CASE
+    default:
+      return;
+  }
+}
+
+// Packs token tiles of x: the tile starting at m0 with tc tokens is stored at
+// xp + m0 * k as [k][tc].
+static int bsmm_pack(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t m_end) {
+  if (a->m <= 1) return 1;
+  const int64_t k = a->k;
+  const int64_t tm = bsmm_tile_m(a->block);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
+    const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
+    const float* x = a->x + m0 * k;
+    float* dst = xp + m0 * k;
+    for (int64_t t = 0; t < tc; ++t) {
+      const float* xr = x + t * k;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * tc + t] = xr[kk];
+    }
+  }
+  return 0;
+}
+
+static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, int64_t m_end,
+                       int64_t j_begin, int64_t j_end) {
+  void (*rows)(int, const es_bsmm_args*, const float*, int64_t, int64_t, int64_t, int64_t) =
+      a->block == 4 ? bsmm_rows_any<4> : a->block == 8 ? bsmm_rows_any<8> : bsmm_rows_any<16>;
+  if (a->m == 1 || xp == nullptr) {
+    // unpacked: only valid token by token (ldx = 1)
+    for (int64_t m0 = m_begin; m0 < m_end; ++m0) rows(1, a, a->x + m0 * a->k, 1, m0, j_begin, j_end);
+    return;
+  }
+  const int64_t tm = bsmm_tile_m(a->block);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
+    const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
+    rows((int)tc, a, xp + m0 * a->k, tc, m0, j_begin, j_end);
+  }
+}
+
+}  // namespace ES_NS
+
+#endif

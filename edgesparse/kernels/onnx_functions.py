@@ -1,0 +1,183 @@
+"""Dense meaning of every edgesparse operator as model-local ONNX functions.
+
+With the kernel library registered ONNX Runtime runs the custom kernel; without
+it (onnxruntime-web, a runtime without the library) it inlines the function
+body below and computes the same result with standard operators (slower: the
+dense weights are rebuilt by ScatterND, which ORT's constant folding usually
+does once at session creation).
+
+Bodies are emitted for the model's default-domain opset (>= 16). String
+attributes (``activation``) are compared with Equal at opset >= 19 and with a
+StringNormalizer stop-word test below that; every supported activation is
+computed and the selected one kept with Where (fallback only, so the extra
+element-wise work is accepted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgesparse.kernels.blocksparse import DOMAIN
+
+MIN_OPSET = 16
+DOMAIN_VERSION = 1
+
+
+class _Body:
+    """Accumulates function-body nodes with unique value names."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
+        self._n += 1
+        outs = [f"_{op_type.lower()}{self._n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self.op("Constant", [], value=numpy_helper.from_array(arr, f"c{self._n + 1}"))
+
+    def attr_const(self, attr_type: str, ref: str) -> str:
+        """Constant node whose value comes from the calling node's attribute ``ref``."""
+        self._n += 1
+        out = f"_attr_{ref}{self._n}"
+        a = onnx.AttributeProto()
+        a.name = attr_type  # e.g. value_int, value_ints, value_string
+        a.ref_attr_name = ref
+        a.type = {
+            "value_int": onnx.AttributeProto.INT,
+            "value_ints": onnx.AttributeProto.INTS,
+            "value_string": onnx.AttributeProto.STRING,
+        }[attr_type]
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return out
+
+    def shape(self, x: str, start: int | None = None, end: int | None = None) -> str:
+        attrs = {}
+        if start is not None:
+            attrs["start"] = start
+        if end is not None:
+            attrs["end"] = end
+        return self.op("Shape", [x], **attrs)
+
+    def is_string(self, s: str, value: str) -> str:
+        """Boolean scalar: string tensor s (scalar) == value."""
+        if self.opset >= 19:
+            return self.op("Equal", [s, self.const(np.array(value, dtype=object))])
+        # Stop-word test: [s, "#"] loses s exactly when s == value.
+        pair = self.op("Concat", [self.op("Reshape", [s, self.const([1], np.int64)]),
+                                  self.const(np.array(["#"], dtype=object))], axis=0)
+        kept = self.op("StringNormalizer", [pair], stopwords=[value], is_case_sensitive=1)
+        return self.op("Equal", [self.op("Size", [kept]), self.const(1, np.int64)])
+
+    def activation(self, z: str, allowed: Iterable[str], out: str) -> None:
+        """out = activation named by the calling node's ``activation`` attribute applied to z."""
+        act = self.attr_const("value_string", "activation")
+        result = z
+        for name in allowed:
+            if name == "none":
+                continue
+            if name == "relu":
+                y = self.op("Relu", [z])
+            elif name == "relu6":
+                y = self.op("Clip", [z, self.const(0.0, np.float32), self.const(6.0, np.float32)])
+            elif name == "silu":
+                y = self.op("Mul", [z, self.op("Sigmoid", [z])])
+            elif name == "gelu":
+                e = self.op("Erf", [self.op("Mul", [z, self.const(np.sqrt(0.5), np.float32)])])
+                y = self.op("Mul", [self.op("Mul", [z, self.const(0.5, np.float32)]),
+                                    self.op("Add", [e, self.const(1.0, np.float32)])])
+            else:
+                raise ValueError(name)
+            result = self.op("Where", [self.is_string(act, name), y, result])
+        self.nodes.append(helper.make_node("Identity", [result], [out]))
+
+
+def _opset_version(opset_import) -> int:
+    if isinstance(opset_import, int):
+        return opset_import
+    for imp in opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ValueError("opset_import has no default-domain (ai.onnx) entry")
+
+
+def _string_default(name: str, value: str) -> onnx.AttributeProto:
+    return helper.make_attribute(name, value)
+
+
+def _block_sparse_matmul(opset: int) -> onnx.FunctionProto:
+    b = _Body(opset)
+    one = b.const([1], np.int64)
+    nnzb = b.shape("values", end=1)
+    block = b.shape("values", start=1)
+    k = b.shape("X", start=-1)
+    nb = b.op("Sub", [b.shape("row_ptr"), one])
+    # block row of every block: count the row starts at or before it
+    rp = b.op("Cast", ["row_ptr"], to=TensorProto.INT64)
+    starts = b.op("Slice", [rp, one, b.const([-1], np.int64)])  # row_ptr[1:NB]
+    marks = b.op(
+        "ScatterElements",
+        [b.op("ConstantOfShape", [b.op("Add", [nnzb, one])], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+         starts,
+         b.op("ConstantOfShape", [b.shape(starts)], value=helper.make_tensor("o", TensorProto.INT64, [1], [1]))],
+        axis=0, reduction="add",
+    )
+    row_of = b.op("Slice", [b.op("CumSum", [marks, b.const(0, np.int64)]), b.const([0], np.int64), nnzb])
+    idx = b.op("Concat", [b.op("Unsqueeze", [b.op("Cast", ["k_index"], to=TensorProto.INT64), one]),
+                          b.op("Unsqueeze", [row_of, one])], axis=1)
+    zeros = b.op("ConstantOfShape", [b.op("Concat", [k, nb, block], axis=0)],
+                 value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+    w3 = b.op("ScatterND", [zeros, idx, "values"])  # [K, NB, B]
+    n1 = b.op("Reshape", [b.attr_const("value_int", "N"), one])
+    w = b.op("Slice", [b.op("Reshape", [w3, b.op("Concat", [k, b.const([-1], np.int64)], axis=0)]),
+                       b.const([0], np.int64), n1, one])  # [K, N]
+    x2 = b.op("Reshape", ["X", b.op("Concat", [b.const([-1], np.int64), k], axis=0)])
+    z2 = b.op("Gemm", [x2, w, "bias"])  # bias is optional in Gemm as in our op
+    z = b.op("Reshape", [z2, b.op("Concat", [b.shape("X", end=-1), n1], axis=0)])
+    b.activation(z, ("relu", "gelu", "silu"), "Y")
+    return helper.make_function(
+        DOMAIN, "BlockSparseMatMul", ["X", "values", "k_index", "row_ptr", "bias"], ["Y"], b.nodes,
+        [helper.make_opsetid("", opset)], attributes=["N"],
+        attribute_protos=[_string_default("activation", "none")],
+    )
+
+
+_BUILDERS = {
+    "BlockSparseMatMul": _block_sparse_matmul,
+}
+
+
+def function_protos(opset_import) -> list[onnx.FunctionProto]:
+    """Dense-meaning functions of all edgesparse ops, to append to ``model.functions``.
+
+    ``opset_import``: the model's ``opset_import`` list (or its default-domain
+    version as an int); bodies use exactly that version (>= 16).
+    """
+    opset = _opset_version(opset_import)
+    if opset < MIN_OPSET:
+        from edgesparse.errors import EdgesparseError
+
+        raise EdgesparseError(f"edgesparse operators need default-domain opset >= {MIN_OPSET}, model has {opset}")
+    return [build(opset) for build in _BUILDERS.values()]
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Adds the com.edgesparse opset import and any missing edgesparse functions (in place)."""
+    if not any(imp.domain == DOMAIN for imp in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    have = {(f.domain, f.name) for f in model.functions}
+    for f in function_protos(model.opset_import):
+        if (f.domain, f.name) not in have:
+            model.functions.append(f)
+    return model
