@@ -11,11 +11,14 @@ class KernelLibrary:
     """A library of custom operators in one ONNX domain.
 
     build:     Toolchain -> path of the compiled library (cached by the library itself).
-    functions: () -> list of onnx.FunctionProto, the dense meaning of each op; attached to every
-               model that uses the domain so that a runtime without the library still computes the
+    functions: (the model's opset_import) -> list of onnx.FunctionProto, the dense meaning of each
+               op, written for that opset; attached to every model that uses the domain so that a runtime without the library still computes the
                right answer.
-    describe:  (onnx.NodeProto, {initializer name: np.ndarray}) -> dict with at least
-               "sparsity" (fraction of weights that are zero and skipped) and "shape".
+    describe:  (onnx.NodeProto, {initializer name: np.ndarray}, {value name: shape list}) -> dict
+               with at least "sparsity" (the fraction of weights skipped).
+    densify:   (onnx.NodeProto, {initializer name: np.ndarray}, {value name: shape list}) ->
+               (nodes, initializers): the same computation with standard ONNX ops on dense weights,
+               the model a user would otherwise deploy. Verification and benchmarks compare with it.
     """
 
     name: str
@@ -24,6 +27,7 @@ class KernelLibrary:
     build: Callable
     functions: Callable
     describe: Callable
+    densify: Callable
 
 
 class Backend:

@@ -1,24 +1,27 @@
 """`edgesparse bench PACKAGE`: the package against its dense baseline, in one process.
 
-The dense baseline is the same model.onnx loaded without the kernel library: ORT then runs each
-sparse node's dense ONNX function, whose weight is folded into a constant at load, on its own
-kernels (MLAS). That is the model a user would otherwise deploy, with identical weights."""
+The dense baseline is the package's model with every sparse node replaced by standard ONNX ops on
+the same weights stored densely (verify.dense_equivalent), run by ONNX Runtime's own kernels
+(MLAS): the model a user would otherwise deploy."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
+from . import verify
 from .errors import EdgesparseError
 from .timing import interleaved
 
 
-def bench_package(package, batch: dict[str, np.ndarray], threads=(1,), rounds: int = 30,
+def bench_package(package, batch: dict[str, np.ndarray], libraries, threads=(1,), rounds: int = 30,
                   budget_s: float = 5.0) -> list[dict]:
+    dense_model = verify.dense_equivalent(onnx.load(str(package.model_path)), libraries)
     records = []
     for t in threads:
-        dense = package.session(threads=t, kernels=False)
-        sparse = package.session(threads=t, kernels=True)
+        dense = verify.dense_session(dense_model, threads=t)
+        sparse = package.session(threads=t)
         want, got = dense.run(None, batch), sparse.run(None, batch)
-        error = max((float(np.abs(a - b).max()) for a, b in zip(want, got) if a.size), default=0.0)
+        error = verify.max_abs_error([got], [want])
         tolerance = package.manifest.get("verification", {}).get("tolerance", 1e-4)
         if error > tolerance:
             raise EdgesparseError(f"package and dense baseline disagree (max abs error {error:.3g}): not timing")

@@ -1,5 +1,11 @@
 """What the core distribution itself registers: the ONNX Runtime backend and edgesparse's kernel
 library. Registered through the same entry point group as every other plugin."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from .errors import EdgesparseError
 from .hookspecs import hookimpl
 
 
@@ -13,5 +19,84 @@ def register_backends(register):
 @hookimpl
 def register_kernels(register):
     from . import kernels
+    from .backends import KernelLibrary
 
-    register(kernels.LIBRARY)
+    register(KernelLibrary(
+        name="edgesparse",
+        domain=kernels.DOMAIN,
+        ops=("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN"),
+        build=kernels.build_library,
+        functions=kernels.function_protos,
+        describe=describe,
+        densify=densify,
+    ))
+
+
+def describe(node, arrays: dict, shapes: dict) -> dict:
+    """Sparsity present in a node's packed weights: the fraction of weight blocks skipped."""
+    inputs = list(node.input)
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "BlockSparseMatMul":
+        values, k_index, row_ptr = (arrays.get(n) for n in inputs[1:4])
+        if values is None:
+            return {"sparsity": None, "note": "weights are not constant"}
+        n = attrs["N"].i
+        block = values.shape[1]
+        x_shape = shapes.get(inputs[0]) or []
+        k = x_shape[-1] if x_shape and isinstance(x_shape[-1], int) else int(k_index.max(initial=-1)) + 1
+        total_blocks = (len(row_ptr) - 1) * k
+        return {"shape": [k, n], "block": block, "kept_blocks": int(len(k_index)),
+                "sparsity": 1.0 - len(k_index) / total_blocks if total_blocks else 0.0}
+    if node.op_type == "BlockSparseConv":
+        values, c_index, row_ptr = (arrays.get(n) for n in inputs[1:4])
+        if values is None:
+            return {"sparsity": None, "note": "weights are not constant"}
+        x_shape = shapes.get(inputs[0]) or []
+        cin = x_shape[1] if len(x_shape) > 1 and isinstance(x_shape[1], int) else int(c_index.max(initial=-1)) + 1
+        total_blocks = (len(row_ptr) - 1) * cin
+        return {"block": int(values.shape[-1]), "kept_blocks": int(len(c_index)),
+                "sparsity": 1.0 - len(c_index) / total_blocks if total_blocks else 0.0}
+    # GatheredFFN: sparsity is chosen per chunk at run time; the weights are dense
+    return {"sparsity": 0.0, "note": "activation sparsity: chosen at run time per chunk"}
+
+
+def densify(node, arrays: dict, shapes: dict):
+    """Standard-op replacement of one edgesparse node, on dense weights."""
+    from . import kernels
+
+    inputs, out, name = list(node.input), node.output[0], node.name or node.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "BlockSparseMatMul":
+        packed = dict(zip(("values", "k_index", "row_ptr"), (arrays[n] for n in inputs[1:4])))
+        x_shape = shapes.get(inputs[0]) or []
+        k = x_shape[-1] if x_shape and isinstance(x_shape[-1], int) else None
+        weight = kernels.unpack_block_sparse(packed, attrs["N"], k=k)
+        inits = [numpy_helper.from_array(weight, f"{name}.dense_weight")]
+        nodes = [helper.make_node("MatMul", [inputs[0], inits[0].name], [f"{name}.mm"], name=f"{name}.MatMul")]
+        last = nodes[-1].output[0]
+        if len(inputs) > 4 and inputs[4]:
+            nodes.append(helper.make_node("Add", [last, inputs[4]], [f"{name}.biased"], name=f"{name}.Add"))
+            last = nodes[-1].output[0]
+        activation = attrs.get("activation", b"none")
+        nodes += _activation(activation.decode() if isinstance(activation, bytes) else activation, last, out, name)
+        return nodes, inits
+    raise EdgesparseError(f"no dense equivalent for {node.op_type} yet")
+
+
+def _activation(kind: str, x: str, out: str, name: str) -> list:
+    if kind == "none":
+        return [helper.make_node("Identity", [x], [out], name=f"{name}.Identity")]
+    if kind == "relu":
+        return [helper.make_node("Relu", [x], [out], name=f"{name}.Relu")]
+    if kind == "silu":
+        return [helper.make_node("Sigmoid", [x], [f"{name}.sig"], name=f"{name}.Sigmoid"),
+                helper.make_node("Mul", [x, f"{name}.sig"], [out], name=f"{name}.Mul")]
+    if kind == "gelu":  # erf form, 0.5 x (1 + erf(x / sqrt 2)), which ORT fuses into its Gelu
+        c = lambda v, n: helper.make_node("Constant", [], [f"{name}.{n}"], value=numpy_helper.from_array(np.array(v, np.float32)))
+        return [c(np.sqrt(2.0), "sqrt2"), c(1.0, "one"), c(0.5, "half"),
+                helper.make_node("Div", [x, f"{name}.sqrt2"], [f"{name}.d"]),
+                helper.make_node("Erf", [f"{name}.d"], [f"{name}.e"]),
+                helper.make_node("Add", [f"{name}.e", f"{name}.one"], [f"{name}.a"]),
+                helper.make_node("Mul", [x, f"{name}.a"], [f"{name}.m"]),
+                helper.make_node("Mul", [f"{name}.m", f"{name}.half"], [out])]
+    raise EdgesparseError(f"unknown activation '{kind}'")

@@ -106,10 +106,13 @@ def bench(package, threads, rounds, quick, as_json):
         return
     from . import runtime
     from .bench import bench_package
+    from .plugins import registry
 
     pkg = runtime.load(package)
     batch = _verification_inputs(pkg)
-    records = bench_package(pkg, batch, threads=thread_counts, rounds=rounds)
+    domains = set(pkg.manifest["runtime"].get("custom_domains", []))
+    libraries = [lib for lib in registry().kernels.values() if lib.domain in domains]
+    records = bench_package(pkg, batch, libraries, threads=thread_counts, rounds=rounds)
     lines = [f"threads {r['threads']}: dense {r['dense']['median_ms']:.3f} ms "
              f"[{r['dense']['p25_ms']:.3f}-{r['dense']['p75_ms']:.3f}], package {r['package']['median_ms']:.3f} ms "
              f"[{r['package']['p25_ms']:.3f}-{r['package']['p75_ms']:.3f}], speedup {r['speedup']:.2f}x"

@@ -128,12 +128,8 @@ def replace(model: ir.Model, layer: Layer, node: ir.Node) -> None:
     new_out = node.outputs[0]
     new_out.shape, new_out.type = layer.output.shape, layer.output.type
     graph.insert_before(layer.node, node)
-    was_output = layer.output.is_graph_output()
     name = layer.output.name
-    layer.output.replace_all_uses_with(new_out)
-    if was_output:
-        outputs = graph.outputs
-        outputs[outputs.index(layer.output)] = new_out
+    layer.output.replace_all_uses_with(new_out, replace_graph_outputs=True)
     for old in reversed(layer.nodes):
         graph.remove(old, safe=True)
     new_out.name = name  # keep the public output name stable

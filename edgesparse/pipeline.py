@@ -111,7 +111,7 @@ def build(request: BuildRequest, registry=None) -> dict:
         ctx.log(f"verifying on {len(calibration[:VERIFY_BATCHES])} input batches")
         batches = calibration[:VERIFY_BATCHES]
         runs = [target.run_package(staging, b, request.threads) for b in batches]
-        reference = verify.reference_outputs(staging / runtime["model"], batches)
+        reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
         error = verify.max_abs_error([r.outputs for r in runs], reference)
         scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
         tolerance = request.tolerance * max(1.0, scale)
@@ -176,7 +176,7 @@ def _attach_functions(model: onnx.ModelProto, registry) -> list:
     libraries = [lib for lib in registry.kernels.values() if lib.domain in used]
     known = {(f.domain, f.name) for f in model.functions}
     for lib in libraries:
-        for function in lib.functions():
+        for function in lib.functions(model.opset_import):
             if (function.domain, function.name) not in known:
                 model.functions.append(function)
         if all(o.domain != lib.domain for o in model.opset_import):
@@ -191,11 +191,12 @@ def _layers(model: onnx.ModelProto, libraries) -> list[dict]:
     """Sparsity actually present in the packaged weights, per sparse node."""
     by_domain = {lib.domain: lib for lib in libraries}
     arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = verify.value_shapes(model)
     layers = []
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         if lib is not None:
-            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays))})
+            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))})
     return layers
 
 

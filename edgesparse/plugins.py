@@ -43,7 +43,7 @@ class Registry:
         table = getattr(self, kind)
         if name not in table:
             known = ", ".join(sorted(table)) or "none installed"
-            raise EdgesparseError(f"unknown {kind[:-1]} '{name}' (known: {known})")
+            raise EdgesparseError(f"unknown {_SINGULAR[kind]} '{name}' (known: {known})")
         return table[name]
 
 
@@ -61,13 +61,14 @@ def _entry_points():
             yield ep
 
 
-# (hook name, registry table, how a registered object is named)
+# (hook name, registry table, what one registered object is called)
 _KINDS = (
-    ("register_passes", "passes", lambda obj: obj.name),
-    ("register_targets", "targets", lambda obj: obj.name),
-    ("register_backends", "backends", lambda obj: obj.name),
-    ("register_kernels", "kernels", lambda obj: obj.name),
+    ("register_passes", "passes", "pass"),
+    ("register_targets", "targets", "target"),
+    ("register_backends", "backends", "backend"),
+    ("register_kernels", "kernels", "kernel"),
 )
+_SINGULAR = {table: kind for _, table, kind in _KINDS}
 
 
 def load_registry(extra_modules=()) -> Registry:
@@ -102,17 +103,16 @@ def load_registry(extra_modules=()) -> Registry:
     except pluggy.PluginValidationError as exc:
         raise EdgesparseError(f"plugin implements an unknown hook: {exc}") from exc
 
-    for hook_name, table_name, name_of in _KINDS:
+    for hook_name, table_name, kind in _KINDS:
         table = getattr(registry, table_name)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = infos[impl.plugin_name]
 
-            def register(obj, _info=info, _table=table, _kind=table_name):
-                name = name_of(obj)
-                if name in _table:
-                    raise EdgesparseError(f"{_kind[:-1]} '{name}' is registered twice")
-                _table[name] = obj
-                _info.registered.append(f"{_kind[:-1]}:{name}")
+            def register(obj, _info=info, _table=table, _kind=kind):
+                if obj.name in _table:
+                    raise EdgesparseError(f"{_kind} '{obj.name}' is registered twice")
+                _table[obj.name] = obj
+                _info.registered.append(f"{_kind}:{obj.name}")
 
             try:
                 impl.function(register=register)

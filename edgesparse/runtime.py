@@ -46,8 +46,8 @@ class Package:
         return [self.root / p for p in self.manifest["runtime"].get("custom_op_libraries", [])]
 
     def session(self, threads: int = 1, kernels: bool = True, profile: str | None = None):
-        """An ONNX Runtime session. kernels=False leaves the sparse kernels out, so each sparse op
-        runs its dense ONNX function on ORT's own kernels: the dense baseline."""
+        """An ONNX Runtime session. kernels=False leaves the kernel library out, so each sparse op
+        runs its dense ONNX function instead (as in a runtime that cannot load custom ops)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()

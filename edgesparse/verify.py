@@ -3,25 +3,29 @@ how many of the sparse nodes really run on a sparse kernel."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
-
 import numpy as np
 import onnx
 
 from .errors import EdgesparseError
 
 
-def reference_outputs(model_path: Path, batches: list[dict]) -> list[list[np.ndarray]]:
-    """The reference: the same pruned weights executed densely. Without the kernel library ORT
-    runs each sparse node's dense ONNX function on its own kernels."""
+def dense_session(model: onnx.ModelProto, threads: int = 1):
+    """An ORT session on a dense model (see dense_equivalent), with ORT's own kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise EdgesparseError(f"reference model does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+        raise EdgesparseError(f"dense model does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+
+
+def reference_outputs(dense: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
+    """The reference: the same pruned weights executed densely by ORT's own kernels."""
+    session = dense_session(dense)
     return [session.run(None, b) for b in batches]
 
 
@@ -62,3 +66,39 @@ def coverage(emitted: Counter, on_kernel: dict[str, int] | None, libraries) -> d
         "measured": measured,
         "by_op": {op: {"nodes": n, "on_kernel": min(on_kernel.get(op, 0), n)} for op, n in emitted.items()},
     }
+
+
+def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
+    """The model with every sparse node replaced by standard ops on its dense weights: what a user
+    would deploy without edgesparse, and the reference the package is checked against."""
+    by_domain = {lib.domain: lib for lib in libraries}
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = value_shapes(model)
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    del dense.graph.node[:]
+    del dense.functions[:]
+    used_by_sparse = set()
+    for node in model.graph.node:
+        lib = by_domain.get(node.domain)
+        if lib is None:
+            dense.graph.node.append(node)
+            continue
+        nodes, initializers = lib.densify(node, arrays, shapes)
+        dense.graph.node.extend(nodes)
+        dense.graph.initializer.extend(initializers)
+        used_by_sparse.update(node.input[1:])
+    still_used = {i for n in dense.graph.node for i in n.input}
+    keep = [i for i in dense.graph.initializer if i.name in still_used or i.name not in used_by_sparse]
+    del dense.graph.initializer[:]
+    dense.graph.initializer.extend(keep)
+    for opset in list(dense.opset_import):
+        if opset.domain in by_domain:
+            dense.opset_import.remove(opset)
+    return dense
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    values = [*model.graph.input, *model.graph.value_info, *model.graph.output]
+    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in values}

@@ -13,11 +13,12 @@ from conftest import run
 def fails(*args, expect: str, **kw) -> str:
     result = run(*args, check=False, **kw)
     assert result.returncode != 0
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, f"not one line:\n{err}"
-    assert "Traceback" not in err
-    assert expect in err, err
-    return err
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert expect in errors[0], errors[0]
+    return errors[0]
 
 
 def no_leftovers(folder):
