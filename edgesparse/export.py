@@ -1,6 +1,7 @@
 """PyTorch -> ONNX export and the checks that run on every model before and after the passes."""
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _quiet("torch.onnx"):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     module,
@@ -64,3 +65,17 @@ def check(model: onnx.ModelProto, stage: str) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgesparseError(f"invalid ONNX model {stage}: {first}") from exc
+
+
+class _quiet:
+    """Silence a logger's warnings for a block (the exporter logs optional-package notices)."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
