@@ -18,11 +18,20 @@ namespace ES_NS {
 
 // Tokens per register tile: T * R accumulators + R weight vectors + one
 // broadcast must fit in the register file.
+#ifndef ES_BSMM_TMAX
+#define ES_BSMM_TMAX 8
+#endif
+// Weights of the block rows processed together over all token tiles; sized to
+// stay in L2 while the packed X tiles stream through.
+#ifndef ES_BSMM_GROUP_BYTES
+#define ES_BSMM_GROUP_BYTES (256 * 1024)
+#endif
+
 template <int B>
 struct BsmmTile {
   static constexpr int R = Lanes<B>::R;
   static constexpr int fit = (ES_NUM_VREGS - 2 - R) / R;
-  static constexpr int T = fit > 8 ? 8 : (fit < 1 ? 1 : fit);
+  static constexpr int T = fit > ES_BSMM_TMAX ? ES_BSMM_TMAX : (fit < 1 ? 1 : fit);
 };
 
 static inline int32_t bsmm_tile_m(int32_t block) {
@@ -124,6 +133,7 @@ static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, in
     if constexpr (n <= TM) bsmm_rows<B, (n <= TM ? n : 1)>(a, xt, ldx, m0, jb, je); \
     return;
     ES_CASE(1) ES_CASE(2) ES_CASE(3) ES_CASE(4) ES_CASE(5) ES_CASE(6) ES_CASE(7) ES_CASE(8)
+    ES_CASE(9) ES_CASE(10) ES_CASE(11) ES_CASE(12) ES_CASE(13) ES_CASE(14) ES_CASE(15) ES_CASE(16)
 #undef ES_CASE
     default:
       return;
@@ -158,9 +168,15 @@ static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, 
     return;
   }
   const int64_t tm = bsmm_tile_m(a->block);
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
-    const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
-    rows((int)tc, a, xp + m0 * a->k, tc, m0, j_begin, j_end);
+  const int64_t group_blocks = ES_BSMM_GROUP_BYTES / (a->block * (int64_t)sizeof(float));
+  for (int64_t j0 = j_begin; j0 < j_end;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < j_end && a->row_ptr[j1 + 1] - a->row_ptr[j0] <= group_blocks) ++j1;
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
+      const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
+      rows((int)tc, a, xp + m0 * a->k, tc, m0, j0, j1);
+    }
+    j0 = j1;
   }
 }
 
