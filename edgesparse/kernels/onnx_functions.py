@@ -123,17 +123,7 @@ def _block_sparse_matmul(opset: int) -> onnx.FunctionProto:
     block = b.shape("values", start=1)
     k = b.shape("X", start=-1)
     nb = b.op("Sub", [b.shape("row_ptr"), one])
-    # block row of every block: count the row starts at or before it
-    rp = b.op("Cast", ["row_ptr"], to=TensorProto.INT64)
-    starts = b.op("Slice", [rp, one, b.const([-1], np.int64)])  # row_ptr[1:NB]
-    marks = b.op(
-        "ScatterElements",
-        [b.op("ConstantOfShape", [b.op("Add", [nnzb, one])], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
-         starts,
-         b.op("ConstantOfShape", [b.shape(starts)], value=helper.make_tensor("o", TensorProto.INT64, [1], [1]))],
-        axis=0, reduction="add",
-    )
-    row_of = b.op("Slice", [b.op("CumSum", [marks, b.const(0, np.int64)]), b.const([0], np.int64), nnzb])
+    row_of = _row_of_blocks(b, "row_ptr", nnzb)
     idx = b.op("Concat", [b.op("Unsqueeze", [b.op("Cast", ["k_index"], to=TensorProto.INT64), one]),
                           b.op("Unsqueeze", [row_of, one])], axis=1)
     zeros = b.op("ConstantOfShape", [b.op("Concat", [k, nb, block], axis=0)],
@@ -153,8 +143,55 @@ def _block_sparse_matmul(opset: int) -> onnx.FunctionProto:
     )
 
 
+def _row_of_blocks(b: _Body, row_ptr: str, nnzb: str) -> str:
+    """int64 [nnzb]: the block row of every block (counts the row starts at or before it)."""
+    one = b.const([1], np.int64)
+    rp = b.op("Cast", [row_ptr], to=TensorProto.INT64)
+    starts = b.op("Slice", [rp, one, b.const([-1], np.int64)])  # row_ptr[1:NB]
+    zeros = b.op("ConstantOfShape", [b.op("Add", [nnzb, one])],
+                 value=helper.make_tensor("z", TensorProto.INT64, [1], [0]))
+    ones = b.op("ConstantOfShape", [b.shape(starts)], value=helper.make_tensor("o", TensorProto.INT64, [1], [1]))
+    marks = b.op("ScatterElements", [zeros, starts, ones], axis=0, reduction="add")
+    return b.op("Slice", [b.op("CumSum", [marks, b.const(0, np.int64)]), b.const([0], np.int64), nnzb])
+
+
+def _block_sparse_conv(opset: int) -> onnx.FunctionProto:
+    b = _Body(opset)
+    one = b.const([1], np.int64)
+    zero = b.const([0], np.int64)
+    nnzb = b.shape("values", end=1)
+    taps = b.shape("values", start=1, end=2)
+    block = b.shape("values", start=2)
+    c = b.shape("X", start=1, end=2)
+    nb = b.op("Sub", [b.shape("row_ptr"), one])
+    row_of = _row_of_blocks(b, "row_ptr", nnzb)
+    idx = b.op("Concat", [b.op("Unsqueeze", [row_of, one]),
+                          b.op("Unsqueeze", [b.op("Cast", ["c_index"], to=TensorProto.INT64), one])], axis=1)
+    zeros = b.op("ConstantOfShape", [b.op("Concat", [nb, c, taps, block], axis=0)],
+                 value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+    w4 = b.op("ScatterND", [zeros, idx, "values"])  # [NB, C, taps, B]
+    wt = b.op("Transpose", [w4], perm=[0, 3, 1, 2])  # [NB, B, C, taps]
+    ks = b.attr_const("value_ints", "kernel_shape")
+    w = b.op("Reshape", [wt, b.op("Concat", [b.const([-1], np.int64), c, ks], axis=0)])
+    o1 = b.op("Reshape", [b.attr_const("value_int", "out_channels"), one])
+    w = b.op("Slice", [w, zero, o1, zero])  # [O, C, kh, kw]
+    conv = helper.make_node("Conv", ["X", w, "bias"], ["_conv_out"])
+    for name in ("kernel_shape", "strides", "pads", "dilations"):
+        a = onnx.AttributeProto()
+        a.name, a.ref_attr_name, a.type = name, name, onnx.AttributeProto.INTS
+        conv.attribute.append(a)
+    b.nodes.append(conv)
+    b.activation("_conv_out", ("relu", "relu6", "silu"), "Y")
+    return helper.make_function(
+        DOMAIN, "BlockSparseConv", ["X", "values", "c_index", "row_ptr", "bias"], ["Y"], b.nodes,
+        [helper.make_opsetid("", opset)], attributes=["out_channels", "kernel_shape", "strides", "pads", "dilations"],
+        attribute_protos=[_string_default("activation", "none")],
+    )
+
+
 _BUILDERS = {
     "BlockSparseMatMul": _block_sparse_matmul,
+    "BlockSparseConv": _block_sparse_conv,
 }
 
 

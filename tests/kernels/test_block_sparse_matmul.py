@@ -21,7 +21,7 @@ from edgesparse.kernels import (
 
 from .conftest import float_info, make_model, session
 
-HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def random_block_sparse(rng, k, n, block, sparsity):

@@ -111,11 +111,20 @@ typedef struct es_kernel_table {
   void (*bsmm_range)(const es_bsmm_args* a, const float* xp, int64_t m_begin, int64_t m_end,
                      int64_t j_begin, int64_t j_end);
 
-  /* Scratch floats one bsconv_range call needs (per thread). */
-  int64_t (*bsconv_scratch)(const es_bsconv_args* a);
-  /* Image n, output positions [q_begin, q_end) of oh*ow, all channels. */
-  void (*bsconv_range)(const es_bsconv_args* a, float* scratch, int64_t n, int64_t q_begin,
-                       int64_t q_end);
+  /* Convolution: output positions are enumerated on a virtual grid (see
+   * bsconv_kernel.h); ranges are split on multiples of bsconv_tile(block). */
+  int32_t (*bsconv_tile)(int32_t block);
+  /* Floats of prepared input for one image (0: X is read directly). */
+  int64_t (*bsconv_prepared_floats)(const es_bsconv_args* a);
+  /* Prepare input channels [c_begin, c_end) of image n; used[c] == 0 skips a
+   * channel no block reads (used may be NULL). */
+  void (*bsconv_prepare)(const es_bsconv_args* a, float* prep, int64_t n, int64_t c_begin, int64_t c_end,
+                         const uint8_t* used);
+  /* Number of virtual output positions per image. */
+  int64_t (*bsconv_positions)(const es_bsconv_args* a);
+  /* Image n, virtual positions [q_begin, q_end), block rows [j_begin, j_end). */
+  void (*bsconv_range)(const es_bsconv_args* a, const float* prep, int64_t n, int64_t q_begin, int64_t q_end,
+                       int64_t j_begin, int64_t j_end);
 
   /* Scratch floats for gffn_range: t_len * n_active * s * 2 */
   int64_t (*gffn_scratch)(const es_gffn_args* a, int64_t t_len);

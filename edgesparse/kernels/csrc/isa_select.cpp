@@ -99,10 +99,15 @@ extern "C" ES_API void es_bsmm_f32(const es_bsmm_args* a) {
 
 extern "C" ES_API void es_bsconv_f32(const es_bsconv_args* a) {
   const es_kernel_table* t = es_kernels();
-  float* scratch = (float*)malloc(sizeof(float) * (size_t)(t->bsconv_scratch(a) + 16));
-  if (!scratch) return;
-  for (int64_t n = 0; n < a->batch; ++n) t->bsconv_range(a, scratch, n, 0, a->oh * a->ow);
-  free(scratch);
+  const int64_t need = t->bsconv_prepared_floats(a);
+  float* prep = need ? (float*)malloc(sizeof(float) * (size_t)need) : nullptr;
+  if (need && !prep) return;
+  const int64_t nb = (a->cout + a->block - 1) / a->block;
+  for (int64_t n = 0; n < a->batch; ++n) {
+    t->bsconv_prepare(a, prep, n, 0, a->cin, nullptr);
+    t->bsconv_range(a, prep, n, 0, t->bsconv_positions(a), 0, nb);
+  }
+  free(prep);
 }
 
 extern "C" ES_API void es_gffn_f32(const es_gffn_args* a) {

@@ -1,5 +1,6 @@
 // One ISA's kernel table. Compiled once per ISA variant (see es_simd.h); the
 // macro ES_TABLE_NAME names the exported table (es_table_avx512, ...).
+#include "bsconv_kernel.h"
 #include "bsmm_kernel.h"
 #include "es_kernels.h"
 
@@ -13,8 +14,11 @@ extern "C" const es_kernel_table ES_TABLE_NAME = {
     ES_NS::bsmm_tile_m,
     ES_NS::bsmm_pack,
     ES_NS::bsmm_range,
-    nullptr,
-    nullptr,
+    ES_NS::bsconv_tile,
+    ES_NS::bsconv_prepared_floats,
+    ES_NS::bsconv_prepare,
+    ES_NS::bsconv_positions,
+    ES_NS::bsconv_range,
     nullptr,
     nullptr,
 };

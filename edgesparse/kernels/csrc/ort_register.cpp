@@ -16,12 +16,7 @@ extern "C" ES_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* o
   if (OrtStatus* st = api->CreateCustomOpDomain(es_ort::kDomain, &domain)) return st;
   const OrtCustomOp* ops[] = {
       es_ort::block_sparse_matmul_op(),
-#if defined(ES_WITH_CONV)
       es_ort::block_sparse_conv_op(),
-#endif
-#if defined(ES_WITH_FFN)
-      es_ort::gathered_ffn_op(),
-#endif
   };
   for (const OrtCustomOp* op : ops) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) {
