@@ -1,0 +1,122 @@
+"""The wasm target: WebAssembly with SIMD128, in browsers and node, beside onnxruntime-web.
+
+onnxruntime-web cannot load custom operators, so the `wasm` backend splits the graph: the sparse
+nodes run on edgesparse's pure kernels compiled to wasm32 (edgesparse_kernels.wasm, no imports),
+everything else runs in onnxruntime-web sessions over sub-models, and a small ES module
+(web/edgesparse.mjs) runs the steps in order. The build verifies the package by running exactly
+those files in node with the pinned onnxruntime-web. See docs/wasm.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgesparse import Backend, EdgesparseError, RunResult, Target, hookimpl
+
+from . import node, plan, toolchain
+
+__version__ = "0.1.0"
+
+JS = Path(__file__).parent / "js"
+WEB = "web"
+RUNTIME_FILES = ("edgesparse.mjs",)
+
+APP_SNIPPET = """\
+// Run this package in a web page (or node) with onnxruntime-web {ort_web}:
+//   <script type="module"> ... </script>, serving this folder as ./{name}/
+import * as ort from "onnxruntime-web";          // or https://cdn.jsdelivr.net/npm/onnxruntime-web@{ort_web}/dist/ort.wasm.min.mjs
+import {{ load }} from "./{name}/web/edgesparse.mjs";
+const model = await load(new URL("./{name}/", import.meta.url), {{ ort }});
+const outputs = await model.run({{ {feeds} }});
+"""
+
+# Measured in node 20 against onnxruntime-web 1.30's dense MatMul, 1 thread, over the FFN shapes
+# (768x3072, 3072x768) and M = 1, 8, 64: the worst speed-up of the sparse kernel at each
+# (block, sparsity). See docs/wasm.md and bench/bench_wasm.py. A layer goes sparse when the
+# worst case at the nearest measured sparsity at or below its own beats dense.
+MEASURED_MIN_SPEEDUP = {
+    16: {0.5: 1.6, 0.75: 2.9, 0.9: 6.0},
+    8: {0.5: 1.3, 0.75: 2.3, 0.9: 4.6},
+    4: {0.5: 0.8, 0.75: 1.5, 0.9: 3.1},
+}
+
+
+class Wasm(Target):
+    name = "wasm"
+    summary = "WebAssembly SIMD128 in browsers and node: onnxruntime-web for dense parts, edgesparse wasm kernels for sparse ones"
+    backends = ("wasm",)
+    machine = "wasm32"
+    isa = "simd128"
+
+    def toolchain(self):
+        return toolchain.toolchain()
+
+    def check_environment(self) -> None:
+        toolchain.check_tools(need_node=True)
+
+    def runs_here(self) -> bool:
+        return shutil.which("node") is not None
+
+    def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
+        if op not in plan.KERNEL_OPS:
+            return False
+        table = MEASURED_MIN_SPEEDUP.get(block, {})
+        below = [s for s in table if s <= sparsity + 1e-9]
+        return bool(below) and table[max(below)] > 1.0
+
+    def run_package(self, package_dir: Path, inputs, threads: int = 1) -> RunResult:
+        outputs, stats = node.run_in_node(Path(package_dir), inputs, threads)
+        return RunResult(outputs, {op: int(n) for op, n in stats["kernelNodes"].items()})
+
+    def describe(self) -> dict:
+        return {**super().describe(), "onnxruntime_web": node.ORT_WEB_VERSION}
+
+
+class WasmBackend(Backend):
+    name = "wasm"
+    summary = "onnxruntime-web segments + edgesparse wasm kernels, orchestrated by web/edgesparse.mjs"
+
+    def compile(self, model: onnx.ModelProto, target, staging: Path, libraries) -> dict:
+        onnx.save(model, str(staging / "model.onnx"))  # the whole model: runs densely in plain onnxruntime-web
+        web = staging / WEB
+        web.mkdir()
+        module = toolchain.kernel_module()
+        shutil.copy2(module, web / toolchain.MODULE_NAME)
+        for name in RUNTIME_FILES:
+            shutil.copy2(JS / name, web / name)
+        the_plan = plan.write_plan(model, web)
+        (web / "plan.json").write_text(json.dumps(the_plan, indent=1) + "\n")
+        feeds = ", ".join(f"{i['name']}: new ort.Tensor(...)" for i in the_plan["inputs"])
+        (web / "RUN.js.txt").write_text(APP_SNIPPET.format(ort_web=node.ORT_WEB_VERSION, name="PACKAGE", feeds=feeds))
+        kernel_ops = sorted({s["op"] for s in the_plan["steps"] if s["kind"] == "kernel"})
+        return {
+            "engine": "onnxruntime-web + edgesparse wasm kernels",
+            "model": "model.onnx",
+            "custom_op_libraries": [],
+            "custom_domains": sorted({lib.domain for lib in libraries}),
+            "custom_ops": kernel_ops,
+            "web": {
+                "plan": f"{WEB}/plan.json",
+                "runtime": f"{WEB}/edgesparse.mjs",
+                "kernels": f"{WEB}/{toolchain.MODULE_NAME}",
+                "onnxruntime_web": node.ORT_WEB_VERSION,
+                "segments": the_plan["segments"],
+                "kernel_nodes": the_plan["kernel_nodes"],
+                "fallback": the_plan["fallback"],
+            },
+            "compiler": toolchain.compiler_version(),
+        }
+
+
+@hookimpl
+def register_targets(register):
+    register(Wasm())
+
+
+@hookimpl
+def register_backends(register):
+    register(WasmBackend())
