@@ -124,16 +124,21 @@ static void bsconv_prepare(const es_bsconv_args* a, float* prep, int64_t n, int6
 template <int B, int BC, int S, bool PARTIAL>
 ES_INLINE void conv_accumulate(const float* ES_RESTRICT xq, int64_t cs, const ConvGeom& g,
                                const float* ES_RESTRICT vals, const int32_t* ES_RESTRICT cidx, int32_t p0,
-                               int32_t p1, int bc0, int nvalid, vfloat (&acc)[BC][S]) {
+                               int32_t p1, int bc0, int nvalid, vfloat (&out)[BC][S]) {
   constexpr int L = ES_VEC_FLOATS;
+  // Local accumulators (copied out once): GCC keeps them in registers only
+  // when they do not live behind the caller's reference.
+  vfloat acc[BC][S];
   for (int b = 0; b < BC; ++b)
     for (int s = 0; s < S; ++s) acc[b][s] = vzero<vfloat>();
   const int taps = g.taps;
+  int32_t toff[ES_CONV_MAX_TAPS];
+  for (int t = 0; t < taps; ++t) toff[t] = g.toff[t];
   for (int32_t p = p0; p < p1; ++p) {
     const float* xc = xq + (int64_t)cidx[p] * cs;
     const float* w = vals + (int64_t)p * taps * B + bc0;
     for (int t = 0; t < taps; ++t) {
-      const float* xt = xc + g.toff[t];
+      const float* xt = xc + toff[t];
       vfloat xv[S];
       for (int s = 0; s < S; ++s) {
         if (PARTIAL) {
@@ -151,19 +156,23 @@ ES_INLINE void conv_accumulate(const float* ES_RESTRICT xq, int64_t cs, const Co
       }
     }
   }
+  for (int b = 0; b < BC; ++b)
+    for (int s = 0; s < S; ++s) out[b][s] = acc[b][s];
 }
 
-// Block rows [jb, je), virtual positions [q0, q0 + tile) clipped to q_end.
+// Block rows [jb, je), virtual positions [q0, q0 + tile) clipped to q_end;
+// positions below `keep_from` are computed but not stored (overlapped tile).
 template <int B>
 static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const float* xin, int64_t n, int64_t q0,
-                             int64_t q_end, int64_t jb, int64_t je) {
+                             int64_t q_end, int64_t keep_from, int64_t jb, int64_t je) {
   typedef ConvTile<B> CT;
   constexpr int BC = CT::BC, S = CT::S, L = ES_VEC_FLOATS, POS = CT::POS;
   const int64_t tile_end = q0 + POS < q_end ? q0 + POS : q_end;
   const int nq = (int)(tile_end - q0);
-  const bool partial = g.direct && q0 + POS > g.q_total;  // would read past X
+  const int skip = (int)(keep_from - q0);  // leading positions already stored
+  const bool partial = g.direct && q0 + POS > g.q_total;  // would read past X (tiny images only)
   const int64_t oq = a->oh * a->ow;
-  const bool contiguous = g.wh == a->ow;  // virtual grid == output grid
+  const bool contiguous = g.wh == a->ow && skip == 0;  // virtual grid == output grid
   float* ybase = a->y + n * a->cout * oq;
   for (int64_t j = jb; j < je; ++j) {
     const int32_t p0 = a->row_ptr[j], p1 = a->row_ptr[j + 1];
@@ -193,8 +202,9 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
         } else {
           float buf[POS];
           for (int s = 0; s < S; ++s) vstore<vfloat>(buf + s * L, vactivate(acc[b][s] + bias, a->activation));
-          int64_t row = q0 / g.wh, col = q0 % g.wh;
-          for (int i = 0; i < nq; ++i) {
+          const int64_t qs = q0 + skip;
+          int64_t row = qs / g.wh, col = qs % g.wh;
+          for (int i = skip; i < nq; ++i) {
             if (col < a->ow) yo[row * a->ow + col] = buf[i];
             if (++col == g.wh) {
               col = 0;
@@ -207,6 +217,11 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
   }
 }
 
+// Weights of the block rows processed together over all position tiles.
+#ifndef ES_CONV_GROUP_BYTES
+#define ES_CONV_GROUP_BYTES (128 * 1024)
+#endif
+
 // Image n, virtual positions [q_begin, q_end) (multiples of the tile except at
 // the end), block rows [j_begin, j_end). prep: bsconv_prepare's output for
 // image n (ignored in direct mode).
@@ -217,17 +232,23 @@ static void bsconv_range(const es_bsconv_args* a, const float* prep, int64_t n, 
   const float* xin = g.direct ? a->x + n * a->cin * a->h * a->w : prep;
   if (q_end > g.q_total) q_end = g.q_total;
   const int64_t pos = bsconv_tile(a->block);
-  for (int64_t q0 = q_begin; q0 < q_end; q0 += pos) {
-    switch (a->block) {
-      case 4:
-        bsconv_tile_rows<4>(a, g, xin, n, q0, q_end, j_begin, j_end);
-        break;
-      case 8:
-        bsconv_tile_rows<8>(a, g, xin, n, q0, q_end, j_begin, j_end);
-        break;
-      default:
-        bsconv_tile_rows<16>(a, g, xin, n, q0, q_end, j_begin, j_end);
+  void (*tile_rows)(const es_bsconv_args*, const ConvGeom&, const float*, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, int64_t) =
+      a->block == 4 ? bsconv_tile_rows<4> : a->block == 8 ? bsconv_tile_rows<8> : bsconv_tile_rows<16>;
+  const int64_t block_bytes = g.taps * a->block * (int64_t)sizeof(float);
+  const int64_t group_blocks = ES_CONV_GROUP_BYTES / block_bytes > 0 ? ES_CONV_GROUP_BYTES / block_bytes : 1;
+  for (int64_t j0 = j_begin; j0 < j_end;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < j_end && a->row_ptr[j1 + 1] - a->row_ptr[j0] <= group_blocks) ++j1;
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += pos) {
+      // In direct mode a last partial tile is shifted back to end at q_total
+      // (overlapping the previous one) so that all its loads stay inside X.
+      if (g.direct && q0 + pos > g.q_total && g.q_total >= pos)
+        tile_rows(a, g, xin, n, g.q_total - pos, g.q_total, q0, j0, j1);
+      else
+        tile_rows(a, g, xin, n, q0, q_end, q0, j0, j1);
     }
+    j0 = j1;
   }
 }
 
