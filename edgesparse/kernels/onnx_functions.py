@@ -189,9 +189,40 @@ def _block_sparse_conv(opset: int) -> onnx.FunctionProto:
     )
 
 
+def _gathered_ffn(opset: int) -> onnx.FunctionProto:
+    b = _Body(opset)
+    minus1 = b.const([-1], np.int64)
+    sel = b.op("Cast", ["experts"], to=TensorProto.INT64)
+    d = b.shape("X", start=-1)
+    xf = b.op("Reshape", ["X", b.op("Concat", [minus1, d], axis=0)])  # [T, D]
+
+    def project(w: str, bias: str) -> str:  # X @ [selected experts' columns] + bias -> [T, n*S]
+        wsel = b.op("Transpose", [b.op("Gather", [w, sel], axis=0)], perm=[1, 0, 2])  # [D, n, S]
+        w2 = b.op("Reshape", [wsel, b.op("Concat", [d, minus1], axis=0)])
+        bsel = b.op("Reshape", [b.op("Gather", [bias, sel], axis=0), minus1])
+        return b.op("Gemm", [xf, w2, bsel])
+
+    up = project("w_up", "b_up")
+    gate = project("w_gate", "b_gate")
+    b.activation(up, ("relu", "gelu", "silu"), "_act_up")
+    b.activation(gate, ("relu", "gelu", "silu"), "_act_gate")
+    gated = b.op("Cast", [b.attr_const("value_int", "gated")], to=TensorProto.BOOL)
+    h = b.op("Where", [gated, b.op("Mul", ["_act_gate", up]), "_act_up"])  # [T, n*S]
+    d_out = b.shape("w_down", start=2)
+    wd = b.op("Reshape", [b.op("Gather", ["w_down", sel], axis=0), b.op("Concat", [minus1, d_out], axis=0)])
+    y2 = b.op("Gemm", [h, wd, "b_down"])
+    b.nodes.append(helper.make_node("Reshape", [y2, b.op("Concat", [b.shape("X", end=-1), d_out], axis=0)], ["Y"]))
+    return helper.make_function(
+        DOMAIN, "GatheredFFN", ["X", "experts", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down"], ["Y"],
+        b.nodes, [helper.make_opsetid("", opset)], attributes=[],
+        attribute_protos=[helper.make_attribute("gated", 0), _string_default("activation", "none")],
+    )
+
+
 _BUILDERS = {
     "BlockSparseMatMul": _block_sparse_matmul,
     "BlockSparseConv": _block_sparse_conv,
+    "GatheredFFN": _gathered_ffn,
 }
 
 

@@ -79,7 +79,7 @@ typedef struct es_bsconv_args {
  *   x [t, d], w_up / w_gate [e_total, d, s], w_down [e_total, s, d_out],
  *   b_up / b_gate [e_total, s] (NULL allowed), b_down [d_out] (NULL allowed),
  *   experts int32 [n_active] in [0, e_total), y [t, d_out].
- * w_gate NULL means plain (non-gated) FFN. */
+ * w_gate NULL means plain (non-gated) FFN. s and d_out must be multiples of 4. */
 typedef struct es_gffn_args {
   const float* x;
   int64_t t, d, d_out, s, e_total, n_active;
@@ -126,9 +126,18 @@ typedef struct es_kernel_table {
   void (*bsconv_range)(const es_bsconv_args* a, const float* prep, int64_t n, int64_t q_begin, int64_t q_end,
                        int64_t j_begin, int64_t j_end);
 
-  /* Scratch floats for gffn_range: t_len * n_active * s * 2 */
-  int64_t (*gffn_scratch)(const es_gffn_args* a, int64_t t_len);
-  /* Tokens [t_begin, t_end), all outputs. */
+  /* Gathered FFN. Token ranges split on multiples of gffn_tile_m(); scratch
+   * (gffn_scratch floats) holds the packed x and the activated h. Order:
+   * gffn_pack (all tokens), then gffn_up (all tokens x active experts), then
+   * gffn_down (all tokens x output columns, split on multiples of 16). */
+  int32_t (*gffn_tile_m)(void);
+  int64_t (*gffn_scratch)(const es_gffn_args* a);
+  void (*gffn_pack)(const es_gffn_args* a, float* scratch, int64_t t_begin, int64_t t_end);
+  void (*gffn_up)(const es_gffn_args* a, float* scratch, int64_t t_begin, int64_t t_end, int64_t i_begin,
+                  int64_t i_end);
+  void (*gffn_down)(const es_gffn_args* a, const float* scratch, int64_t t_begin, int64_t t_end, int64_t n_begin,
+                    int64_t n_end);
+  /* All three phases for tokens [t_begin, t_end), single threaded. */
   void (*gffn_range)(const es_gffn_args* a, float* scratch, int64_t t_begin, int64_t t_end);
 } es_kernel_table;
 

@@ -112,7 +112,7 @@ extern "C" ES_API void es_bsconv_f32(const es_bsconv_args* a) {
 
 extern "C" ES_API void es_gffn_f32(const es_gffn_args* a) {
   const es_kernel_table* t = es_kernels();
-  float* scratch = (float*)malloc(sizeof(float) * (size_t)(t->gffn_scratch(a, a->t) + 16));
+  float* scratch = (float*)malloc(sizeof(float) * (size_t)(t->gffn_scratch(a) + 16));
   if (!scratch) return;
   t->gffn_range(a, scratch, 0, a->t);
   free(scratch);

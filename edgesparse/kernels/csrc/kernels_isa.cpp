@@ -2,6 +2,7 @@
 // macro ES_TABLE_NAME names the exported table (es_table_avx512, ...).
 #include "bsconv_kernel.h"
 #include "bsmm_kernel.h"
+#include "gffn_kernel.h"
 #include "es_kernels.h"
 
 #ifndef ES_TABLE_NAME
@@ -19,6 +20,10 @@ extern "C" const es_kernel_table ES_TABLE_NAME = {
     ES_NS::bsconv_prepare,
     ES_NS::bsconv_positions,
     ES_NS::bsconv_range,
-    nullptr,
-    nullptr,
+    ES_NS::gffn_tile_m,
+    ES_NS::gffn_scratch,
+    ES_NS::gffn_pack,
+    ES_NS::gffn_up,
+    ES_NS::gffn_down,
+    ES_NS::gffn_range,
 };

@@ -17,6 +17,7 @@ extern "C" ES_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* o
   const OrtCustomOp* ops[] = {
       es_ort::block_sparse_matmul_op(),
       es_ort::block_sparse_conv_op(),
+      es_ort::gathered_ffn_op(),
   };
   for (const OrtCustomOp* op : ops) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) {
