@@ -25,6 +25,15 @@ from edgesparse.kernels.blocksparse import (
     unpack_block_sparse,
 )
 from edgesparse.kernels.build import X86_64, Toolchain, build_kernel_archive, build_library
+from edgesparse.kernels.conv import (
+    block_sparse_conv_reference,
+    conv2d_reference,
+    make_block_sparse_conv,
+    pack_block_sparse_conv,
+    unpack_block_sparse_conv,
+)
+from edgesparse.kernels.dispatch import prefers_sparse
+from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, make_gathered_ffn, pack_gathered_ffn
 from edgesparse.kernels.onnx_functions import attach_functions, function_protos
 from edgesparse.kernels.ort_headers import ort_include_dir
 
@@ -34,13 +43,22 @@ __all__ = [
     "X86_64",
     "Toolchain",
     "attach_functions",
+    "block_sparse_conv_reference",
     "block_sparse_matmul_reference",
     "block_sparsity",
     "build_kernel_archive",
     "build_library",
+    "conv2d_reference",
     "function_protos",
+    "gathered_ffn_reference",
+    "make_block_sparse_conv",
     "make_block_sparse_matmul",
+    "make_gathered_ffn",
     "ort_include_dir",
     "pack_block_sparse",
+    "pack_block_sparse_conv",
+    "pack_gathered_ffn",
+    "prefers_sparse",
     "unpack_block_sparse",
+    "unpack_block_sparse_conv",
 ]
