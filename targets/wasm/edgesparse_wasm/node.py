@@ -131,3 +131,17 @@ def run_in_node(package_dir: Path, inputs: dict[str, np.ndarray], threads: int =
         outputs = [a for _, a in read_tensors(io, "outputs")]
         stats = json.loads((io / "stats.json").read_text())
     return outputs, stats
+
+
+def bench_in_node(package_dir: Path, dense_model: Path, inputs: dict[str, np.ndarray], rounds: int = 30,
+                  budget_s: float = 5.0, threads: int = 1, functions: bool = False) -> dict:
+    """The package against plain onnxruntime-web on `dense_model`, interleaved in one node process.
+    Returns {"package": {median_ms, p25_ms, p75_ms, rounds}, "dense": {...}, ["functions": {...}],
+    "max_abs_diff", "kernel_nodes", "ort_web", "node", "threads"}."""
+    module = ort_web_node_module()
+    with tempfile.TemporaryDirectory(prefix="edgesparse-bench-") as tmp:
+        io = Path(tmp)
+        write_tensors(io, "inputs", inputs)
+        out = run_script("bench_node.mjs", module, Path(package_dir).resolve(), Path(dense_model).resolve(), io,
+                         rounds, budget_s, threads, "functions" if functions else "", timeout=1800)
+    return json.loads(out.strip().splitlines()[-1])

@@ -91,7 +91,10 @@ class Planner:
         self.initializers = {i.name: i for i in self.graph.initializer}
         self.graph_outputs = [o.name for o in self.graph.output]
         self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.producer: dict[str, int] = {}
         for idx, node in enumerate(self.graph.node):
+            for name in node.output:
+                self.producer[name] = idx
             for name in _inputs(node):
                 self.consumers[name].append(idx)
         self.kernels: dict[int, KernelCall] = {}
@@ -148,6 +151,62 @@ class Planner:
             if sorted(self.graph.node[mul].input) == sorted([y, s_out]) and self.consumers.get(s_out) == [mul] \
                     and s_out not in self.graph_outputs:
                 self._fold(call, [sig, mul], "silu", self.graph.node[mul].output[0])
+        elif len(users) == 2:
+            self._fuse_erf_gelu(call, users)
+
+    def _scalar(self, name: str) -> float | None:
+        """The value of a one-element constant (initializer or Constant node), else None."""
+        if name in self.initializers:
+            array = numpy_helper.to_array(self.initializers[name])
+        elif name in self.producer and self.graph.node[self.producer[name]].op_type == "Constant":
+            node = self.graph.node[self.producer[name]]
+            value = next((a for a in node.attribute if a.name in ("value", "value_float")), None)
+            if value is None:
+                return None
+            array = numpy_helper.to_array(value.t) if value.name == "value" else np.array(value.f)
+        else:
+            return None
+        return float(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind == "f" else None
+
+    def _next(self, idx: int, op: str) -> tuple[int, str] | None:
+        """The single consumer of node idx's output when it is an `op`, with the other input."""
+        out = self.graph.node[idx].output[0]
+        nxt = self._only_consumer(out)
+        if nxt is None or nxt.op_type != op or len(nxt.input) != 2:
+            return None
+        other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+        return self.consumers[out][0], other
+
+    def _fuse_erf_gelu(self, call: KernelCall, users: list[int]) -> None:
+        """0.5 * y * (1 + erf(y / sqrt 2)) as exporters write it (Div or Mul by 1/sqrt 2; the 0.5
+        applied before or after the product with y)."""
+        y = call.output
+        close = lambda v, want: v is not None and abs(v - want) < 1e-5
+        for scale_idx, mul_idx in (users, users[::-1]):
+            s, m = self.graph.node[scale_idx], self.graph.node[mul_idx]
+            if m.op_type != "Mul" or len(s.input) != 2 or s.input[0] != y:
+                continue
+            factor = self._scalar(s.input[1])
+            if not ((s.op_type == "Div" and close(factor, 2 ** 0.5)) or (s.op_type == "Mul" and close(factor, 2 ** -0.5))):
+                continue
+            erf = self._only_consumer(s.output[0])
+            if erf is None or erf.op_type != "Erf":
+                continue
+            erf_idx = self.consumers[s.output[0]][0]
+            add = self._next(erf_idx, "Add")
+            if add is None or not close(self._scalar(add[1]), 1.0):
+                continue
+            chain = [scale_idx, erf_idx, add[0]]
+            nxt = self._next(add[0], "Mul")
+            if nxt is None:
+                return
+            if nxt[0] == mul_idx:  # (y * (1 + erf)) * 0.5
+                last = self._next(mul_idx, "Mul")
+                if last is not None and close(self._scalar(last[1]), 0.5):
+                    self._fold(call, chain + [mul_idx, last[0]], "gelu", self.graph.node[last[0]].output[0])
+            elif close(self._scalar(nxt[1]), 0.5) and sorted(m.input) == sorted([y, self.graph.node[nxt[0]].output[0]]):
+                self._fold(call, chain + [nxt[0], mul_idx], "gelu", m.output[0])  # y * (0.5 * (1 + erf))
+            return
 
     def _fold(self, call: KernelCall, indices: list[int], activation: str, output: str) -> None:
         call.activation, call.output = activation, output
