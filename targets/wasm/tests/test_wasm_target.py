@@ -233,3 +233,17 @@ def test_missing_wasi_libc_names_the_debian_package(tmp_path):
     result = cli("build", tmp_path / "m.onnx", "--target", "wasm", "-o", tmp_path / "out", check=False, env=env)
     assert result.returncode != 0
     assert "wasi-libc" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_layers_the_wasm_rule_keeps_dense_still_package_and_verify(tmp_path):
+    """4x1 blocks at 50% measured slower than onnxruntime-web's dense MatMul: the target's rule keeps
+    both layers dense, and the package is one onnxruntime-web segment with no kernel step."""
+    require_toolchain()
+    onnx.save(root_conftest().mlp_model(d_in=64, d_hidden=128, d_out=64), str(tmp_path / "m.onnx"))
+    cli("build", tmp_path / "m.onnx", "--target", "wasm", "--pass", "magnitude:sparsity=0.5,block=4", "-o", tmp_path / "pkg")
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    kept = manifest["passes"][0]["report"]["kept_dense"]
+    assert len(kept) == 2 and all("slower than dense on wasm" in k["reason"] for k in kept)
+    plan = json.loads((tmp_path / "pkg" / "web" / "plan.json").read_text())
+    assert [s["kind"] for s in plan["steps"]] == ["onnx"]
+    assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes"] == 0
