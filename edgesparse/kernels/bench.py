@@ -94,6 +94,11 @@ def _time_pair(dense: Callable[[], None], sparse: Callable[[], None], budget_s: 
     return samples
 
 
+def _paired(ds: list[float], ss: list[float]) -> float:
+    """Median of per-round ratios: robust to slow drifts in machine load."""
+    return float(np.median(np.asarray(ds) / np.asarray(ss)))
+
+
 def _stats(prefix: str, s: list[float]) -> dict:
     a = np.asarray(s)
     return {
@@ -152,6 +157,7 @@ def bench_matmul_case(lib, m: int, k: int, n: int, sparsity: float, block: int, 
     rec = {"op": "BlockSparseMatMul", "M": m, "K": k, "N": n, "block": block, "sparsity": sparsity,
            "threads": threads, **_stats("dense", ds), **_stats("sparse", ss), "max_abs_error": err}  # fmt: skip
     rec["speedup"] = rec["dense_ms_median"] / rec["sparse_ms_median"]
+    rec["paired_speedup"] = _paired(ds, ss)
     return rec
 
 
@@ -172,6 +178,7 @@ def bench_conv_case(lib, c: int, o: int, hw: int, kernel: int, stride: int, spar
            "block": block, "sparsity": sparsity, "threads": threads, **_stats("dense", ds), **_stats("sparse", ss),
            "max_abs_error": err}  # fmt: skip
     rec["speedup"] = rec["dense_ms_median"] / rec["sparse_ms_median"]
+    rec["paired_speedup"] = _paired(ds, ss)
     return rec
 
 
@@ -207,7 +214,8 @@ def run_kernel_benchmarks(
 
     Record keys: op, shape fields (M, K, N for matmul; C, O, H, W, kernel, stride
     for conv), block, sparsity, threads, isa, dense_ms_median, sparse_ms_median,
-    their p25/p75/min/max, speedup (dense median / sparse median), max_abs_error.
+    their p25/p75/min/max, speedup (dense median / sparse median), paired_speedup
+    (median of per-round ratios), max_abs_error.
     ``quick`` runs a few shapes briefly (smoke test / CI).
     """
     import os
@@ -231,7 +239,7 @@ def run_kernel_benchmarks(
     if "matmul" in ops:
         for k, n in QUICK_FFN if quick else FFN_SHAPES:
             for sp in sparsities:
-                for m in (1, 8) if quick else tokens:
+                for m in tuple(m for m in tokens if m <= 8) or (1,) if quick else tokens:
                     for t in threads:
                         emit(bench_matmul_case(lib, m, k, n, sp, block, t, budget_s=budget))
     if "conv" in ops:
