@@ -114,44 +114,57 @@ def _fpack_imports(spec: ModuleSpec, nvcc: str, record: dict):
     return pack
 
 
-def compile_module(model, spec: ModuleSpec, staging: Path) -> dict:
-    """Import, compile and export one module into staging/spec.file; return its manifest entry."""
-    import tvm
+def export(executable, spec: ModuleSpec, out: Path) -> dict:
+    """Write a compiled TVM executable as a shared library for spec.machine; for CUDA, with an
+    nvcc-built fatbin. Returns {"cuda": {...}} describing the cubins (empty for CPU)."""
     from tvm.support import cc
 
+    compiler = cxx_for(spec.machine)
+    fcompile = cc.create_shared if compiler == "g++" else cc.cross_compiler(compiler)
+    nvcc = cuda.find_nvcc(spec.nvcc) if spec.device == "cuda" else None
+    record: dict = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgesparse-tvm-") as work:
+        kwargs = {"fpack_imports": _fpack_imports(spec, nvcc, record)} if nvcc else {}
+        executable.export_library(str(out), fcompile=fcompile, workspace_dir=work, **kwargs)
+    if not nvcc:
+        return {}
+    binaries = record.get("device_binaries", [])
+    cubins: dict[str, int] = {}
+    for b in binaries:
+        cubins.update(cuda.cubins_in(b))
+    missing = [a for a in spec.arches if a not in cubins]
+    if not binaries or missing:
+        raise EdgesparseError(f"the exported CUDA module lacks cubins for {', '.join(missing or spec.arches)}")
+    release, _ = cuda.nvcc_info(nvcc)
+    return {"cuda": {"arches": list(spec.arches), "cubins": cubins, "nvcc": release,
+                     "fatbin_bytes": sum(len(b) for b in binaries)}}
+
+
+def compile_ir(mod, spec: ModuleSpec):
+    """tvm.compile for the spec's target (nvcc standing in for NVRTC where TVM compiles CUDA)."""
+    import tvm
+
+    target = tvm_target(spec)
+    if spec.device != "cuda":
+        return tvm.compile(mod, target=target), target
+    with _nvcc_callback(cuda.find_nvcc(spec.nvcc), spec.arches):
+        return tvm.compile(mod, target=target), target
+
+
+def compile_module(model, spec: ModuleSpec, staging: Path) -> dict:
+    """Import, compile and export one module into staging/spec.file; return its manifest entry."""
     check_spec(spec)
     mod, sparse_calls = frontend.import_model(model, spec.device)
-    target = tvm_target(spec)
-    nvcc = cuda.find_nvcc(spec.nvcc) if spec.device == "cuda" else None
-    out = staging / spec.file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record: dict = {}
     try:
-        with _nvcc_callback(nvcc, spec.arches) if nvcc else contextlib.nullcontext():
-            executable = tvm.compile(mod, target=target)
-        compiler = cxx_for(spec.machine)
-        fcompile = cc.create_shared if compiler == "g++" else cc.cross_compiler(compiler)
-        with tempfile.TemporaryDirectory(prefix="edgesparse-tvm-") as work:
-            kwargs = {"fpack_imports": _fpack_imports(spec, nvcc, record)} if nvcc else {}
-            executable.export_library(str(out), fcompile=fcompile, workspace_dir=work, **kwargs)
+        executable, target = compile_ir(mod, spec)
+        extra = export(executable, spec, staging / spec.file)
     except EdgesparseError:
         raise
     except Exception as exc:
         first = next((l.strip() for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
         raise EdgesparseError(f"TVM failed to compile the model for {spec.device} ({spec.machine}): {first[:300]}") from exc
-    entry = {
+    return {
         "name": spec.name, "file": spec.file, "device": spec.device, "machine": spec.machine,
-        "role": spec.role, "target": str(target), "sparse_kernel_calls": sparse_calls,
+        "role": spec.role, "target": str(target), "sparse_kernel_calls": sparse_calls, **extra,
     }
-    if nvcc:
-        binaries = record.get("device_binaries", [])
-        cubins: dict[str, int] = {}
-        for b in binaries:
-            cubins.update(cuda.cubins_in(b))
-        missing = [a for a in spec.arches if a not in cubins]
-        if not binaries or missing:
-            raise EdgesparseError(f"the exported CUDA module lacks cubins for {', '.join(missing or spec.arches)}")
-        release, _ = cuda.nvcc_info(nvcc)
-        entry["cuda"] = {"arches": list(spec.arches), "cubins": cubins, "nvcc": release,
-                         "fatbin_bytes": sum(len(b) for b in binaries)}
-    return entry
