@@ -36,7 +36,7 @@ def write(path: Path, tensors: list[tuple[str, np.ndarray]]) -> None:
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<II", VERSION, len(tensors)))
         for name, array in tensors:
-            array = np.ascontiguousarray(array)
+            array = np.asarray(array)  # tobytes() writes C order; ascontiguousarray would make 0-d 1-d
             raw = name.encode()
             dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
             f.write(struct.pack("<I", len(raw)) + raw)
