@@ -1,4 +1,5 @@
-"""The pure kernels (edgesparse/kernels/csrc, C ABI in es_kernels.h) on aarch64: a static test driver
+"""The pure kernels (edgesparse/kernels/csrc, C ABI in es_kernels.h: block-sparse matmul and conv,
+gathered FFN) on aarch64: a static test driver
 (csrc/bsmm_driver.c) cross-compiled against the kernel archive and run under qemu-aarch64-static,
 checked against numpy; and dynamic instruction counts of the kernel vs a dense loop, from qemu's
 exec trace (one instruction per translation block). Counts are not timings.
@@ -70,9 +71,84 @@ class Case:
     def tensors(self, packed=None, x=None, bias=None) -> list[tuple[str, np.ndarray]]:
         if packed is None:
             x, packed, bias, _ = self.arrays()
-        meta = np.array([self.m, self.k, self.n, self.block, ACTIVATIONS[self.activation], self.repeat], np.int64)
+        meta = np.array([0, 5, self.m, self.k, self.n, self.block, ACTIVATIONS[self.activation], self.repeat], np.int64)
         return [("meta", meta), ("x", x), ("values", packed["values"]), ("k_index", packed["k_index"]),
                 ("row_ptr", packed["row_ptr"]), ("bias", bias if bias is not None else np.zeros(0, np.float32))]
+
+
+NONE = np.zeros(0, np.float32)  # a zero-element tensor: NULL on the C side
+
+
+@dataclass
+class ConvCase:
+    """BlockSparseConv (NCHW, group 1) through es_bsconv_f32."""
+    batch: int
+    cin: int
+    h: int
+    w: int
+    cout: int
+    kernel: tuple[int, int] = (3, 3)
+    block: int = 8
+    sparsity: float = 0.75
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (1, 1, 1, 1)  # top, left, bottom, right
+    activation: str = "none"
+    bias: bool = True
+    seed: int = 0
+
+    def tensors(self):
+        """(tensor group, numpy reference output)."""
+        from edgesparse.kernels.conv import block_sparse_conv_reference, pack_block_sparse_conv, random_block_sparse_conv
+
+        rng = np.random.default_rng(self.seed)
+        kh, kw = self.kernel
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.stride, self.dilation, self.pads
+        weight = random_block_sparse_conv(rng, self.cout, self.cin, kh, kw, self.block, self.sparsity)
+        packed = pack_block_sparse_conv(weight, self.block)
+        x = rng.standard_normal((self.batch, self.cin, self.h, self.w)).astype(np.float32)
+        bias = (rng.standard_normal(self.cout) * 0.1).astype(np.float32) if self.bias else None
+        oh = (self.h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (self.w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        meta = np.array([1, 5, self.batch, self.cin, self.h, self.w, self.cout, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
+                         self.block, ACTIVATIONS[self.activation]], np.int64)
+        ref = block_sparse_conv_reference(x, packed, self.cout, (kh, kw), bias, self.stride, self.pads,
+                                          self.dilation, self.activation)
+        return [("meta", meta), ("x", x), ("values", packed["values"]), ("c_index", packed["c_index"]),
+                ("row_ptr", packed["row_ptr"]), ("bias", NONE if bias is None else bias)], ref
+
+
+@dataclass
+class FfnCase:
+    """GatheredFFN through es_gffn_f32: only the selected experts of the FFN are computed."""
+    t: int
+    d: int
+    d_out: int
+    expert_size: int
+    experts: int  # in total
+    active: tuple[int, ...]
+    gated: bool = True
+    activation: str = "silu"
+    seed: int = 0
+
+    def tensors(self):
+        from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, pack_gathered_ffn
+
+        rng = np.random.default_rng(self.seed)
+        inter = self.expert_size * self.experts
+        w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)  # noqa: E731
+        b = lambda n: (rng.standard_normal(n) * 0.1).astype(np.float32)  # noqa: E731
+        packed = pack_gathered_ffn(w(inter, self.d), w(self.d_out, inter), self.expert_size,
+                                   w_gate=w(inter, self.d) if self.gated else None, b_up=b(inter),
+                                   b_gate=b(inter) if self.gated else None, b_down=b(self.d_out))
+        x = rng.standard_normal((self.t, self.d)).astype(np.float32)
+        experts = np.array(self.active, np.int32)
+        meta = np.array([2, 8, self.t, self.d, self.d_out, self.expert_size, self.experts, len(experts),
+                         ACTIVATIONS[self.activation]], np.int64)
+        ref = gathered_ffn_reference(x, packed, experts, self.activation)
+        return [("meta", meta), ("x", x), ("w_up", packed["w_up"]), ("w_gate", packed.get("w_gate", NONE)),
+                ("w_down", packed["w_down"]), ("b_up", packed["b_up"]), ("b_gate", packed.get("b_gate", NONE)),
+                ("b_down", packed["b_down"]), ("experts", experts)], ref
 
 
 def run_driver(groups: list[list[tuple[str, np.ndarray]]], mode: str = "sparse", cache: Path | None = None):

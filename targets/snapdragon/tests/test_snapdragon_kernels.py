@@ -1,11 +1,12 @@
-"""The pure kernels on aarch64 (issue 3's ARM tests): the static driver runs es_bsmm_f32 under
-qemu-aarch64-static (Cortex-A76 model) and is checked against numpy on many shapes."""
+"""The pure kernels on aarch64 (issue 3's ARM tests): a static driver runs es_bsmm_f32,
+es_bsconv_f32 and es_gffn_f32 under qemu-aarch64-static (Cortex-A76 model), checked against the
+numpy references on many shapes, awkward ones included."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgesparse_snapdragon.kernel_check import Case, count_instructions, run_driver
+from edgesparse_snapdragon.kernel_check import Case, ConvCase, FfnCase, count_instructions, run_driver
 
 SHAPES = [
     # (m, k, n, block, sparsity, activation, bias, empty block rows)
@@ -47,6 +48,38 @@ def test_kernel_matches_numpy_on_aarch64(arm_results, index):
     if cases[index].sparsity == 1.0:
         bias = arrays[index][2]
         np.testing.assert_array_equal(got, np.broadcast_to(bias, got.shape))
+
+
+CONVS = [
+    ConvCase(2, 8, 9, 7, 12, (3, 3), block=4, sparsity=0.5),                   # batch 2, cout % 8 != 0
+    ConvCase(1, 16, 8, 8, 16, (1, 1), block=16, sparsity=0.75, pads=(0, 0, 0, 0)),
+    ConvCase(1, 6, 11, 10, 20, (3, 3), block=8, sparsity=0.6, stride=(2, 2), activation="relu6"),
+    ConvCase(1, 5, 12, 12, 8, (3, 3), block=8, sparsity=0.4, dilation=(2, 2), pads=(2, 1, 0, 2)),
+    ConvCase(1, 12, 7, 9, 24, (5, 5), block=8, sparsity=0.9, pads=(2, 2, 2, 2), activation="silu"),
+    ConvCase(3, 4, 5, 5, 4, (3, 1), block=4, sparsity=0.0, stride=(1, 2), pads=(1, 0, 1, 0), bias=False),
+]
+FFNS = [
+    FfnCase(3, 32, 16, 8, 6, (0, 3, 5)),                                      # gated SiLU (SwiGLU)
+    FfnCase(1, 13, 8, 4, 4, (2, 2), gated=False, activation="relu"),           # duplicate expert, odd D
+    FfnCase(9, 24, 12, 12, 5, (4, 1), activation="gelu"),                      # tokens past one tile
+    FfnCase(2, 16, 8, 4, 3, (), gated=False, activation="none"),               # nothing active: y = b_down
+]
+
+
+@pytest.fixture(scope="module")
+def other_ops():
+    groups = [c.tensors() for c in [*CONVS, *FFNS]]
+    results, _ = run_driver([g for g, _ in groups])
+    return results, [ref for _, ref in groups]
+
+
+@pytest.mark.parametrize("index", range(len(CONVS) + len(FFNS)),
+                         ids=[f"conv{i}" for i in range(len(CONVS))] + [f"ffn{i}" for i in range(len(FFNS))])
+def test_conv_and_gathered_ffn_match_numpy_on_aarch64(other_ops, index):
+    got, want = other_ops[0][index], other_ops[1][index]
+    assert not isinstance(got, str), got
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 
 
 def test_dense_reference_loop_matches_numpy():
