@@ -158,3 +158,69 @@ fs.writeFileSync({json.dumps(str(tmp_path / "y.bin"))}, new Uint8Array(e.memory.
     y = np.frombuffer((tmp_path / "y.bin").read_bytes(), np.float32).reshape(m, n)
     ref = block_sparse_matmul_reference(x, packed, n, bias, "gelu")
     np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-5)
+
+
+# (batch, cin, H, W, cout, (kh, kw), (sh, sw), (dh, dw), pads t/l/b/r, block, activation, bias, sparsity)
+CONV_CASES = [
+    (1, 8, 9, 9, 20, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 16, "relu", True, 0.5),   # cout not a block multiple
+    (2, 5, 7, 10, 12, (3, 2), (2, 1), (2, 1), (1, 0, 0, 1), 4, "silu", False, 0.3),  # strides, dilation, odd pads
+    (1, 16, 4, 4, 24, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 8, "relu6", False, 0.9), # 1x1, very sparse
+    (1, 3, 6, 5, 16, (3, 3), (1, 1), (1, 1), (0, 0, 0, 0), 16, "none", True, 1.0),   # every group pruned
+]
+# (t, d, d_out, s, experts total, selected experts, activation, gated)
+FFN_CASES = [
+    (1, 64, 48, 16, 8, [5, 0, 3], "silu", True),
+    (9, 30, 20, 8, 5, [4, 4, 1, 0, 2], "gelu", False),   # duplicates count twice; D not a multiple of 4
+    (3, 16, 8, 4, 4, [], "relu", True),                  # no expert selected: bias only
+]
+
+
+def encode_ops() -> tuple[bytes, list]:
+    from edgesparse.kernels.conv import block_sparse_conv_reference, pack_block_sparse_conv, random_block_sparse_conv
+    from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, pack_gathered_ffn
+
+    rng = np.random.default_rng(11)
+    blob = [struct.pack("<i", len(CONV_CASES) + len(FFN_CASES))]
+    expected = []
+    for batch, cin, h, w, cout, (kh, kw), (sh, sw), (dh, dw), pads, block, act, with_bias, sparsity in CONV_CASES:
+        weight = random_block_sparse_conv(rng, cout, cin, kh, kw, block, sparsity)
+        packed = pack_block_sparse_conv(weight, block)
+        x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
+        bias = rng.standard_normal(cout).astype(np.float32) if with_bias else None
+        pt, pl, pb, pr = pads
+        oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        header = [1, batch, cin, h, w, cout, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, block, ACT[act],
+                  len(packed["c_index"]), int(with_bias)]
+        blob += [struct.pack("<20i", *header), x.tobytes(), packed["values"].tobytes(), packed["c_index"].tobytes(),
+                 packed["row_ptr"].tobytes()] + ([bias.tobytes()] if with_bias else [])
+        expected.append(block_sparse_conv_reference(x, packed, cout, (kh, kw), bias, (sh, sw), pads, (dh, dw), act))
+    for t, d, d_out, s, e, experts, act, gated in FFN_CASES:
+        inter = e * s
+        f = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)  # noqa: E731
+        packed = pack_gathered_ffn(f(inter, d), f(d_out, inter), s, w_gate=f(inter, d) if gated else None,
+                                   b_up=f(inter), b_gate=f(inter) if gated else None, b_down=f(d_out))
+        x = rng.standard_normal((t, d)).astype(np.float32)
+        header = [2, t, d, d_out, s, e, len(experts), ACT[act], int(gated)] + [0] * 11
+        parts = [x, packed["w_up"]] + ([packed["w_gate"]] if gated else []) + [packed["w_down"], packed["b_up"]]
+        parts += ([packed["b_gate"]] if gated else []) + [packed["b_down"], np.asarray(experts, np.int32)]
+        blob += [struct.pack("<20i", *header)] + [np.ascontiguousarray(p).tobytes() for p in parts]
+        expected.append(gathered_ffn_reference(x, packed, np.asarray(experts, np.int32), act))
+    return b"".join(blob), expected
+
+
+def test_conv_and_gathered_ffn_under_node_wasi_match_numpy():
+    require_toolchain()
+    from edgesparse_wasm import toolchain
+
+    driver = toolchain.wasi_command(HERE / "wasi_ops_driver.cpp", "ops_driver.wasm")
+    cases, expected = encode_ops()
+    _, out = run_driver(driver, cases, len(expected))
+    pos = 0
+    names = [f"conv{i}" for i in range(len(CONV_CASES))] + [f"ffn{i}" for i in range(len(FFN_CASES))]
+    for name, ref in zip(names, expected):
+        y = np.frombuffer(out, np.float32, ref.size, pos).reshape(ref.shape)
+        pos += 4 * ref.size
+        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+        err = float(np.abs(y.astype(np.float64) - ref).max(initial=0.0))
+        assert err <= 1e-4 * scale, f"{name}: max abs error {err:.2e} (scale {scale:.1f})"
+    assert pos == len(out)
