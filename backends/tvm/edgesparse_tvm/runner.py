@@ -29,7 +29,10 @@ def runtime_dirs(package: Path | None = None, libdir: str | None = None) -> list
     dirs = [Path(p) for p in (libdir, os.environ.get("TVM_RUNTIME_LIBS")) if p]
     if package is not None:
         dirs.append(package / "runtime")
-    spec = importlib.util.find_spec("tvm")
+    try:
+        spec = importlib.util.find_spec("tvm")
+    except (ImportError, ValueError):
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         dirs += [Path(p) / "lib" for p in spec.submodule_search_locations]
     return dirs
