@@ -219,7 +219,7 @@ def count_instructions(case: Case, mode: str = "sparse", cache: Path | None = No
                     inside = not inside
                     regions += inside
                 elif inside and not mark:
-                    pcs[int(parts[3][18:34], 16)] += 1
+                    pcs[int(parts[3].split("/")[1], 16)] += 1  # [cs_base/pc/flags/cflags]
                 prev_mark = mark
         if proc.returncode != 0:
             raise EdgesparseError(f"the traced aarch64 driver failed (exit status {proc.returncode})")
