@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 JS = Path(__file__).parent / "js"
 WEB = "web"
 RUNTIME_FILES = ("edgesparse.mjs",)
+MAX_MODEL_BYTES = 1_800_000_000
 
 APP_SNIPPET = """\
 // Run this package in a web page (or node) with onnxruntime-web {ort_web}:
@@ -93,6 +94,10 @@ class WasmBackend(Backend):
     summary = "onnxruntime-web segments + edgesparse wasm kernels, orchestrated by web/edgesparse.mjs"
 
     def compile(self, model: onnx.ModelProto, target, staging: Path, libraries) -> dict:
+        size = model.ByteSize()
+        if size > MAX_MODEL_BYTES:
+            raise EdgesparseError(f"the model is {size / 2**30:.1f} GB: too large for the wasm target (ONNX files "
+                                  f"stop at 2 GB, and browsers give a wasm module 2-4 GB of memory at most)")
         onnx.save(model, str(staging / "model.onnx"))  # the whole model: runs densely in plain onnxruntime-web
         web = staging / WEB
         web.mkdir()
