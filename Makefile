@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # Built-in passes and targets are separate distributions, installed like third-party ones.
-PLUGINS := $(wildcard plugins/*/pyproject.toml targets/*/pyproject.toml)
+PLUGINS := $(wildcard plugins/*/pyproject.toml targets/*/pyproject.toml backends/*/pyproject.toml)
+# System packages a plugin needs (cross compilers, emulators, browsers) come from its setup_env.sh.
+SETUP_SCRIPTS := $(wildcard plugins/*/setup_env.sh targets/*/setup_env.sh backends/*/setup_env.sh)
 EDITABLES := -e . $(foreach p,$(PLUGINS),-e $(dir $(p)))
 
 .PHONY: sample test install
 
-$(VENV)/.installed: pyproject.toml $(PLUGINS)
+$(VENV)/.installed: pyproject.toml $(PLUGINS) $(SETUP_SCRIPTS)
+	for script in $(SETUP_SCRIPTS); do sh $$script || exit 1; done
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0  # the CPU wheel; an unpinned torch would pull a multi-GB CUDA build
