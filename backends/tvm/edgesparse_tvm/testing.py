@@ -30,7 +30,8 @@ def mlp_model(d_in=256, d_hidden=512, d_out=128, seed=0, activation="Relu"):
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d_out])],
                               [numpy_helper.from_array(v, k) for k, v in arrays.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opset = 20 if activation == "Gelu" else 18  # Gelu is an ONNX op from opset 20
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     onnx.checker.check_model(model)
     return model
