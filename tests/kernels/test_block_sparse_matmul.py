@@ -129,6 +129,18 @@ def test_all_zero_and_fully_dense(kernel_lib):
         assert_close(sess.run(None, {"X": x})[0], x @ w, 24)
 
 
+def test_empty_tokens_and_empty_features(kernel_lib):
+    """M = 0 gives an empty output; K = 0 gives act(bias) (the empty sum is zero)."""
+    packed = pack_block_sparse(np.zeros((0, 6), np.float32), 4)
+    bias = np.arange(6, dtype=np.float32) - 2
+    sess = session(matmul_model([3, 0], packed, 6, bias, "relu"), kernel_lib)
+    np.testing.assert_array_equal(sess.run(None, {"X": np.zeros((3, 0), np.float32)})[0],
+                                  np.tile(np.maximum(bias, 0), (3, 1)))
+    packed = pack_block_sparse(np.ones((5, 6), np.float32), 4)
+    sess = session(matmul_model(["m", 5], packed, 6), kernel_lib)
+    assert sess.run(None, {"X": np.zeros((0, 5), np.float32)})[0].shape == (0, 6)
+
+
 @pytest.mark.parametrize("opset", [17, 21])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
 def test_function_fallback_without_library(opset, activation):

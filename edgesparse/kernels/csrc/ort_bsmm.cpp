@@ -99,7 +99,8 @@ struct BsmmKernel {
     if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw NodeError("X must be float");
     if (x.shape.empty()) throw NodeError("X must have rank >= 1");
     const int64_t k = x.shape.back();
-    const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+    int64_t m = 1;  // product of the leading dims (not numel / K: K may be 0)
+    for (size_t i = 0; i + 1 < x.shape.size(); ++i) m *= x.shape[i];
 
     BsmmWeights w = weights;
     if (!constant) {

@@ -132,11 +132,12 @@ std::vector<int64_t> split_rows(const int32_t* row_ptr, int64_t nb, int64_t part
 }
 
 int64_t chunk_count(double work) {
-  // ~64K multiply-adds (a few microseconds) per chunk so that scheduling cost
-  // stays small; at most 64 chunks (balances well up to ~16 threads).
-  const double grain = 65536.0;
-  int64_t c = (int64_t)(work / grain);
-  return std::max<int64_t>(1, std::min<int64_t>(c, 64));
+  // Below ~128K multiply-adds (a few microseconds) waking a second thread
+  // costs more than it saves. Above, ~32K per chunk keeps scheduling cheap
+  // while leaving enough chunks to balance uneven block rows; at most 128.
+  if (work < 131072.0) return 1;
+  const int64_t c = (int64_t)(work / 32768.0);
+  return std::max<int64_t>(2, std::min<int64_t>(c, 128));
 }
 
 }  // namespace es_ort

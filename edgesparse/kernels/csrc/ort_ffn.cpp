@@ -108,7 +108,8 @@ struct FfnKernel {
     std::vector<int64_t> yshape(x.shape);
     yshape.back() = w.d_out;
     auto y = ctx.GetOutput(0, yshape);
-    const int64_t t = x.numel() / std::max<int64_t>(w.d, 1);
+    int64_t t = 1;  // product of the leading dims
+    for (size_t i = 0; i + 1 < x.shape.size(); ++i) t *= x.shape[i];
     if (t == 0) return;
 
     es_gffn_args a{};
