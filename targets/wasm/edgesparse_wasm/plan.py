@@ -25,7 +25,10 @@ from edgesparse.kernels import DOMAIN
 
 PLAN_FORMAT = "edgesparse-web-plan"
 PLAN_VERSION = 1
-KERNEL_OPS = ("BlockSparseMatMul",)  # ops the wasm module implements (es_wasm_api.cpp)
+KERNEL_OPS = ("BlockSparseMatMul", "BlockSparseConv")  # ops the wasm module implements (es_wasm_api.cpp)
+# Standard activations that may be folded into each op's kernel call (the op's own contract).
+FUSABLE = {"BlockSparseMatMul": ("relu", "gelu", "silu"), "BlockSparseConv": ("relu", "silu")}
+MAX_CONV_TAPS = 256  # ES_CONV_MAX_TAPS in bsconv_kernel.h
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "relu6": 4}  # ES_ACT_* in es_kernels.h
 ALIGN = 16
 
@@ -123,6 +126,10 @@ class Planner:
             return "weights are not constant initializers"
         if _attr(node, "activation", "none") not in ACTIVATIONS:
             return f"activation {_attr(node, 'activation')!r} is not in the kernels"
+        if node.op_type == "BlockSparseConv":
+            kh, kw = _attr(node, "kernel_shape")
+            if kh * kw > MAX_CONV_TAPS:
+                return f"kernel {kh}x{kw} has more than {MAX_CONV_TAPS} taps"
         return None
 
     def _only_consumer(self, value: str) -> onnx.NodeProto | None:
@@ -209,6 +216,8 @@ class Planner:
             return
 
     def _fold(self, call: KernelCall, indices: list[int], activation: str, output: str) -> None:
+        if activation not in FUSABLE[call.node.op_type]:
+            return
         call.activation, call.output = activation, output
         call.fused = [self.graph.node[i].name or self.graph.node[i].op_type for i in indices]
         self.removed.update(indices)
@@ -263,27 +272,73 @@ def _add_array(blob: bytearray, array: np.ndarray, dtype) -> list[int]:
     return [offset, len(data)]
 
 
-def check_packed(name: str, values: np.ndarray, k_index: np.ndarray, row_ptr: np.ndarray, n: int, k: int | None) -> None:
-    """The checks es_bsmm_validate makes, done once at build time (the kernels trust their input)."""
-    block = values.shape[1] if values.ndim == 2 else -1
+def check_packed(name: str, block: int, nnzb: int, index: np.ndarray, row_ptr: np.ndarray, n: int, k: int | None) -> None:
+    """The checks es_bsmm_validate makes, done once at build time (the kernels trust their input).
+    n: outputs (N or out_channels); k: inputs the index points into (K or in_channels), if known."""
     problem = None
     nb = -(-n // block) if block > 0 else 0
     if block not in (4, 8, 16):
         problem = "block size must be 4, 8 or 16"
-    elif len(row_ptr) != nb + 1 or row_ptr[0] != 0 or row_ptr[-1] != len(k_index) or len(k_index) != len(values):
+    elif len(row_ptr) != nb + 1 or row_ptr[0] != 0 or row_ptr[-1] != len(index) or len(index) != nnzb:
         problem = "row_ptr does not match the blocks"
     elif np.any(np.diff(row_ptr) < 0):
         problem = "row_ptr must be non-decreasing"
-    elif len(k_index) and (k_index.min() < 0 or (k is not None and k_index.max() >= k)):
-        problem = "k_index out of range"
+    elif len(index) and (index.min() < 0 or (k is not None and index.max() >= k)):
+        problem = "block index out of range"
     else:
         for j in range(nb):
-            row = k_index[row_ptr[j]:row_ptr[j + 1]]
+            row = index[row_ptr[j]:row_ptr[j + 1]]
             if np.any(np.diff(row) <= 0):
-                problem = "k_index must be strictly ascending within a block row"
+                problem = "block indices must be strictly ascending within a block row"
                 break
     if problem:
         raise EdgesparseError(f"sparse node '{name}': {problem}")
+
+
+def _known_dim(t: onnx.TypeProto | None, axis: int) -> int | None:
+    if t is None:
+        return None
+    dims = t.tensor_type.shape.dim
+    if len(dims) <= abs(axis) - (1 if axis < 0 else 0) or not dims[axis].HasField("dim_value"):
+        return None
+    return int(dims[axis].dim_value)
+
+
+def _kernel_step(call: KernelCall, planner: "Planner", types: dict, blob: bytearray) -> dict:
+    node = call.node
+    arrays = [numpy_helper.to_array(planner.initializers[n]) for n in node.input[1:4]]
+    values, index, row_ptr = arrays
+    bias_name = node.input[4] if len(node.input) > 4 and node.input[4] else None
+    step = {"kind": "kernel", "op": node.op_type, "node": node.name, "input": node.input[0], "output": call.output,
+            "activation": ACTIVATIONS[call.activation], "activation_name": call.activation, "fused": call.fused,
+            "nnzb": int(len(index)), "block": int(values.shape[-1])}
+    if node.op_type == "BlockSparseMatMul":
+        n = int(_attr(node, "N"))
+        k = _known_dim(types.get(node.input[0]), -1)
+        if k is None:
+            k = int(index.max()) + 1 if len(index) else 1
+        check_packed(node.name, step["block"], len(values), index, row_ptr, n, k)
+        step.update({"K": int(k), "N": n})
+    else:  # BlockSparseConv, NCHW
+        cout = int(_attr(node, "out_channels"))
+        kh, kw = (int(v) for v in _attr(node, "kernel_shape"))
+        cin = _known_dim(types.get(node.input[0]), 1)
+        check_packed(node.name, step["block"], len(values), index, row_ptr, cout, cin)
+        if values.ndim != 3 or values.shape[1] != kh * kw:
+            raise EdgesparseError(f"sparse node '{node.name}': values must be [nnzb, kh*kw, block]")
+        step.update({"out_channels": cout, "kernel_shape": [kh, kw],
+                     "strides": [int(v) for v in _attr(node, "strides", [1, 1])],
+                     "pads": [int(v) for v in _attr(node, "pads", [0, 0, 0, 0])],
+                     "dilations": [int(v) for v in _attr(node, "dilations", [1, 1])],
+                     "min_in_channels": int(index.max()) + 1 if len(index) else 0})
+    step.update({
+        "values": _add_array(blob, values, np.float32),
+        "index": _add_array(blob, index, np.int32),
+        "row_ptr": _add_array(blob, row_ptr, np.int32),
+        "bias": _add_array(blob, numpy_helper.to_array(planner.initializers[bias_name]).reshape(-1), np.float32)
+        if bias_name else None,
+    })
+    return step
 
 
 def write_plan(model: onnx.ModelProto, web: Path) -> dict:
@@ -318,30 +373,7 @@ def write_plan(model: onnx.ModelProto, web: Path) -> dict:
     for s, (kind, indices) in enumerate(steps):
         later = set(planner.graph_outputs).union(*reads[s + 1:]) if s + 1 < len(steps) else set(planner.graph_outputs)
         if kind == "kernel":
-            call = planner.kernels[indices[0]]
-            node = call.node
-            arrays = [numpy_helper.to_array(planner.initializers[n]) for n in node.input[1:4]]
-            values, k_index, row_ptr = arrays
-            n = int(_attr(node, "N"))
-            x_type = types.get(node.input[0])
-            k = None
-            if x_type is not None and x_type.tensor_type.shape.dim and x_type.tensor_type.shape.dim[-1].HasField("dim_value"):
-                k = x_type.tensor_type.shape.dim[-1].dim_value
-            if k is None:
-                k = int(k_index.max()) + 1 if len(k_index) else 1
-            check_packed(node.name, values, k_index, row_ptr, n, k)
-            bias_name = node.input[4] if len(node.input) > 4 and node.input[4] else None
-            step = {
-                "kind": "kernel", "op": node.op_type, "node": node.name, "input": node.input[0],
-                "output": call.output, "K": int(k), "N": n, "block": int(values.shape[1]),
-                "activation": ACTIVATIONS[call.activation], "activation_name": call.activation,
-                "fused": call.fused, "nnzb": int(len(k_index)),
-                "values": _add_array(blob, values, np.float32),
-                "k_index": _add_array(blob, k_index, np.int32),
-                "row_ptr": _add_array(blob, row_ptr, np.int32),
-                "bias": _add_array(blob, numpy_helper.to_array(planner.initializers[bias_name]).reshape(-1), np.float32)
-                if bias_name else None,
-            }
+            step = _kernel_step(planner.kernels[indices[0]], planner, types, blob)
         else:
             nodes = [graph.node[i] for i in indices]
             outputs = [o for o in writes[s] if o in later]

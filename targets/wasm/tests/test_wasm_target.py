@@ -247,3 +247,45 @@ def test_layers_the_wasm_rule_keeps_dense_still_package_and_verify(tmp_path):
     plan = json.loads((tmp_path / "pkg" / "web" / "plan.json").read_text())
     assert [s["kind"] for s in plan["steps"]] == ["onnx"]
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes"] == 0
+
+
+def test_block_sparse_conv_runs_on_the_wasm_kernel(tmp_path):
+    """BlockSparseConv (strided, padded, fused Relu) then a 1x1 one, on dynamic N, H, W. No pass
+    emits convolutions yet and the core cannot densify them, so the backend and target are driven
+    directly; the reference is native ONNX Runtime running the ops' ONNX functions."""
+    require_toolchain()
+    import onnxruntime as ort
+
+    from edgesparse import inputs as core_inputs
+    from edgesparse.kernels.conv import make_block_sparse_conv, pack_block_sparse_conv, random_block_sparse_conv
+    from edgesparse.plugins import registry
+
+    rng = np.random.default_rng(4)
+    w1 = random_block_sparse_conv(rng, 20, 8, 3, 3, 16, 0.5)
+    c1, i1 = make_block_sparse_conv("x", "c1", pack_block_sparse_conv(w1, 16), 20, (3, 3), name="conv1",
+                                    strides=(2, 2), pads=(1, 1, 1, 1), bias=rng.standard_normal(20).astype(np.float32))
+    relu = helper.make_node("Relu", ["c1"], ["r1"], name="relu1")
+    w2 = random_block_sparse_conv(rng, 16, 20, 1, 1, 8, 0.75)
+    c2, i2 = make_block_sparse_conv("r1", "y", pack_block_sparse_conv(w2, 8), 16, (1, 1), name="conv2")
+    graph = helper.make_graph([c1, relu, c2], "convs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, "oh", "ow"])], i1 + i2)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    kernels.attach_functions(model)
+
+    reg = registry()
+    target, backend = reg.targets["wasm"], reg.backends["wasm"]
+    libraries = [lib for lib in reg.kernels.values() if lib.domain == kernels.DOMAIN]
+    runtime = backend.compile(model, target, tmp_path, libraries)
+    plan = json.loads((tmp_path / "web" / "plan.json").read_text())
+    assert [(s["kind"], s.get("activation_name")) for s in plan["steps"]] == [("kernel", "relu"), ("kernel", "none")]
+    (tmp_path / "manifest.json").write_text(json.dumps({"runtime": runtime, "outputs": core_inputs.signature(model, "output")}))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in [(1, 8, 11, 9), (2, 8, 6, 7)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        result = target.run_package(tmp_path, {"x": x})
+        want = session.run(None, {"x": x})[0]
+        assert result.kernel_nodes == {"BlockSparseConv": 2}
+        assert result.outputs[0].shape == want.shape
+        assert np.abs(result.outputs[0] - want).max() <= 1e-4

@@ -81,31 +81,59 @@ class KernelStep {
     this.k = kernels;
     const at = (r) => (r ? weightsPtr + r[0] : 0);
     this.values = at(step.values);
-    this.kIndex = at(step.k_index);
+    this.index = at(step.index);
     this.rowPtr = at(step.row_ptr);
     this.bias = at(step.bias);
   }
+
+  // Copies x into the module, runs `call(xPtr, yPtr)`, copies y out.
+  _call(ort, x, yCount, outDims, call) {
+    const s = this.step;
+    const y = new Float32Array(yCount);
+    if (x.data.length > 0 && yCount > 0) {
+      const xBytes = x.data.length * 4;
+      const base = this.k.ensureIo(((xBytes + 63) & ~63) + yCount * 4);
+      const yPtr = base + ((xBytes + 63) & ~63);
+      new Float32Array(this.k.heap, base, x.data.length).set(x.data);
+      const rc = call(base, yPtr);
+      if (rc !== 0) throw new Error(`edgesparse: kernel for ${s.node} failed (${rc})`);
+      y.set(new Float32Array(this.k.heap, yPtr, yCount));
+    }
+    return new ort.Tensor("float32", y, outDims);
+  }
+
   run(ort, x) {
     const s = this.step;
     if (x.type !== "float32") throw new Error(`edgesparse: ${s.node} takes float32, got ${x.type}`);
+    return s.op === "BlockSparseConv" ? this._conv(ort, x) : this._matmul(ort, x);
+  }
+
+  _matmul(ort, x) {
+    const s = this.step;
     const dims = x.dims;
     if (dims.length < 1 || dims[dims.length - 1] !== s.K)
       throw new Error(`edgesparse: ${s.node} expects [..., ${s.K}] input, got [${dims}]`);
     const m = product(dims) / s.K;
-    const outDims = [...dims.slice(0, -1), s.N];
-    const y = new Float32Array(m * s.N);
-    if (m > 0) {
-      const xBytes = m * s.K * 4;
-      const base = this.k.ensureIo(xBytes + m * s.N * 4 + 64);
-      const xPtr = base;
-      const yPtr = base + ((xBytes + 63) & ~63);
-      new Float32Array(this.k.heap, xPtr, m * s.K).set(x.data);
-      const rc = this.k.e.esw_bsmm(xPtr, m, s.K, s.N, s.block, s.activation, this.values, this.kIndex,
-                                   this.rowPtr, this.bias, yPtr);
-      if (rc !== 0) throw new Error(`edgesparse: kernel for ${s.node} failed (${rc})`);
-      y.set(new Float32Array(this.k.heap, yPtr, m * s.N));
-    }
-    return new ort.Tensor("float32", y, outDims);
+    return this._call(ort, x, m * s.N, [...dims.slice(0, -1), s.N], (xPtr, yPtr) =>
+      this.k.e.esw_bsmm(xPtr, m, s.K, s.N, s.block, s.activation, this.values, this.index, this.rowPtr,
+                        this.bias, yPtr));
+  }
+
+  _conv(ort, x) {
+    const s = this.step;
+    const dims = x.dims;
+    if (dims.length !== 4 || dims[1] < s.min_in_channels)
+      throw new Error(`edgesparse: ${s.node} expects NCHW input with >= ${s.min_in_channels} channels, got [${dims}]`);
+    const [n, c, h, w] = dims;
+    const [kh, kw] = s.kernel_shape, [sh, sw] = s.strides, [dh, dw] = s.dilations;
+    const [pt, pl, pb, pr] = s.pads;
+    const oh = Math.floor((h + pt + pb - dh * (kh - 1) - 1) / sh) + 1;
+    const ow = Math.floor((w + pl + pr - dw * (kw - 1) - 1) / sw) + 1;
+    if (oh < 1 || ow < 1) throw new Error(`edgesparse: ${s.node}: input [${dims}] is smaller than the kernel`);
+    const co = s.out_channels;
+    return this._call(ort, x, n * co * oh * ow, [n, co, oh, ow], (xPtr, yPtr) =>
+      this.k.e.esw_bsconv(xPtr, n, c, h, w, co, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, s.block, s.activation,
+                          this.values, this.index, this.rowPtr, this.bias, yPtr));
   }
 }
 
