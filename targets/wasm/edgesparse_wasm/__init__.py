@@ -71,6 +71,7 @@ class Wasm(Target):
 
     def check_environment(self) -> None:
         toolchain.check_tools(need_node=True)
+        node.ort_web_dir()  # the pinned onnxruntime-web verification runs on: fetched once, before any work
 
     def runs_here(self) -> bool:
         return shutil.which("node") is not None
