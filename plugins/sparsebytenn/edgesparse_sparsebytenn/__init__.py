@@ -1,0 +1,307 @@
+"""The `sparsebytenn` pass: SparseByteNN-style fine-grained group pruning for CNNs and transformers.
+
+Between unstructured and structured pruning: weights are removed in groups of B consecutive output
+channels x 1 input channel (x all taps of a conv), the unit edgesparse's BlockSparseConv and
+BlockSparseMatMul kernels skip with one SIMD step, with a group pattern per operator type
+(patterns.py). Before pruning, channels are permuted across the whole network (function unchanged,
+checked numerically) so that the weight mass falls into fewer groups (permute.py). Per-layer
+sparsities come from a global target, uniform or by measured sensitivity, and only where the
+target's dispatch rule says the sparse kernel wins (allocate.py). Optional recovery by the user's
+training loop or by distillation on calibration inputs, masks kept (recover.py). After export the
+pruned layers become group-sparse operators with pre-packed weights (rewrite.py).
+
+Stages: transform_module (torch: allocate, rearrange, prune, recover) and rewrite_graph (ONNX).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
+from edgesparse import kernels
+
+from . import allocate as alloc
+from . import patterns, permute, recover
+from .patterns import DEFAULT_BLOCK, LayerInfo
+
+__version__ = "0.1.0"
+
+_BLOCKS = (4, 8, 16)
+
+
+def _positive(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+class SparseByteNN(Pass):
+    name = "sparsebytenn"
+    summary = ("fine-grained group pruning (B out x 1 in x taps) per operator type, with whole-network "
+               "channel rearrangement and optional recovery, into BlockSparseConv/BlockSparseMatMul")
+    options = (
+        Option("sparsity", float, 0.5, "global target: fraction of the weight groups of the prunable layers set to zero",
+               check=in_range(0.0, 1.0, hi_open=True)),
+        Option("allocation", str, "uniform", "per-layer sparsities: the target everywhere, or by measured sensitivity",
+               choices=("uniform", "sensitivity")),
+        Option("score", str, "l2", "group score: L2 or L1 norm, or activation-weighted L2 (needs calibration inputs)",
+               choices=("l2", "l1", "activation")),
+        Option("block_pointwise", int, DEFAULT_BLOCK["pointwise"], "output channels per group in 1x1 convs", choices=_BLOCKS),
+        Option("block_conv", int, DEFAULT_BLOCK["conv"], "output channels per group in kxk convs (groups span all taps)",
+               choices=_BLOCKS),
+        Option("block_linear", int, DEFAULT_BLOCK["linear"], "output features per group in Linear/MatMul/Gemm", choices=_BLOCKS),
+        Option("remainder", str, "pad", "when B does not divide the output channels: prune the last partial "
+               "group like the others (zero-padded in the kernel) or leave it dense", choices=("pad", "dense")),
+        Option("rearrange", bool, True, "permute channels across the network before pruning (function unchanged)"),
+        Option("rearrange_iterations", int, 200, "rounds of pairwise group swaps per channel space", check=_positive),
+        Option("recovery", str, "none", "after pruning: nothing, the model's own training loop, or distillation "
+               "from the dense model on the calibration inputs", choices=("none", "train", "distill")),
+        Option("recovery_steps", int, 200, "training / distillation steps", check=_positive),
+        Option("recovery_seconds", float, 600.0, "time budget of the recovery (0: no limit)", check=_positive),
+        Option("lr", float, 1e-4, "distillation learning rate (Adam)", check=in_range(0.0, 1.0)),
+        Option("skip", tuple, (), "layers to leave dense: module-name substrings, ';'-separated"),
+        Option("min_channels", int, 32, "leave layers with fewer input or output channels dense",
+               check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("dispatch", str, "target", "'target': prune only layers the target's dispatch rule says get faster; "
+               "'off': prune every candidate (for accuracy studies; the report says so)", choices=("target", "off")),
+        Option("sensitivity_batches", int, 2, "calibration batches used to measure sensitivities",
+               check=lambda v: None if v >= 1 else "must be at least 1"),
+    )
+    needs = "calibration"
+    emits = (f"{kernels.DOMAIN}::BlockSparseConv", f"{kernels.DOMAIN}::BlockSparseMatMul")
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self._plan: dict = {}
+
+    # -- torch stage ------------------------------------------------------------------------------
+    def transform_module(self, module, ctx):
+        import torch
+
+        t_start = time.monotonic()
+        blocks = {"pointwise": self.block_pointwise, "conv": self.block_conv, "linear": self.block_linear}
+        layers = patterns.find_layers(module, blocks)
+        if not any(l.kind in patterns.KERNEL_OP for l in layers):
+            found = sorted({type(m).__name__ for n, m in module.named_modules() if n})
+            raise EdgesparseError("sparsebytenn: the model has no Conv2d or Linear layer to prune "
+                                  f"(module types: {', '.join(found[:8]) or 'none'})")
+        module.eval()
+        batches = ctx.calibration_inputs()
+        if not batches:
+            raise EdgesparseError("sparsebytenn: no calibration inputs (the pass runs the model to check its rearrangement)")
+        alloc.collect_stats(module, [l for l in layers if l.kind in patterns.KERNEL_OP], batches)
+
+        candidates = []
+        for info in layers:
+            info.reason = self._static_reason(info)
+            if info.reason is None:
+                candidates.append(info)
+        if not candidates:
+            ctx.warn("no layer can be pruned: every Conv2d/Linear stays dense (see kept_dense)")
+
+        # per-layer sparsity (a first uniform guess steers the rearrangement; sensitivity is measured after it)
+        for info in candidates:
+            info.sparsity = self.sparsity if self._fast_enough(info, self.sparsity, ctx) else 0.0
+        if self.allocation == "uniform":
+            for info in candidates:
+                if info.sparsity == 0.0 and self.sparsity > 0:
+                    info.reason = f"the sparse kernel would not beat dense on {ctx.target.name} at {self.sparsity:.0%}"
+
+        dense_reference = None
+        rearrangement = {"enabled": bool(self.rearrange)}
+        if self.rearrange and self.sparsity > 0:
+            rearrangement = self._rearrange(module, layers, batches, ctx)
+
+        if self.allocation == "sensitivity" and self.sparsity > 0 and candidates:
+            levels = {i.name: [s for s in alloc.LADDER if self._fast_enough(i, s, ctx)] for i in candidates}
+            sens_batches = batches[: self.sensitivity_batches]
+            curves = alloc.sensitivity(module, candidates, sens_batches, levels,
+                                       lambda i, s: self._weight_mask(i, s))
+            chosen = alloc.allocate(candidates, curves, self.sparsity)
+            for info in candidates:
+                info.sparsity = chosen[info.name]
+                info.extra["sensitivity"] = {f"{k:.2f}": round(v, 6) for k, v in curves[info.name].items()}
+                if info.sparsity == 0.0:
+                    info.reason = ("the sparse kernel would not beat dense at any sparsity tried" if not levels[info.name]
+                                   else "sensitivity allocation left it dense")
+
+        pruned = [i for i in candidates if i.sparsity > 0]
+        if self.recovery != "none" and pruned:
+            dense_reference = recover.teacher_copy(module) if self.recovery == "distill" else None
+        masks = {}
+        for info in pruned:
+            mask = self._weight_mask(info, info.sparsity)
+            masks[info.module] = torch.from_numpy(mask)
+            with torch.no_grad():
+                info.module.weight.mul_(masks[info.module].to(info.module.weight.dtype))
+        recovery = {"mode": "none"}
+        if self.recovery != "none" and pruned:
+            with recover.masks_kept(masks):
+                if self.recovery == "train":
+                    recovery = recover.user_training(module, ctx, self.recovery_steps, self.recovery_seconds)
+                else:
+                    recovery = recover.distill(module, dense_reference, ctx, self.recovery_steps,
+                                               self.recovery_seconds, self.lr)
+            module.eval()
+
+        self._plan = {}
+        for info in pruned:
+            w = info.module.weight.detach().cpu().numpy()
+            self._plan[info.param] = {  # mask: the groups holding a non-zero (what the kernel keeps)
+                "module": info.name, "kind": info.kind, "block": info.block, "shape": list(w.shape),
+                "mask": patterns.weight_group_mask(w, info.block), "sparsity": info.sparsity,
+            }
+
+        self._report_torch(ctx, layers, pruned, rearrangement, recovery, time.monotonic() - t_start)
+        return module
+
+    def _static_reason(self, info: LayerInfo) -> str | None:
+        if info.kind == "depthwise":
+            return "depthwise conv: stays dense by design (see the pattern table)"
+        if info.kind == "grouped":
+            return "grouped conv: no group-sparse kernel"
+        if any(s and s in info.name for s in self.skip):
+            return "skipped by option"
+        if min(info.in_channels, info.out_channels) < self.min_channels:
+            return f"fewer than {self.min_channels} channels"
+        w = info.module.weight
+        if str(w.dtype) != "torch.float32":
+            return f"weights are {w.dtype}, the kernels take float32"
+        if info.kind != "linear" and info.module.padding_mode != "zeros":
+            return f"padding_mode={info.module.padding_mode}"
+        if info.kind != "linear" and isinstance(info.module.padding, str) and info.module.padding != "valid" \
+                and info.stride != (1, 1):
+            return "string padding with stride"
+        return None
+
+    def _fast_enough(self, info: LayerInfo, sparsity: float, ctx) -> bool:
+        if self.dispatch == "off":
+            return True
+        return bool(ctx.target.prefers_sparse(info.op, alloc.dispatch_shape(info), sparsity, info.block, ctx.threads))
+
+    def _scale(self, info):
+        return info.extra.get("input_rms") if self.score == "activation" else None
+
+    def _group_mask(self, info: LayerInfo, sparsity: float) -> np.ndarray:
+        w = info.module.weight.detach().cpu().numpy()
+        norm = "l1" if self.score == "l1" else "l2"
+        scores = patterns.group_scores(w, info.block, norm, self.remainder, self._scale(info))
+        return patterns.group_mask(scores, sparsity)
+
+    def _weight_mask(self, info: LayerInfo, sparsity: float) -> np.ndarray:
+        w = info.module.weight
+        return patterns.expand_mask(self._group_mask(info, sparsity), info.block, tuple(w.shape))
+
+    def _rearrange(self, module, layers, batches, ctx) -> dict:
+        """Permute channels; every space is checked on calibration inputs and rolled back if the
+        outputs change."""
+        import torch
+
+        report = {"enabled": True, "spaces_permuted": [], "spaces_fixed": [], "rolled_back": []}
+        check = batches[:1]
+        try:
+            gm = permute.trace(module, alloc.to_args(check[0]))
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means: no rearrangement
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            ctx.warn(f"no rearrangement: torch.fx cannot trace the model ({type(exc).__name__}: {msg[:160]})")
+            report["skipped"] = f"torch.fx cannot trace the model: {msg[:200]}"
+            return report
+        by_name = {l.name: l for l in layers}
+        spaces, _ = permute.build_spaces(gm, by_name)
+        reference = alloc.outputs(module, check[0])
+        scale = max((float(r.abs().max()) for r in reference if r.numel()), default=1.0)
+        tolerance = 1e-4 * max(1.0, scale)
+        roots = sorted({spaces.find(i) for i in range(len(spaces.parent))})
+        before_total = after_total = 0.0
+        for r in roots:
+            info = spaces.info[r]
+            prods = [by_name[n] for n, _ in info.producers if n in by_name]
+            pruned = [p for p in prods if p.reason is None and p.sparsity > 0]
+            if not pruned:
+                continue
+            names = [p.name for p in pruned]
+            if info.fixed:
+                reasons = sorted(set(info.fixed))
+                report["spaces_fixed"].append({"producers": names, "channels": info.size, "reason": "; ".join(reasons[:3])})
+                continue
+            weights = [(p.module.weight.detach().cpu().numpy(), p.block, p.sparsity, self._scale(p)) for p in pruned]
+            profiles = []
+            for w, _, _, s in weights:
+                per = patterns.channel_norms(w, "l2")
+                if s is not None:
+                    per = per * np.asarray(s, np.float64).reshape(1, -1) ** 2
+                profiles.append(per / max(per.sum(), 1e-30))
+            block = max(p.block for p in pruned)
+            perm = permute.cluster(profiles, block, self.rearrange_iterations)
+            before = permute.retained(weights, self.remainder)
+            after = permute.retained([(w[perm], b, s, sc) for w, b, s, sc in weights], self.remainder)
+            if after <= before + 1e-9:
+                before_total += before
+                after_total += before
+                continue
+            permute.apply(spaces, {r: perm})
+            got = alloc.outputs(module, check[0])
+            error = max(float((g.double() - w.double()).abs().max()) for g, w in zip(got, reference))
+            if not error <= tolerance:
+                permute.apply(spaces, {r: permute.inverse(perm)})
+                report["rolled_back"].append({"producers": names, "max_abs_error": error})
+                ctx.warn(f"rearrangement of the channels written by {names[0]} changed the outputs "
+                         f"(max abs error {error:.3g}): left unpermuted")
+                before_total += before
+                after_total += before
+                continue
+            before_total += before
+            after_total += after
+            report["spaces_permuted"].append({"producers": names, "channels": info.size, "block": block,
+                                              "retained_before": round(before / len(weights), 6),
+                                              "retained_after": round(after / len(weights), 6)})
+        got = alloc.outputs(module, check[0])
+        error = max((float((g.double() - w.double()).abs().max()) for g, w in zip(got, reference)), default=0.0)
+        report["max_abs_error"] = error
+        report["tolerance"] = tolerance
+        report["retained_mass_before"] = before_total
+        report["retained_mass_after"] = after_total
+        if report["spaces_fixed"]:
+            ctx.warn(f"{len(report['spaces_fixed'])} channel space(s) could not be permuted consistently "
+                     "and are pruned without rearrangement (see rearrangement.spaces_fixed)")
+        return report
+
+    def _report_torch(self, ctx, layers, pruned, rearrangement, recovery, seconds) -> None:
+        total = sum(i.weight_count for i in layers if i.kind in patterns.KERNEL_OP)
+        zeroed = sum(i.weight_count * float((i.module.weight == 0).float().mean()) for i in pruned)
+        cand = [i for i in layers if i.reason is None or i.sparsity > 0]
+        cand_w = sum(i.weight_count for i in cand)
+        ctx.report("layers", [{
+            "layer": i.name, "kind": i.kind, "shape": [i.out_channels, i.in_channels, *i.kernel] if i.kind != "linear"
+            else [i.out_channels, i.in_channels], "block": i.block, "sparsity": round(i.sparsity, 4),
+            **({"kept_dense": i.reason} if i.sparsity == 0 else {}),
+            **({"sensitivity": i.extra["sensitivity"]} if "sensitivity" in i.extra else {}),
+        } for i in layers])
+        ctx.report("target_sparsity", self.sparsity)
+        ctx.report("achieved_sparsity_of_candidates", zeroed / cand_w if cand_w else 0.0)
+        ctx.report("weight_sparsity_of_conv_linear", zeroed / total if total else 0.0)
+        ctx.report("dispatch", self.dispatch if self.dispatch == "off" else f"target ({ctx.target.name}, {ctx.threads} thread(s))")
+        if self.dispatch == "off":
+            ctx.warn("dispatch=off: layers were pruned without asking the target whether the sparse kernel is faster")
+        ctx.report("rearrangement", rearrangement)
+        ctx.report("recovery", recovery)
+        ctx.report("remainder", self.remainder)
+        ctx.report("torch_stage_seconds", round(seconds, 2))
+        if not pruned:
+            ctx.warn("no layer was pruned")
+
+    # -- ONNX stage -------------------------------------------------------------------------------
+    def rewrite_graph(self, model, ctx) -> None:
+        from .rewrite import rewrite
+
+        if not self._plan:
+            ctx.report("onnx", {"replaced": [], "not_replaced": []})
+            return
+        result = rewrite(model, self._plan, ctx)
+        for entry in result["not_replaced"]:
+            ctx.warn(f"{entry['layer']} stays a dense op in the package: {entry['reason']}")
+        ctx.report("onnx", result)
+
+
+@hookimpl
+def register_passes(register):
+    register(SparseByteNN)

@@ -1,0 +1,116 @@
+"""Recovery after pruning, with the masks kept.
+
+- "train": the user's training loop (TorchModel.train, `ctx.train(module, steps)`), called in
+  chunks so that a time budget can stop it between chunks.
+- "distill": a built-in knowledge-distillation loop on the unlabeled calibration inputs: the dense
+  (rearranged) network is the teacher; loss = KL of temperature-softened outputs for logits, MSE
+  otherwise; Adam; BatchNorm statistics frozen (the module stays in eval mode), so the exported
+  network folds the same statistics the teacher had.
+
+Masks are torch parametrizations (weight = original * mask) while recovery runs, so any optimizer,
+weight decay or momentum in the user's loop cannot revive a pruned group; they are baked in
+(leave_parametrized) at the end.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from .allocate import _tensors, to_args
+
+
+class _Mask:
+    """Parametrization weight -> weight * mask (built lazily to keep torch an import-time option)."""
+
+    @staticmethod
+    def make(mask):
+        import torch
+
+        class Mask(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.register_buffer("mask", m)
+
+            def forward(self, w):
+                return w * self.mask
+
+        return Mask(mask)
+
+
+class masks_kept:
+    """Context manager: masks as parametrizations for the duration, baked in on exit."""
+
+    def __init__(self, masks: dict):
+        self.masks = masks  # {module: float tensor of the weight's shape}
+
+    def __enter__(self):
+        from torch.nn.utils import parametrize
+
+        for mod, mask in self.masks.items():
+            parametrize.register_parametrization(mod, "weight", _Mask.make(mask.to(mod.weight.dtype)))
+        return self
+
+    def __exit__(self, *exc):
+        from torch.nn.utils import parametrize
+
+        for mod in self.masks:
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        return False
+
+
+def user_training(module, ctx, steps: int, seconds: float) -> dict:
+    chunk = max(1, steps // 5) if seconds > 0 else steps
+    done, t0 = 0, time.monotonic()
+    while done < steps:
+        n = min(chunk, steps - done)
+        ctx.train(module, n)
+        done += n
+        if seconds > 0 and time.monotonic() - t0 > seconds:
+            break
+    module.eval()
+    return {"mode": "train", "steps": done, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def distill(module, teacher, ctx, steps: int, seconds: float, lr: float, temperature: float = 2.0) -> dict:
+    import torch
+
+    batches = [to_args(b) for b in ctx.calibration_inputs()]
+    params = [p for p in module.parameters() if p.requires_grad and p.is_floating_point()]
+    opt = torch.optim.Adam(params, lr=lr)
+    teacher.eval()
+    module.eval()
+    t0 = time.monotonic()
+    losses, done = [], 0
+    for step in ctx.progress(range(steps), "sparsebytenn: distilling", length=steps):
+        args = batches[step % len(batches)]
+        with torch.no_grad():
+            want = list(_tensors(teacher(*args)))
+        got = list(_tensors(module(*args)))
+        loss = sum(_kd_loss(g, w, temperature) for g, w in zip(got, want) if w.is_floating_point())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        done = step + 1
+        if seconds > 0 and time.monotonic() - t0 > seconds:
+            break
+    head = float(np.mean(losses[: max(1, len(losses) // 10)])) if losses else None
+    tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None
+    return {"mode": "distill", "steps": done, "seconds": round(time.monotonic() - t0, 2),
+            "loss_first": head, "loss_last": tail, "lr": lr, "batches": len(batches)}
+
+
+def _kd_loss(student, teacher, t: float):
+    import torch.nn.functional as F
+
+    if student.dim() == 2 and student.shape[1] > 1:
+        return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                        reduction="batchmean") * t * t
+    return F.mse_loss(student, teacher) / (teacher.pow(2).mean() + 1e-12)
+
+
+def teacher_copy(module):
+    return copy.deepcopy(module).eval()
