@@ -18,7 +18,8 @@ class KernelLibrary:
                with at least "sparsity" (the fraction of weights skipped).
     densify:   (onnx.NodeProto, {initializer name: np.ndarray}, {value name: shape list}) ->
                (nodes, initializers): the same computation with standard ONNX ops on dense weights,
-               the model a user would otherwise deploy. Verification and benchmarks compare with it.
+               the model a user would otherwise deploy; or None to use the op's ONNX function.
+               Verification and benchmarks compare with it.
     """
 
     name: str

@@ -61,26 +61,38 @@ def describe(node, arrays: dict, shapes: dict) -> dict:
 
 
 def densify(node, arrays: dict, shapes: dict):
-    """Standard-op replacement of one edgesparse node, on dense weights."""
+    """Standard-op replacement of one edgesparse node on dense weights, or None where the op's
+    dense meaning depends on run-time inputs (GatheredFFN's expert selection) or its weights are
+    not constant: the caller then inlines the op's ONNX function."""
     from . import kernels
 
     inputs, out, name = list(node.input), node.output[0], node.name or node.output[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    activation = attrs.get("activation", b"none")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    weights = [arrays.get(n) for n in inputs[1:4]]
+    if node.op_type not in ("BlockSparseMatMul", "BlockSparseConv") or any(w is None for w in weights):
+        return None
+    x_shape = shapes.get(inputs[0]) or []
     if node.op_type == "BlockSparseMatMul":
-        packed = dict(zip(("values", "k_index", "row_ptr"), (arrays[n] for n in inputs[1:4])))
-        x_shape = shapes.get(inputs[0]) or []
+        packed = dict(zip(("values", "k_index", "row_ptr"), weights))
         k = x_shape[-1] if x_shape and isinstance(x_shape[-1], int) else None
         weight = kernels.unpack_block_sparse(packed, attrs["N"], k=k)
         inits = [numpy_helper.from_array(weight, f"{name}.dense_weight")]
         nodes = [helper.make_node("MatMul", [inputs[0], inits[0].name], [f"{name}.mm"], name=f"{name}.MatMul")]
-        last = nodes[-1].output[0]
         if len(inputs) > 4 and inputs[4]:
-            nodes.append(helper.make_node("Add", [last, inputs[4]], [f"{name}.biased"], name=f"{name}.Add"))
-            last = nodes[-1].output[0]
-        activation = attrs.get("activation", b"none")
-        nodes += _activation(activation.decode() if isinstance(activation, bytes) else activation, last, out, name)
-        return nodes, inits
-    raise EdgesparseError(f"no dense equivalent for {node.op_type} yet")
+            nodes.append(helper.make_node("Add", [nodes[-1].output[0], inputs[4]], [f"{name}.biased"], name=f"{name}.Add"))
+    else:
+        packed = dict(zip(("values", "c_index", "row_ptr"), weights))
+        kh, kw = attrs["kernel_shape"]
+        cin = x_shape[1] if len(x_shape) > 1 and isinstance(x_shape[1], int) else int(packed["c_index"].max(initial=-1)) + 1
+        weight = kernels.unpack_block_sparse_conv(packed, attrs["out_channels"], cin, (kh, kw))
+        inits = [numpy_helper.from_array(weight, f"{name}.dense_weight")]
+        conv_inputs = [inputs[0], inits[0].name] + ([inputs[4]] if len(inputs) > 4 and inputs[4] else [])
+        conv_attrs = {k: attrs[k] for k in ("kernel_shape", "strides", "pads", "dilations") if k in attrs}
+        nodes = [helper.make_node("Conv", conv_inputs, [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]
+    nodes += _activation(activation, nodes[-1].output[0], out, name)
+    return nodes, inits
 
 
 def _activation(kind: str, x: str, out: str, name: str) -> list:
@@ -88,6 +100,9 @@ def _activation(kind: str, x: str, out: str, name: str) -> list:
         return [helper.make_node("Identity", [x], [out], name=f"{name}.Identity")]
     if kind == "relu":
         return [helper.make_node("Relu", [x], [out], name=f"{name}.Relu")]
+    if kind == "relu6":
+        c = lambda v, n: helper.make_node("Constant", [], [f"{name}.{n}"], value=numpy_helper.from_array(np.array(v, np.float32)))
+        return [c(0.0, "lo"), c(6.0, "hi"), helper.make_node("Clip", [x, f"{name}.lo", f"{name}.hi"], [out], name=f"{name}.Clip")]
     if kind == "silu":
         return [helper.make_node("Sigmoid", [x], [f"{name}.sig"], name=f"{name}.Sigmoid"),
                 helper.make_node("Mul", [x, f"{name}.sig"], [out], name=f"{name}.Mul")]

@@ -105,14 +105,15 @@ def bench(package, threads, rounds, quick, as_json):
         _emit(records, as_json, "\n".join(lines))
         return
     from . import runtime
-    from .bench import bench_package
     from .plugins import registry
 
-    pkg = runtime.load(package)
-    batch = _verification_inputs(pkg)
+    pkg = runtime.load(package, check_target=False)
+    target = registry().targets.get(pkg.manifest["target"]["name"])
+    if target is None:
+        raise EdgesparseError(f"target '{pkg.manifest['target']['name']}' of {package} is not installed")
     domains = set(pkg.manifest["runtime"].get("custom_domains", []))
     libraries = [lib for lib in registry().kernels.values() if lib.domain in domains]
-    records = bench_package(pkg, batch, libraries, threads=thread_counts, rounds=rounds)
+    records = target.bench(pkg.root, _verification_inputs(pkg), libraries, threads=thread_counts, rounds=rounds)
     lines = [f"threads {r['threads']}: dense {r['dense']['median_ms']:.3f} ms "
              f"[{r['dense']['p25_ms']:.3f}-{r['dense']['p75_ms']:.3f}], package {r['package']['median_ms']:.3f} ms "
              f"[{r['package']['p25_ms']:.3f}-{r['package']['p75_ms']:.3f}], speedup {r['speedup']:.2f}x"

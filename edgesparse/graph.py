@@ -96,7 +96,10 @@ def _matmul(node: ir.Node) -> Layer | None:
 
 
 def _conv(node: ir.Node) -> Layer | None:
+    """A 2-D Conv with explicit (or no) padding; `attributes(layer.node)` gives its geometry."""
     if node.domain not in ("", "ai.onnx") or node.op_type != "Conv":
+        return None
+    if attributes(node).get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         return None
     weight = constant(node.inputs[1])
     if weight is None or weight.ndim != 4:
@@ -166,5 +169,35 @@ def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.n
         inputs.append(initializer(model, f"{base}.bias", layer.bias.astype(np.float32)))
     node = ir.node(BLOCK_SPARSE_MATMUL, inputs, {"N": int(weight.shape[1])}, domain=kernels.DOMAIN,
                    name=node_name(model, f"{base}_sparse"))
+    replace(model, layer, node)
+    return node
+
+
+BLOCK_SPARSE_CONV = "BlockSparseConv"
+
+
+def replace_with_block_sparse_conv(model: ir.Model, layer: Layer, weight: np.ndarray, block: int) -> ir.Node:
+    """Swap a (group = 1) Conv layer for edgesparse's block-sparse Conv holding `weight`
+    ([O, C, kh, kw], whose zero groups of `block` output channels x 1 input channel x all taps
+    are skipped), packed now, at build time."""
+    from . import kernels
+
+    attrs = attributes(layer.node)
+    if attrs.get("group", 1) != 1:
+        raise ValueError("block-sparse Conv needs group = 1")
+    o, _, kh, kw = weight.shape
+    packed = kernels.pack_block_sparse_conv(np.asarray(weight, np.float32), block)
+    base = layer.name.replace("/", "_")
+    inputs = [layer.input] + [initializer(model, f"{base}.{key}", packed[key]) for key in ("values", "c_index", "row_ptr")]
+    if layer.bias is not None:
+        inputs.append(initializer(model, f"{base}.bias", layer.bias.astype(np.float32)))
+    geometry = {
+        "out_channels": int(o),
+        "kernel_shape": [int(kh), int(kw)],
+        "strides": list(attrs.get("strides", [1, 1])),
+        "pads": list(attrs.get("pads", [0, 0, 0, 0])),
+        "dilations": list(attrs.get("dilations", [1, 1])),
+    }
+    node = ir.node(BLOCK_SPARSE_CONV, inputs, geometry, domain=kernels.DOMAIN, name=node_name(model, f"{base}_sparse"))
     replace(model, layer, node)
     return node

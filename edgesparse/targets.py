@@ -40,6 +40,15 @@ class Target:
         """Run the package where it runs and return its outputs."""
         raise NotImplementedError
 
+    def bench(self, package_dir: Path, batch: dict[str, np.ndarray], libraries, threads=(1,),
+              rounds: int = 30) -> list[dict]:
+        """Time the package against its dense equivalent where the package runs. The default runs
+        both in this process with ONNX Runtime; targets that run elsewhere (a browser engine, an
+        emulator) override it. Records as edgesparse.bench.bench_package returns them."""
+        from . import bench, runtime
+
+        return bench.bench_package(runtime.load(package_dir), batch, libraries, threads=threads, rounds=rounds)
+
     def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
         """Whether the sparse kernel beats the dense one for this layer on this target, from the
         kernel library's measured dispatch table."""

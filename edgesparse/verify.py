@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 import numpy as np
 import onnx
+import onnx.inliner
 
 from .errors import EdgesparseError
 
@@ -77,17 +78,21 @@ def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
     del dense.graph.node[:]
-    del dense.functions[:]
-    used_by_sparse = set()
+    used_by_sparse, inline = set(), False
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
-        if lib is None:
+        replacement = lib.densify(node, arrays, shapes) if lib is not None else None
+        if replacement is None:  # not sparse, or its dense meaning is its ONNX function
             dense.graph.node.append(node)
+            inline = inline or lib is not None
             continue
-        nodes, initializers = lib.densify(node, arrays, shapes)
+        nodes, initializers = replacement
         dense.graph.node.extend(nodes)
         dense.graph.initializer.extend(initializers)
         used_by_sparse.update(node.input[1:])
+    if inline:
+        dense = onnx.inliner.inline_local_functions(dense)
+    del dense.functions[:]
     still_used = {i for n in dense.graph.node for i in n.input}
     keep = [i for i in dense.graph.initializer if i.name in still_used or i.name not in used_by_sparse]
     del dense.graph.initializer[:]

@@ -68,3 +68,22 @@ def built_mlp(tmp_path_factory) -> Path:
     onnx.save(mlp_model(), str(tmp / "mlp.onnx"))
     run("build", tmp / "mlp.onnx", "--target", "x86", "--pass", "magnitude:sparsity=0.75,block=16", "-o", tmp / "mlp")
     return tmp / "mlp"
+
+
+def conv_model(seed=0) -> onnx.ModelProto:
+    """A MobileNet-style block: 1x1 conv (64->128) + Relu, 3x3 conv (128->128, pad 1, stride 2),
+    3x3 depthwise conv (stays dense), on NCHW input [batch, 64, 16, 16]."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)
+    inits = [numpy_helper.from_array(w(128, 64, 1, 1), "pw"), numpy_helper.from_array(rng.standard_normal(128).astype(np.float32) * 0.1, "pw_b"),
+             numpy_helper.from_array(w(128, 128, 3, 3), "k3"), numpy_helper.from_array(w(128, 1, 3, 3), "dw")]
+    nodes = [helper.make_node("Conv", ["x", "pw", "pw_b"], ["a"], name="pointwise"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "k3"], ["c"], name="conv3x3", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["c", "dw"], ["y"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=128)]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 128, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model

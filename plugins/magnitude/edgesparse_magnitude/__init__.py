@@ -1,9 +1,11 @@
-"""The `magnitude` pass: block-wise magnitude pruning of MatMul/Gemm weights, emitting
-edgesparse's block-sparse MatMul. It works on any ONNX model (no PyTorch needed) and is the
-baseline every other pass is compared with.
+"""The `magnitude` pass: block-wise magnitude pruning of MatMul/Gemm and Conv weights, emitting
+edgesparse's block-sparse MatMul and Conv. It works on any ONNX model (no PyTorch needed) and is
+the baseline every other pass is compared with.
 
-Blocks are `block` consecutive output features x 1 input feature, the shape the kernels skip.
-Within each layer, the blocks with the smallest L2 norm are zeroed until `sparsity` of them are.
+Blocks are `block` consecutive output features (channels) x 1 input feature (channel) x all
+kernel taps, the shape the kernels skip. Within each layer, the blocks with the smallest L2 norm
+are zeroed until `sparsity` of them are. Grouped and depthwise convs stay dense: each output
+channel there sees few inputs, so there is nothing for a block to skip in bulk.
 Layers the target's dispatch rule says would not get faster stay dense and unpruned: pruning them
 would cost accuracy and buy no time.
 """
@@ -16,27 +18,31 @@ from edgesparse import EdgesparseError, Option, Pass, graph, hookimpl, in_range
 from edgesparse import kernels
 
 __version__ = "0.1.0"
-OP = graph.BLOCK_SPARSE_MATMUL
 
 
 def prune_blocks(weight: np.ndarray, sparsity: float, block: int) -> np.ndarray:
-    """Zero the lowest-L2 blocks of `block` output features x 1 input. Ties break by position."""
-    k, n = weight.shape
-    padded = np.zeros((k, -(-n // block) * block), weight.dtype)
-    padded[:, :n] = weight
-    blocks = padded.reshape(k, -1, block)
-    norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(-1)).ravel()
+    """Zero the lowest-L2 blocks of a MatMul weight [K, N] (blocks of `block` outputs x 1 input)
+    or a Conv weight [O, C, kh, kw] (`block` output channels x 1 input channel x all taps).
+    Ties break by position."""
+    conv = weight.ndim == 4
+    w = weight.reshape(weight.shape[0], weight.shape[1], -1).transpose(1, 2, 0) if conv else weight[:, None, :]
+    k, taps, n = w.shape  # [inputs, taps, outputs]
+    padded = np.zeros((k, taps, -(-n // block) * block), weight.dtype)
+    padded[:, :, :n] = w
+    blocks = padded.reshape(k, taps, -1, block)
+    norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(axis=(1, 3))).ravel()  # [k * n_blocks]
     drop = int(round(sparsity * norms.size))
-    order = np.argsort(norms, kind="stable")[:drop]
     mask = np.ones(norms.size, bool)
-    mask[order] = False
-    blocks = blocks * mask.reshape(k, -1, 1)
-    return blocks.reshape(k, -1)[:, :n].copy()
+    mask[np.argsort(norms, kind="stable")[:drop]] = False
+    pruned = (blocks * mask.reshape(k, 1, -1, 1)).reshape(k, taps, -1)[:, :, :n]
+    if conv:
+        return pruned.transpose(2, 0, 1).reshape(weight.shape).copy()
+    return pruned[:, 0, :].copy()
 
 
 class Magnitude(Pass):
     name = "magnitude"
-    summary = "block-wise magnitude pruning of MatMul/Gemm weights into block-sparse operators"
+    summary = "block-wise magnitude pruning of MatMul/Gemm/Conv weights into block-sparse operators"
     options = (
         Option("sparsity", float, 0.75, "fraction of weight blocks set to zero in each pruned layer",
                check=in_range(0.0, 1.0, hi_open=True)),
@@ -46,36 +52,48 @@ class Magnitude(Pass):
                check=lambda v: None if v >= 1 else "must be at least 1"),
     )
     needs = "none"
-    emits = (f"{kernels.DOMAIN}::{OP}",)
+    emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
 
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        layers = list(graph.layers(model, kinds=("matmul",)))
+        layers = list(graph.layers(model, kinds=("matmul", "conv")))
         if not layers:
-            raise EdgesparseError("magnitude: the model has no MatMul/Gemm with a constant weight to prune")
+            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
         pruned, dense = [], []
         for layer in ctx.progress(layers, "magnitude pruning"):
-            k, n = layer.weight.shape
+            shape = list(layer.weight.shape)
             reason = self._keep_dense_reason(layer, ctx)
             if reason:
-                dense.append({"layer": layer.name, "shape": [k, n], "reason": reason})
+                dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
             weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)
-            graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
-            pruned.append({"layer": layer.name, "shape": [k, n], "sparsity": float((weight == 0).mean())})
+            if layer.kind == "conv":
+                graph.replace_with_block_sparse_conv(model, layer, weight, self.block)
+            else:
+                graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
+            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())})
         if not pruned:
             ctx.warn("no layer was pruned: every candidate stays dense (see kept_dense in the report)")
         ctx.report("pruned", pruned)
         ctx.report("kept_dense", dense)
 
     def _keep_dense_reason(self, layer, ctx) -> str | None:
-        k, n = layer.weight.shape
         if any(s and s in layer.name for s in self.skip):
             return "skipped by option"
-        if min(k, n) < self.min_features:
-            return f"fewer than {self.min_features} features"
         if layer.weight.dtype != np.float32:
             return f"weights are {layer.weight.dtype}, kernels take float32"
-        if not ctx.target.prefers_sparse(OP, {"K": k, "N": n}, self.sparsity, self.block, ctx.threads):
+        if layer.kind == "conv":
+            attrs = graph.attributes(layer.node)
+            if attrs.get("group", 1) != 1:
+                return "grouped or depthwise conv"
+            o, c, kh, kw = layer.weight.shape
+            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": list(attrs.get("strides", [1, 1]))[0]}
+            features = min(o, c)
+        else:
+            k, n = layer.weight.shape
+            op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
+        if features < self.min_features:
+            return f"fewer than {self.min_features} features"
+        if not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
 

@@ -86,6 +86,23 @@ class Wasm(Target):
         outputs, stats = node.run_in_node(Path(package_dir), inputs, threads)
         return RunResult(outputs, {op: int(n) for op, n in stats["kernelNodes"].items()})
 
+    def bench(self, package_dir: Path, batch, libraries, threads=(1,), rounds: int = 30) -> list[dict]:
+        """The package vs its dense equivalent on plain onnxruntime-web, interleaved in one node
+        process (wasm is single-threaded here: one record)."""
+        import tempfile
+
+        from edgesparse import runtime, verify
+
+        package = runtime.load(package_dir, check_target=False)
+        dense = verify.dense_equivalent(onnx.load(str(package.model_path)), libraries)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense_path = Path(tmp) / "dense.onnx"
+            onnx.save(dense, str(dense_path))
+            r = node.bench_in_node(package.root, dense_path, batch, rounds=rounds)
+        return [{"threads": 1, "inputs": {k: list(v.shape) for k, v in batch.items()}, "dense": r["dense"],
+                 "package": r["package"], "speedup": r["dense"]["median_ms"] / r["package"]["median_ms"],
+                 "max_abs_error": r["max_abs_diff"], "engine": f"node + onnxruntime-web {r['ort_web']}"}]
+
     def describe(self) -> dict:
         return {**super().describe(), "onnxruntime_web": node.ORT_WEB_VERSION}
 
