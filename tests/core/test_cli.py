@@ -92,3 +92,11 @@ def test_conv_layers_become_block_sparse_conv(tmp_path):
     assert manifest["verification"]["sparse_nodes"] == manifest["verification"]["sparse_nodes_on_kernel"]
     for layer in manifest["layers"]:
         assert abs(layer["sparsity"] - 0.9) < 0.02
+
+
+def test_bench_kernels_quick():
+    records = run_json("bench", "kernels", "--quick", "--threads", "1")
+    assert records and {"op", "sparsity", "threads", "speedup"} <= set(records[0])
+    for r in records:
+        assert r["threads"] == 1 and r["speedup"] > 0
+        assert abs(r["speedup"] - r["dense_ms_median"] / r["sparse_ms_median"]) < 1e-6 * r["speedup"]
