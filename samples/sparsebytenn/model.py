@@ -1,0 +1,51 @@
+"""Model factory for `edgesparse build`: the MobileNetV2-style Fashion-MNIST CNN (cnn.py), trained
+here on the real Fashion-MNIST training set (cached after the first run).
+
+    edgesparse build samples/sparsebytenn/model.py:build --target x86 \
+        --pass sparsebytenn:sparsity=0.7,recovery=train -o out/fashion-sbnn
+
+calibration: 8 batches of 128 real training images; train: the user's loop (AdamW on the real
+labelled training set, augmentation as in the original training), used by recovery=train.
+Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning learning rate).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import cnn  # noqa: E402
+import data  # noqa: E402
+
+from edgesparse import TorchModel  # noqa: E402
+
+
+def calibration_batches(n_batches: int = 8, batch: int | None = None, seed: int = 1):
+    batch = batch or int(os.environ.get("SBNN_BATCH", "128"))
+    x, _ = data.load("train")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(x), n_batches * batch, replace=False)
+    return [{"x": np.ascontiguousarray(x[idx[i * batch:(i + 1) * batch]])} for i in range(n_batches)]
+
+
+def train_loop(module, steps: int) -> None:
+    """The user's training loop: real labels, AdamW, constant small learning rate."""
+    x, y = data.load("train")
+    lr = float(os.environ.get("SBNN_LR", "5e-4"))
+    cnn.train_steps(module, x, y, steps, lr=lr, seed=steps, schedule=False)
+
+
+def build() -> TorchModel:
+    model = cnn.trained()
+    return TorchModel(
+        module=model,
+        example_inputs={"x": torch.zeros(1, 1, 28, 28)},
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        calibration=calibration_batches,
+        train=train_loop,
+    )
