@@ -61,11 +61,33 @@ def _pin(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:
         return model
     pinned = onnx.ModelProto()
     pinned.CopyFrom(model)
-    for value in [*pinned.graph.input, *pinned.graph.output]:
+    for value in [*pinned.graph.input, *pinned.graph.output, *pinned.graph.value_info]:
         for d in value.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in dims:
                 d.dim_value = dims[d.dim_param]
     return pinned
+
+
+def _fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """With every input dim static, fold the exporter's shape arithmetic (Shape/Gather/Concat...)
+    into constants: TVM's frontend rejects Reshapes fed by it (dynamo exports of transformers).
+    The model-local functions (dense fallbacks of custom ops) are dropped first so that nothing
+    inlines them; TVM does not use them."""
+    static = all(d.HasField("dim_value") for v in model.graph.input for d in v.type.tensor_type.shape.dim)
+    if not static:
+        return model
+    try:
+        import onnxscript.optimizer
+    except ImportError:
+        return model
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.functions[:]
+    with _quiet():
+        try:
+            return onnxscript.optimizer.optimize(stripped, inline=False)
+        except Exception:  # folding is an aid: import the model as it is
+            return stripped
 
 
 class _Importer:
@@ -145,6 +167,36 @@ def _custom_converters(importer: _Importer):
         onnx_frontend._get_convert_map = original
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Collect what TVM prints while importing (Python prints and C++ log lines on fds 1 and 2), so
+    that a failed build still ends with one line; yields a StringIO filled on exit."""
+    import gc
+    import io
+    import sys
+    import tempfile
+
+    text = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            gc.collect()  # TVM warns about unfinished blocks when a failed import is collected
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            text.write(sink.read().decode(errors="replace"))
+
+
 def import_model(model: onnx.ModelProto, device: str):
     """Relax IRModule of the model with edgesparse kernels for `device` ("cpu" or "cuda"), and
     the number of sparse nodes lowered to a hand-written kernel."""
@@ -155,19 +207,22 @@ def import_model(model: onnx.ModelProto, device: str):
         raise EdgesparseError(
             f"the tvm backend cannot import operator '{missing[0]}' (TVM's Relax ONNX frontend has no converter"
             f"{' and edgesparse has no TIR kernel' if missing[0].startswith(DOMAIN) else ''}); build with --backend ort")
-    model = _pin(model, pinned_dims())
+    model = _fold_shapes(_pin(model, pinned_dims()))
     importer = _Importer(device)
-    try:
-        with _custom_converters(importer):
+    failure = None
+    with _custom_converters(importer), _quiet() as chatter:
+        try:
             mod = from_onnx(model, keep_params_in_input=False)
-    except EdgesparseError:
-        raise
-    except Exception as exc:  # the frontend's own errors are long multi-line traces
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        except EdgesparseError:
+            raise
+        except Exception as exc:  # the frontend's errors are long multi-line traces; keep one line
+            failure = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        # leaving the except block frees the failed import, so TVM's complaints land in `chatter`
+    if failure is not None:
+        op = re.search(r"Error converting operator (\w+)", chatter.getvalue())
+        failure = f"operator {op.group(1)}: {failure}" if op else failure
         symbolic = any(d.HasField("dim_param") or not d.HasField("dim_value")
                        for v in model.graph.input for d in v.type.tensor_type.shape.dim)
         hint = f"pin the symbolic input dims with {DIMS_ENV}=name=size,... or " if symbolic else ""
-        raise EdgesparseError(
-            f"TVM's Relax ONNX frontend failed to import the model: {first[:300]} ({hint}build with --backend ort)"
-        ) from exc
+        raise EdgesparseError(f"TVM's Relax ONNX frontend failed to import the model: {failure[:300]} ({hint}build with --backend ort)")
     return mod, importer.calls

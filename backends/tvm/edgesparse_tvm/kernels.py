@@ -10,7 +10,8 @@ of its shape; `m` (tokens) is static when the model's shape is, else symbolic.
 
 CPU (`cpu_kernel`): one task per block row (`T.parallel`), tokens in tiles of 4 whose
 accumulators stay in registers, the B outputs of a block row in one vector, data-dependent loop
-bounds over the row's blocks. Same structure as the C++ kernel.
+bounds over the row's blocks. With fewer than 4 tokens the row's blocks are split over 4/M
+accumulators so that the FMA chains stay independent. Same structure as the C++ kernel.
 
 CUDA (`cuda_kernel`): one thread block (CTA) per block row and token tile. The CTA's threads split
 the row's blocks: each weight block is read from memory exactly once per token tile, as 16-byte
@@ -64,7 +65,8 @@ def cpu_kernel(m: int | None, k: int, n: int, block: int, activation: str = "non
     if dtype != "float32":
         raise ValueError("the CPU kernel computes float32")
     nb = -(-n // block)
-    mt = CPU_TOKEN_TILE
+    mt = CPU_TOKEN_TILE if m is None else min(CPU_TOKEN_TILE, m)
+    P = max(1, CPU_TOKEN_TILE // mt)  # independent accumulators: few tokens -> split the blocks
     act = _epilogue(activation)
     B, K, N, NB = block, k, n, nb
     M = _tokens(m)
@@ -79,27 +81,37 @@ def cpu_kernel(m: int | None, k: int, n: int, block: int, activation: str = "non
         k_index = T.match_buffer(k_index_h, (nnzb,), "int32")
         y = T.match_buffer(y_h, (M, N), "float32")
         for j in T.parallel(NB):
-            acc = T.alloc_buffer((mt, B), "float32", scope="local")
+            acc = T.alloc_buffer((P, mt, B), "float32", scope="local")
             for mo in range(T.ceildiv(M, mt)):
-                for mi in T.unroll(mt):
-                    for b in T.vectorized(B):
-                        acc[mi, b] = T.float32(0)
+                for pp in T.unroll(P):
+                    for mi in T.unroll(mt):
+                        for b in T.vectorized(B):
+                            acc[pp, mi, b] = T.float32(0)
                 if mo * mt + mt <= M:  # a full tile: no token guards inside the hot loop
-                    for p in range(row_ptr[j], row_ptr[j + 1]):
+                    for q in range((row_ptr[j + 1] - row_ptr[j]) // P):
+                        for pp in T.unroll(P):
+                            for mi in T.unroll(mt):
+                                for b in T.vectorized(B):
+                                    acc[pp, mi, b] = acc[pp, mi, b] + x[mo * mt + mi, k_index[row_ptr[j] + q * P + pp]] * values[row_ptr[j] + q * P + pp, b]
+                    for p in range(row_ptr[j] + (row_ptr[j + 1] - row_ptr[j]) // P * P, row_ptr[j + 1]):
                         for mi in T.unroll(mt):
                             for b in T.vectorized(B):
-                                acc[mi, b] = acc[mi, b] + x[mo * mt + mi, k_index[p]] * values[p, b]
+                                acc[0, mi, b] = acc[0, mi, b] + x[mo * mt + mi, k_index[p]] * values[p, b]
                 else:
                     for p in range(row_ptr[j], row_ptr[j + 1]):
                         for mi in T.unroll(mt):
                             if mo * mt + mi < M:
                                 for b in T.vectorized(B):
-                                    acc[mi, b] = acc[mi, b] + x[mo * mt + mi, k_index[p]] * values[p, b]
+                                    acc[0, mi, b] = acc[0, mi, b] + x[mo * mt + mi, k_index[p]] * values[p, b]
+                for pp in T.unroll(P - 1):
+                    for mi in T.unroll(mt):
+                        for b in T.vectorized(B):
+                            acc[0, mi, b] = acc[0, mi, b] + acc[pp + 1, mi, b]
                 for mi in T.serial(mt):
                     if mo * mt + mi < M:
                         for b in T.serial(B):
                             if j * B + b < N:
-                                y[mo * mt + mi, j * B + b] = act(acc[mi, b] + bias[j * B + b])
+                                y[mo * mt + mi, j * B + b] = act(acc[0, mi, b] + bias[j * B + b])
 
     return bsmm_cpu
 

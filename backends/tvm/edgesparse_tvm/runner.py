@@ -22,6 +22,7 @@ import numpy as np
 
 DEVICE_TYPES = {"cpu": 1, "cuda": 2}
 POOLED_ALLOCATOR = 2
+ALIGNMENT = 64
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
@@ -77,7 +78,7 @@ class Model:
 
         array = np.ascontiguousarray(array)
         if self.device == "cpu":
-            return tvm_ffi.from_dlpack(array)
+            return tvm_ffi.from_dlpack(_aligned(array))
         alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         copy_in = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
         tensor = alloc(tvm_ffi.Shape(array.shape), tvm_ffi.dtype(str(array.dtype)), self._dev, "global")
@@ -107,6 +108,18 @@ class Model:
 
         if self.device == "cuda":
             tvm_ffi.get_global_func("runtime.Device_StreamSync")(self._dev, None)
+
+
+def _aligned(array: np.ndarray, alignment: int = ALIGNMENT) -> np.ndarray:
+    """TVM's CPU code assumes 64-byte aligned tensors (it may use aligned vector loads); numpy
+    guarantees 16. Copy when needed."""
+    if array.ctypes.data % alignment == 0:
+        return array
+    raw = np.empty(array.nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
 
 
 def load(package, module: str | None = None, libdir: str | None = None, threads: int | None = None) -> Model:

@@ -64,6 +64,12 @@ RUNTIME_ONLY = textwrap.dedent("""
     x = data["input:x"]
     got = model.run({"x": x})[0]
     batch = model.run({"x": np.concatenate([x, x, x])})[0]  # tokens are symbolic: any batch size
+    raw = np.zeros(x.size + 64, np.float32)                   # TVM's CPU code assumes 64-byte alignment:
+    start = next(i for i in range(1, 17) if (raw[i:].ctypes.data % 64) != 0)
+    odd = raw[start:start + x.size].reshape(x.shape)
+    odd[...] = x                                              # numpy only promises 16
+    assert odd.ctypes.data % 64 != 0
+    assert np.array_equal(model.run({"x": odd})[0], got)
     maps = open("/proc/self/maps").read()
     print(json.dumps({"error": float(np.abs(got - data["output:y"]).max()),
                       "batch_error": float(np.abs(batch[: len(x)] - got).max()), "rows": len(batch),

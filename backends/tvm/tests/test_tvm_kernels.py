@@ -28,6 +28,7 @@ def _cpu(func):
 
 @pytest.mark.parametrize("m, k, n, block, activation, keep", [
     (1, 96, 200, 16, "relu", 0.25),     # M=1 (decode), N not a multiple of the block
+    (2, 80, 64, 16, "none", 0.5),       # M=2: blocks split over two accumulators
     (9, 64, 72, 8, "gelu", 0.4),        # two full token tiles + a partial one
     (None, 64, 36, 4, "silu", 0.3),     # symbolic tokens
     (3, 48, 32, 16, "none", 0.0),       # every block pruned: bias only
