@@ -1,0 +1,60 @@
+// Delta attention: the pure kernel (no ONNX Runtime), one copy per ISA in one library.
+//
+// For each batch row b and query head h (kv head g = h / (H / Hkv)), query rows t = 0..T-1
+// sit at positions p = N - T + t and attend keys j <= p. Keys inside the window
+// (j > p - window) and the first `sinks` keys get exact scores and weights. The others ("far"
+// keys) are approximated with two delta networks:
+//   * the query: dimension d of the transmitted query qh is refreshed only when
+//     |q_t[d] - qh[d]| > theta_q[h]; the far scores sh_j = scale * qh . k_j are then updated
+//     with the refreshed dimensions only (|active| MACs per far key instead of D);
+//   * the value accumulation U = sum_far wh_j v_j keeps, per far key, the weight wh_j it was
+//     last applied with; key j is re-applied (D MACs) only when its current weight
+//     exp(sh_j - c) moved by more than theta_v[h] * Z (Z: the row's softmax normaliser).
+//   y_t = (U + sum_near w_j v_j) / (sum_far wh_j + sum_near w_j)
+// The state carried between calls (decode) is per (b, h): a header of 2 * D + 4 floats
+// {valid, c, sum_far wh, n_keys, qh[D], U[D]} followed by sh[n_keys] and wh[n_keys].
+#ifndef EDGESPARSE_DELTALLM_H
+#define EDGESPARSE_DELTALLM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DL_STATE_HEADER(d) (2 * (d) + 4)
+
+typedef struct {
+  int64_t t, n, d;              // query rows, keys (cache + new), head dim
+  int64_t window, sinks;
+  float scale;
+  float theta_q, theta_v;
+  const float* q;               // [T, D] this head's queries
+  const float* kt;              // [D, n_pad] this kv head's keys, transposed, zero padded
+  int64_t n_pad;
+  const float* k;               // [N, D] row major
+  const float* v;               // [N, D]
+  const float* state_in;        // header + 2 * (N - T) floats, or NULL (fresh sequence / cold start)
+  float* state_out;             // header + 2 * N floats, or NULL
+  float* y;                     // [T, D]
+  float* scratch;               // dl_scratch_floats(n_pad, d) floats
+  int64_t macs[3];              // out: dense causal, QK spent, PV spent
+} dl_head_args;
+
+typedef struct {
+  const char* isa;
+  int vector_floats;
+  void (*head)(dl_head_args* a);
+  // keys [N, D] -> kt [D, n_pad] (zero padded)
+  void (*transpose)(const float* k, int64_t n, int64_t d, int64_t n_pad, float* kt);
+} dl_table;
+
+static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return 4 * n_pad + 6 * d + 64; }
+
+const dl_table* dl_kernels(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
