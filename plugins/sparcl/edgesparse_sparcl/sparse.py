@@ -57,12 +57,11 @@ def libraries() -> _Libs:
     core.es_kernels.restype = _p
     core.es_kernels.argtypes = []
     train.sp_conv_forward.argtypes = [_p, _p, _p, _p, _p]
-    train.sp_conv_dx.argtypes = [_p, _p, _p]
-    train.sp_conv_dw.argtypes = [_p, _p, _p, _p, _i64, _p]
+    train.sp_conv_backward.argtypes = [_p, _p, _p, _p, _p, _i64, _p]
     train.sp_linear_forward.argtypes = [_p, _i64, _i64, _i64, _i32, _p, _p, _p, _p, _p, _p, _i32]
     train.sp_linear_dx.argtypes = [_i64, _i64, _i64, _i32, _p, _p, _p, _p, _p, _p, _i32]
     train.sp_linear_dw.argtypes = [_i64, _i64, _i64, _i32, _i64, _p, _p, _p, _p, _p, _i32]
-    for fn in (train.sp_conv_forward, train.sp_conv_dx, train.sp_conv_dw, train.sp_linear_forward,
+    for fn in (train.sp_conv_forward, train.sp_conv_backward, train.sp_linear_forward,
                train.sp_linear_dx, train.sp_linear_dw):
         fn.restype = None
     return _Libs(core, train, core.es_kernels())
@@ -244,16 +243,13 @@ class BlockSparseConvFunction(torch.autograd.Function):
         layer = ctx.layer
         dy = dy.contiguous().float()
         args, _, _ = _conv_args(layer, x, values, ctx.threads)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            libs.train.sp_conv_dx(ctypes.byref(args), dy.data_ptr(), dx.data_ptr())
-        if ctx.needs_input_grad[1]:
-            dvalues = torch.empty_like(values)
-            units = layer.grad_units
-            libs.train.sp_conv_dw(ctypes.byref(args), x.data_ptr(), dy.data_ptr(), _ptr(units),
-                                  0 if units is None else units.numel(), dvalues.data_ptr())
-            dw = layer.unpack_grad(dvalues)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dvalues = torch.empty_like(values) if ctx.needs_input_grad[1] else None
+        units = layer.grad_units
+        libs.train.sp_conv_backward(ctypes.byref(args), x.data_ptr(), dy.data_ptr(), _ptr(dx), _ptr(units),
+                                    0 if units is None else units.numel(), _ptr(dvalues))
+        dw = layer.unpack_grad(dvalues) if dvalues is not None else None
+        db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None

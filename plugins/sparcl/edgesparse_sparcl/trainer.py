@@ -60,7 +60,7 @@ class ContinualConfig:
     beta: float = 0.5               # DER++ label (CE) weight
     mask_old_classes: bool = True   # current-batch CE over the current task's classes only
     sparsity: float = 0.75          # fraction of each prunable layer's weights that are zero
-    pattern: str = "unstructured"   # "unstructured" (the paper) or "block"
+    pattern: str = "block"          # "block" (runs on the kernels) or "unstructured" (the paper)
     block: int = 16                 # block = B output channels x 1 input channel (x taps)
     tdm: bool = True
     ddr: bool = True
@@ -208,8 +208,9 @@ class ContinualTrainer:
     """
 
     def __init__(self, model: nn.Module, stream: TaskStream, config: ContinualConfig, out_dir: Path | str | None = None,
-                 progress: bool = True, log=None, eval_batch: int = 500):
+                 progress: bool = True, log=None, eval_batch: int = 500, meta: dict | None = None):
         config.check()
+        self.meta = dict(meta or {})
         if config.buffer_size > stream.train_size():
             raise EdgesparseError(
                 f"buffer of {config.buffer_size} examples is larger than the {stream.train_size()} training examples "
@@ -322,7 +323,7 @@ class ContinualTrainer:
     def summary(self) -> dict:
         r = self.results
         done = r["completed_tasks"]
-        out = {"options": self.config.options(), "data": self.stream.name, "tasks": [list(t) for t in self.stream.tasks],
+        out = {"options": self.config.options(), "meta": self.meta, "data": self.stream.name, "tasks": [list(t) for t in self.stream.tasks],
                "completed_tasks": done, "per_task": {k: r[k] for k in ("acc_class_il", "acc_task_il", "train_seconds",
                                                                        "steps", "examples", "removed", "density")}}
         if done:
@@ -573,6 +574,7 @@ class ContinualTrainer:
         state = {
             "format": FORMAT,
             "options": self.config.options(),
+            "meta": self.meta,
             "data": self.stream.fingerprint(),
             "tasks": [list(t) for t in self.stream.tasks],
             "model": self.model.state_dict(),
@@ -598,7 +600,7 @@ class ContinualTrainer:
             raise EdgesparseError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
         if state.get("format") != FORMAT:
             raise EdgesparseError(f"checkpoint {path} has format {state.get('format')}, this version reads {FORMAT}")
-        old, new = state["options"], self.config.options()
+        old, new = {**state.get("meta", {}), **state["options"]}, {**self.meta, **self.config.options()}
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 raise EdgesparseError(

@@ -121,8 +121,8 @@ Geom geom(const sp_conv* g) {
   return m;
 }
 
-// Phase planes of channel c of image n into dst (cs_pad floats, slack zeroed).
-void prepare_channel(const sp_conv* g, const Geom& m, const float* x, int64_t n, int64_t c, float* dst) {
+// Phase planes of channel c of image n into dst (cs floats).
+void prepare_planes(const sp_conv* g, const Geom& m, const float* x, int64_t n, int64_t c, float* dst) {
   const float* xc = x + (n * g->cin + c) * g->h * g->w;
   for (int64_t a = 0; a < g->sh; ++a)
     for (int64_t b = 0; b < g->sw; ++b) {
@@ -141,58 +141,6 @@ void prepare_channel(const sp_conv* g, const Geom& m, const float* x, int64_t n,
         }
       }
     }
-  memset(dst + m.cs, 0, sizeof(float) * (size_t)(m.cs_pad - m.cs));
-}
-
-// dY of image n, channel o on the virtual grid (garbage columns zero), `front`
-// zeros before it and zeros after it up to `len` floats.
-void prepare_dy(const sp_conv* g, const Geom& m, const float* dy, int64_t n, int64_t o, int64_t front, int64_t len,
-                float* dst) {
-  memset(dst, 0, sizeof(float) * (size_t)len);
-  const float* src = dy + (n * g->cout + o) * g->oh * g->ow;
-  float* grid = dst + front;
-  for (int64_t oy = 0; oy < g->oh; ++oy) memcpy(grid + oy * m.wh, src + oy * g->ow, sizeof(float) * (size_t)g->ow);
-}
-
-// Output tile of S vectors of one phase plane of dX for input channel c.
-template <int S>
-void dx_plane(const sp_conv* g, const Geom& m, int64_t c, const float* const* dyo, const int64_t* offs,
-              const int64_t* taps, int ntaps, float* dst) {
-  const int B = g->block;
-  const int64_t p0 = g->t_ptr[c], p1 = g->t_ptr[c + 1];
-  for (int64_t r0 = 0; r0 < m.plane; r0 += S * SP_L) {
-    vf acc[S];
-    for (int s = 0; s < S; ++s) acc[s] = vzero();
-    for (int64_t k = p0; k < p1; ++k) {
-      const int64_t p = g->t_blk[k];
-      const int64_t j = g->blk_row[p];
-      const float* wv = g->values + p * m.taps * B;
-      const int bmax = (int)std::min<int64_t>(B, g->cout - j * B);
-      for (int b = 0; b < bmax; ++b) {
-        const float* src = dyo[j * B + b] + r0;
-        for (int ti = 0; ti < ntaps; ++ti) {
-          const float w = wv[taps[ti] * B + b];
-          const float* s0 = src - offs[ti];
-          for (int s = 0; s < S; ++s) acc[s] += w * vload(s0 + s * SP_L);
-        }
-      }
-    }
-    for (int s = 0; s < S; ++s) vstore(dst + r0 + s * SP_L, acc[s]);
-  }
-}
-
-int pick_tile(int64_t plane) {
-  int best = 8;
-  int64_t best_cost = -1;
-  for (int s : {8, 4, 2}) {
-    const int64_t span = (int64_t)s * SP_L;
-    const int64_t cost = (plane + span - 1) / span * span;
-    if (best_cost < 0 || cost < best_cost) {
-      best = s;
-      best_cost = cost;
-    }
-  }
-  return best;
 }
 
 }  // namespace
@@ -240,78 +188,28 @@ SP_API void sp_conv_forward(const es_kernel_table* t, const sp_conv* g, const fl
   });
 }
 
-// dX [batch, cin, h, w] = transposed convolution of dY with the kept blocks.
-SP_API void sp_conv_dx(const sp_conv* g, const float* dy, float* dx) {
-  const Geom m = geom(g);
-  // largest in-plane tap offset: dY is padded by it in front
-  int64_t front = 0;
-  for (int64_t t = 0; t < m.taps; ++t) front = std::max(front, m.toff[(size_t)t] % m.plane);
-  front = (front + SP_L - 1) / SP_L * SP_L;
-  const int S = pick_tile(m.plane);
-  const int64_t span = (int64_t)S * SP_L;
-  const int64_t len = front + std::max(m.q, m.plane + span) + span + 64;
-  const int64_t nphase = g->sh * g->sw;
-  // taps of each phase and their in-plane offsets
-  std::vector<std::vector<int64_t>> ptaps((size_t)nphase), poffs((size_t)nphase);
-  for (int64_t t = 0; t < m.taps; ++t) {
-    const int64_t ph = m.toff[(size_t)t] / m.plane;
-    ptaps[(size_t)ph].push_back(t);
-    poffs[(size_t)ph].push_back(m.toff[(size_t)t] % m.plane);
-  }
-  std::vector<uint8_t> used_o((size_t)g->cout, 0);
-  for (int64_t p = 0; p < g->nnzb; ++p) {
-    const int64_t j = g->blk_row[p];
-    for (int64_t b = 0; b < g->block && j * g->block + b < g->cout; ++b) used_o[(size_t)(j * g->block + b)] = 1;
-  }
-  parallel_for(g->nthreads, g->batch, [&](int, int64_t n0, int64_t n1) {
-    std::vector<float> dyp((size_t)(g->cout * len));
-    std::vector<float> plane((size_t)(m.plane + span + SP_L));
-    std::vector<const float*> dyo((size_t)g->cout);
-    for (int64_t o = 0; o < g->cout; ++o) dyo[(size_t)o] = dyp.data() + o * len + front;
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t o = 0; o < g->cout; ++o)
-        if (used_o[(size_t)o]) prepare_dy(g, m, dy, n, o, front, len, dyp.data() + o * len);
-      for (int64_t c = 0; c < g->cin; ++c) {
-        float* dxc = dx + (n * g->cin + c) * g->h * g->w;
-        memset(dxc, 0, sizeof(float) * (size_t)(g->h * g->w));
-        if (g->t_ptr[c] == g->t_ptr[c + 1]) continue;
-        for (int64_t a = 0; a < g->sh; ++a)
-          for (int64_t b = 0; b < g->sw; ++b) {
-            const size_t ph = (size_t)(a * g->sw + b);
-            if (ptaps[ph].empty()) continue;
-            const int nt = (int)ptaps[ph].size();
-            if (S == 8)
-              dx_plane<8>(g, m, c, dyo.data(), poffs[ph].data(), ptaps[ph].data(), nt, plane.data());
-            else if (S == 4)
-              dx_plane<4>(g, m, c, dyo.data(), poffs[ph].data(), ptaps[ph].data(), nt, plane.data());
-            else
-              dx_plane<2>(g, m, c, dyo.data(), poffs[ph].data(), ptaps[ph].data(), nt, plane.data());
-            // scatter the phase plane back to image rows/columns
-            for (int64_t i = 0; i < m.hh; ++i) {
-              const int64_t y = i * g->sh + a - g->pt;
-              if (y < 0 || y >= g->h) continue;
-              const float* src = plane.data() + i * m.wh;
-              float* row = dxc + y * g->w;
-              for (int64_t jj = 0; jj < m.wh; ++jj) {
-                const int64_t xcol = jj * g->sw + b - g->pl;
-                if (xcol >= 0 && xcol < g->w) row[xcol] = src[jj];
-              }
-            }
-          }
-      }
-    }
-  });
-}
-
-// dvalues [nnzb, taps, B] = gradient of the kept weights. units (p*B + b), when
-// not NULL, lists the (block, lane) pairs to compute; the others stay zero.
-SP_API void sp_conv_dw(const sp_conv* g, const float* x, const float* dy, const int32_t* units, int64_t nunits,
-                       float* dvalues) {
+// Backward of a block-sparse convolution, all images at once:
+//   dx      [batch, cin, h, w] = transposed convolution of dY with the kept blocks (NULL: skip);
+//   dvalues [nnzb, taps, B]    = gradient of the kept weights (NULL: skip); units (p*B + b),
+//                                when not NULL, lists the (block, lane) pairs to compute, the
+//                                others are set to zero.
+// Every image gets a slot of `sigma` floats per channel in two "super-planes": dY on the virtual
+// output grid and (for dW) X in phase planes, both starting `front` floats into the slot, zeros
+// around them. One vector loop then runs over all images without per-image remainders, and the
+// weight gradient needs one horizontal sum per (unit, tap) for the whole batch.
+SP_API void sp_conv_backward(const sp_conv* g, const float* x, const float* dy, float* dx, const int32_t* units,
+                             int64_t nunits, float* dvalues) {
   const Geom m = geom(g);
   const int B = g->block;
-  const int64_t total = g->nnzb * m.taps * B;
+  const int64_t N = g->batch;
+  int64_t front = 0;
+  for (int64_t t = 0; t < m.taps; ++t) front = std::max(front, m.toff[(size_t)t] % m.plane);
+  const int64_t sigma = front + std::max(m.cs, m.qv);
+  const int64_t span = 8 * SP_L;
+  const int64_t chan = N * sigma + sigma + span + 64;  // floats per channel, with end slack
+
   std::vector<int32_t> all;
-  if (!units) {
+  if (dvalues && !units) {
     all.reserve((size_t)(g->nnzb * B));
     for (int64_t p = 0; p < g->nnzb; ++p) {
       const int64_t j = g->blk_row[p];
@@ -320,60 +218,159 @@ SP_API void sp_conv_dw(const sp_conv* g, const float* x, const float* dy, const 
     units = all.data();
     nunits = (int64_t)all.size();
   }
-  std::vector<uint8_t> used_c((size_t)g->cin, 0), used_o((size_t)g->cout, 0);
-  for (int64_t u = 0; u < nunits; ++u) {
-    const int64_t p = units[u] / B, b = units[u] % B;
-    used_c[(size_t)g->c_index[p]] = 1;
-    used_o[(size_t)(g->blk_row[p] * B + b)] = 1;
-  }
-  const int workers = (int)std::max<int64_t>(1, std::min<int64_t>(g->nthreads, g->batch));
-  std::vector<std::vector<float>> part((size_t)workers);
-  const int64_t len = m.qv + SP_L;
-  parallel_for(workers, g->batch, [&](int wk, int64_t n0, int64_t n1) {
-    std::vector<float>& acc_out = part[(size_t)wk];
-    acc_out.assign((size_t)total, 0.0f);
-    std::vector<float> xp((size_t)(g->cin * m.cs_pad));
-    std::vector<float> dyv((size_t)(g->cout * len));
-    const int64_t taps = m.taps;
+  std::vector<uint8_t> used_o((size_t)g->cout, 0), used_c((size_t)g->cin, 0);
+  if (dx)
+    for (int64_t p = 0; p < g->nnzb; ++p) {
+      const int64_t j = g->blk_row[p];
+      for (int64_t b = 0; b < B && j * B + b < g->cout; ++b) used_o[(size_t)(j * B + b)] = 1;
+    }
+  if (dvalues)
+    for (int64_t u = 0; u < nunits; ++u) {
+      const int64_t p = units[u] / B, b = units[u] % B;
+      used_c[(size_t)g->c_index[p]] = 1;
+      used_o[(size_t)(g->blk_row[p] * B + b)] = 1;
+    }
+
+  thread_local std::vector<float> dys_buf, xs_buf;
+  if ((int64_t)dys_buf.size() < g->cout * chan) dys_buf.resize((size_t)(g->cout * chan));
+  if (dvalues && (int64_t)xs_buf.size() < g->cin * chan) xs_buf.resize((size_t)(g->cin * chan));
+  float* dys = dys_buf.data();
+  float* xs = dvalues ? xs_buf.data() : nullptr;
+
+  // 1. slots: dY (and X) of every image
+  parallel_for(g->nthreads, N + 1, [&](int, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = 0; c < g->cin; ++c)
-        if (used_c[(size_t)c]) prepare_channel(g, m, x, n, c, xp.data() + c * m.cs_pad);
-      for (int64_t o = 0; o < g->cout; ++o)
-        if (used_o[(size_t)o]) prepare_dy(g, m, dy, n, o, 0, len, dyv.data() + o * len);
-      for (int64_t u = 0; u < nunits; ++u) {
+      if (n == N) {  // end slack
+        for (int64_t o = 0; o < g->cout; ++o)
+          if (used_o[(size_t)o]) memset(dys + o * chan + N * sigma, 0, sizeof(float) * (size_t)(chan - N * sigma));
+        if (xs)
+          for (int64_t c = 0; c < g->cin; ++c)
+            if (used_c[(size_t)c]) memset(xs + c * chan + N * sigma, 0, sizeof(float) * (size_t)(chan - N * sigma));
+        continue;
+      }
+      for (int64_t o = 0; o < g->cout; ++o) {
+        if (!used_o[(size_t)o]) continue;
+        float* slot = dys + o * chan + n * sigma;
+        memset(slot, 0, sizeof(float) * (size_t)sigma);
+        const float* src = dy + (n * g->cout + o) * g->oh * g->ow;
+        for (int64_t oy = 0; oy < g->oh; ++oy)
+          memcpy(slot + front + oy * m.wh, src + oy * g->ow, sizeof(float) * (size_t)g->ow);
+      }
+      if (xs)
+        for (int64_t c = 0; c < g->cin; ++c) {
+          if (!used_c[(size_t)c]) continue;
+          float* slot = xs + c * chan + n * sigma;
+          memset(slot, 0, sizeof(float) * (size_t)front);
+          prepare_planes(g, m, x, n, c, slot + front);
+          memset(slot + front + m.cs, 0, sizeof(float) * (size_t)(sigma - front - m.cs));
+        }
+    }
+  });
+
+  // 2. dX, input channels split over threads
+  if (dx) {
+    const int64_t nphase = g->sh * g->sw;
+    std::vector<std::vector<int64_t>> ptaps((size_t)nphase), poffs((size_t)nphase);
+    for (int64_t t = 0; t < m.taps; ++t) {
+      const int64_t ph = m.toff[(size_t)t] / m.plane;
+      ptaps[(size_t)ph].push_back(t);
+      poffs[(size_t)ph].push_back(m.toff[(size_t)t] % m.plane);
+    }
+    const int64_t total = N * sigma;
+    parallel_for(g->nthreads, g->cin, [&](int, int64_t c0, int64_t c1) {
+      std::vector<float> out((size_t)(total + span + SP_L));
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t n = 0; n < N; ++n) memset(dx + (n * g->cin + c) * g->h * g->w, 0, sizeof(float) * (size_t)(g->h * g->w));
+        const int64_t k0 = g->t_ptr[c], k1 = g->t_ptr[c + 1];
+        if (k0 == k1) continue;
+        for (int64_t a = 0; a < g->sh; ++a)
+          for (int64_t bb = 0; bb < g->sw; ++bb) {
+            const size_t ph = (size_t)(a * g->sw + bb);
+            const int nt = (int)ptaps[ph].size();
+            if (nt == 0) continue;
+            const int64_t* taps = ptaps[ph].data();
+            const int64_t* offs = poffs[ph].data();
+            for (int64_t r0 = 0; r0 < total; r0 += span) {
+              vf acc[8];
+              for (int s = 0; s < 8; ++s) acc[s] = vzero();
+              for (int64_t k = k0; k < k1; ++k) {
+                const int64_t p = g->t_blk[k];
+                const int64_t j = g->blk_row[p];
+                const float* wv = g->values + p * m.taps * B;
+                const int bmax = (int)std::min<int64_t>(B, g->cout - j * B);
+                for (int b = 0; b < bmax; ++b) {
+                  const float* src = dys + (j * B + b) * chan + front + r0;
+                  for (int ti = 0; ti < nt; ++ti) {
+                    const float w = wv[taps[ti] * B + b];
+                    const float* s0 = src - offs[ti];
+                    for (int s = 0; s < 8; ++s) acc[s] += w * vload(s0 + s * SP_L);
+                  }
+                }
+              }
+              for (int s = 0; s < 8; ++s) vstore(out.data() + r0 + s * SP_L, acc[s]);
+            }
+            // scatter the phase plane of every image back to rows/columns
+            for (int64_t n = 0; n < N; ++n) {
+              float* dxc = dx + (n * g->cin + c) * g->h * g->w;
+              const float* plane = out.data() + n * sigma;
+              for (int64_t i = 0; i < m.hh; ++i) {
+                const int64_t y = i * g->sh + a - g->pt;
+                if (y < 0 || y >= g->h) continue;
+                const float* src = plane + i * m.wh;
+                float* row = dxc + y * g->w;
+                if (g->sw == 1) {
+                  const int64_t j0 = std::max<int64_t>(0, g->pl - bb), j1 = std::min<int64_t>(m.wh, g->w + g->pl - bb);
+                  if (j1 > j0) memcpy(row + j0 + bb - g->pl, src + j0, sizeof(float) * (size_t)(j1 - j0));
+                } else {
+                  for (int64_t jj = 0; jj < m.wh; ++jj) {
+                    const int64_t xcol = jj * g->sw + bb - g->pl;
+                    if (xcol >= 0 && xcol < g->w) row[xcol] = src[jj];
+                  }
+                }
+              }
+            }
+          }
+      }
+    });
+  }
+
+  // 3. dW on the listed units, units split over threads
+  if (dvalues) {
+    memset(dvalues, 0, sizeof(float) * (size_t)(g->nnzb * m.taps * B));
+    const int64_t taps = m.taps;
+    parallel_for(g->nthreads, nunits, [&](int, int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
         const int64_t p = units[u] / B, b = units[u] % B;
-        const float* xc = xp.data() + (int64_t)g->c_index[p] * m.cs_pad;
-        const float* d = dyv.data() + (g->blk_row[p] * B + b) * len;
-        float* out = acc_out.data() + p * taps * B + b;
+        const float* xc = xs + (int64_t)g->c_index[p] * chan + front;
+        const float* d = dys + (g->blk_row[p] * B + b) * chan + front;
+        float* out = dvalues + p * taps * B + b;
         for (int64_t t0 = 0; t0 < taps; t0 += 9) {
           const int nt = (int)std::min<int64_t>(9, taps - t0);
           vf acc[9];
-          const float* xt[9];
+          int64_t off[9];
           for (int t = 0; t < 9; ++t) {
             acc[t] = vzero();
-            xt[t] = xc + (t < nt ? m.toff[(size_t)(t0 + t)] : 0);
+            off[t] = t < nt ? m.toff[(size_t)(t0 + t)] : 0;
           }
-          if (nt == 9) {
-            for (int64_t q = 0; q < m.qv; q += SP_L) {
-              const vf dv = vload(d + q);
-              for (int t = 0; t < 9; ++t) acc[t] += dv * vload(xt[t] + q);
-            }
-          } else {
-            for (int64_t q = 0; q < m.qv; q += SP_L) {
-              const vf dv = vload(d + q);
-              for (int t = 0; t < nt; ++t) acc[t] += dv * vload(xt[t] + q);
+          for (int64_t n = 0; n < N; ++n) {
+            const float* dn = d + n * sigma;
+            const float* xn = xc + n * sigma;
+            if (nt == 9) {
+              for (int64_t q = 0; q < m.qv; q += SP_L) {
+                const vf dv = vload(dn + q);
+                for (int t = 0; t < 9; ++t) acc[t] += dv * vload(xn + off[t] + q);
+              }
+            } else {
+              for (int64_t q = 0; q < m.qv; q += SP_L) {
+                const vf dv = vload(dn + q);
+                for (int t = 0; t < nt; ++t) acc[t] += dv * vload(xn + off[t] + q);
+              }
             }
           }
-          for (int t = 0; t < nt; ++t) out[(t0 + t) * B] += hsum(acc[t]);
+          for (int t = 0; t < nt; ++t) out[(t0 + t) * B] = hsum(acc[t]);
         }
       }
-    }
-  });
-  memcpy(dvalues, part[0].data(), sizeof(float) * (size_t)total);
-  for (size_t w = 1; w < part.size(); ++w) {
-    const float* src = part[w].data();
-    if (part[w].empty()) continue;
-    for (int64_t i = 0; i < total; ++i) dvalues[i] += src[i];
+    });
   }
 }
 
