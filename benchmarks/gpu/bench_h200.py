@@ -167,7 +167,7 @@ def gpu_run(args, runner, blocksparse) -> dict:
             bias = torch.zeros(N, dtype=dt, device=dev)
             for M in sorted({k["M"] for k in table}):
                 x = (torch.randn(M, K, device=dev)).to(dt)
-                ref = x.float() @ w32
+                ref = x.float() @ w_dense.float()  # the weights as the kernel sees them (fp16-rounded for fp16)
                 scale = float(ref.abs().max())
                 y_blas = torch.empty(M, N, dtype=dt, device=dev)
                 variants = [k for k in table if (k["K"], k["N"], k["M"], k["dtype"]) == (K, N, M, dtype_name)]

@@ -79,21 +79,12 @@ class Model:
         array = np.ascontiguousarray(array)
         if self.device == "cpu":
             return tvm_ffi.from_dlpack(_aligned(array))
-        alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
-        copy_in = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
-        tensor = alloc(tvm_ffi.Shape(array.shape), tvm_ffi.dtype(str(array.dtype)), self._dev, "global")
-        copy_in(tensor, array.ctypes.data, array.nbytes)
-        return tensor
+        return copy_in(array, self._dev)
 
     def _to_numpy(self, tensor) -> np.ndarray:
-        import tvm_ffi
-
         if self.device == "cpu":
             return np.from_dlpack(tensor).copy()
-        shape, dtype = tuple(tensor.shape), np.dtype(str(tensor.dtype))
-        out = np.empty(shape, dtype)
-        tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")(tensor, out.ctypes.data, out.nbytes)
-        return out
+        return copy_out(tensor)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -103,11 +94,25 @@ class Model:
         items = list(result) if not hasattr(result, "shape") else [result]
         return [self._to_numpy(t) for t in items]
 
-    def sync(self) -> None:
-        import tvm_ffi
 
-        if self.device == "cuda":
-            tvm_ffi.get_global_func("runtime.Device_StreamSync")(self._dev, None)
+def copy_in(array: np.ndarray, device):
+    """A new runtime tensor on `device` (e.g. the GPU) holding a copy of a numpy array."""
+    import tvm_ffi
+
+    array = np.ascontiguousarray(array)
+    alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+    tensor = alloc(tvm_ffi.Shape(array.shape), tvm_ffi.dtype(str(array.dtype)), device, "global")
+    tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")(tensor, ctypes.c_void_p(array.ctypes.data), array.nbytes)
+    return tensor
+
+
+def copy_out(tensor) -> np.ndarray:
+    """A runtime tensor (on any device) copied into a new numpy array."""
+    import tvm_ffi
+
+    out = np.empty(tuple(tensor.shape), np.dtype(str(tensor.dtype)))
+    tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")(tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
+    return out
 
 
 def _aligned(array: np.ndarray, alignment: int = ALIGNMENT) -> np.ndarray:

@@ -70,6 +70,10 @@ RUNTIME_ONLY = textwrap.dedent("""
     odd[...] = x                                              # numpy only promises 16
     assert odd.ctypes.data % 64 != 0
     assert np.array_equal(model.run({"x": odd})[0], got)
+    import tvm_ffi
+    dev = tvm_ffi.device("cpu", 0)                             # the GPU path's copies, exercised on the CPU
+    back = run.copy_out(run.copy_in(x.astype(np.float16), dev))
+    assert back.dtype == np.float16 and np.array_equal(back, x.astype(np.float16))
     maps = open("/proc/self/maps").read()
     print(json.dumps({"error": float(np.abs(got - data["output:y"]).max()),
                       "batch_error": float(np.abs(batch[: len(x)] - got).max()), "rows": len(batch),
