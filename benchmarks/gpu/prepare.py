@@ -40,8 +40,25 @@ BLOCK = 16
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 
-def kernel_name(dtype, m, k, n, threads, unroll):
-    return f"bsmm_{dtype}_m{m}_k{k}_n{n}_t{threads}_u{unroll}"
+def kernel_name(dtype, m, k, n, threads, unroll, vec, tile):
+    return f"bsmm_{dtype}_m{m}_k{k}_n{n}_t{threads}_u{unroll}_v{vec}_tt{tile}"
+
+
+def variants(k, n, m, dtype):
+    """The default launch configuration first, then single-parameter changes around it."""
+    from edgesparse_tvm import kernels
+
+    threads = kernels.cuda_threads(-(-n // BLOCK))
+    lv = 4 if dtype == "float32" else 8
+    tile = min(m, kernels.CUDA_MAX_TOKEN_TILE)
+    base = {"threads": threads, "unroll": kernels.CUDA_UNROLL, "vec": lv, "tile": tile}
+    out = [dict(base, default=True)]
+    out += [dict(base, threads=t, default=False) for t in THREADS if t != threads]
+    out += [dict(base, unroll=u, default=False) for u in UNROLLS if u != base["unroll"]]
+    out += [dict(base, vec=v, default=False) for v in (2 * lv, 4 * lv) if v <= BLOCK and v * tile <= 64]
+    if m > 4:
+        out.append(dict(base, tile=4, default=False))
+    return out
 
 
 def build_kernels():
@@ -51,17 +68,14 @@ def build_kernels():
 
     funcs, table = {}, []
     for k, n in SHAPES:
-        default_threads = kernels.cuda_threads(-(-n // BLOCK))
         for m in TOKENS:
             for dtype in DTYPES:
-                for threads in THREADS:
-                    for unroll in UNROLLS:
-                        name = kernel_name(dtype, m, k, n, threads, unroll)
-                        f = kernels.cuda_kernel(m, k, n, BLOCK, "none", dtype, threads=threads, unroll=unroll)
-                        funcs[name] = f.with_attr("global_symbol", name)
-                        table.append({"name": name, "K": k, "N": n, "M": m, "dtype": dtype, "block": BLOCK,
-                                      "threads": threads, "unroll": unroll,
-                                      "default": threads == default_threads and unroll == kernels.CUDA_UNROLL})
+                for v in variants(k, n, m, dtype):
+                    name = kernel_name(dtype, m, k, n, v["threads"], v["unroll"], v["vec"], v["tile"])
+                    f = kernels.cuda_kernel(m, k, n, BLOCK, "none", dtype, threads=v["threads"], unroll=v["unroll"],
+                                            vec=v["vec"], token_tile=v["tile"])
+                    funcs[name] = f.with_attr("global_symbol", name)
+                    table.append({"name": name, "K": k, "N": n, "M": m, "dtype": dtype, "block": BLOCK, **v})
     spec = ModuleSpec("kernels_sm90", "cuda", "x86_64", mcpu="x86-64-v3", arches=("sm_90",))
     executable, _ = compile_ir(tvm.IRModule(funcs), spec)
     info = export(executable, spec, ART / "kernels_sm90.so")

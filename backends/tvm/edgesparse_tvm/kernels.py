@@ -128,22 +128,32 @@ def cuda_threads(nb: int) -> int:
 
 
 def cuda_kernel(m: int | None, k: int, n: int, block: int, activation: str = "none",
-                dtype: str = "float32", threads: int | None = None, unroll: int = CUDA_UNROLL) -> tirx.PrimFunc:
-    """Block-sparse MatMul for NVIDIA GPUs. m=None: tokens symbolic (token tiles of 8)."""
+                dtype: str = "float32", threads: int | None = None, unroll: int = CUDA_UNROLL,
+                vec: int | None = None, token_tile: int | None = None) -> tirx.PrimFunc:
+    """Block-sparse MatMul for NVIDIA GPUs. m=None: tokens symbolic (token tiles of 8).
+
+    Launch parameters (defaults chosen by shape; benchmarks/gpu sweeps the others):
+    threads per CTA, unroll (blocks loaded ahead per thread), vec (outputs of a block per lane:
+    one 16-byte load by default, 2x or 4x fewer lanes per block with more), token_tile (tokens
+    sharing one read of the weights)."""
     _check(k, n, block, activation, dtype)
     nb = -(-n // block)
     elem_bytes = 4 if dtype == "float32" else 2
-    vec = min(block, 16 // elem_bytes)      # elements per 16-byte load
+    lv = min(block, 16 // elem_bytes)       # elements per 16-byte load
+    vec = vec or lv
+    if vec % lv or block % vec:
+        raise ValueError(f"vec must be a multiple of {lv} dividing the block {block}, got {vec}")
     lpb = block // vec                      # lanes per weight block
     threads = threads or cuda_threads(nb)
     if threads % 32 or threads > 1024:
         raise ValueError(f"threads must be a multiple of 32 up to 1024, got {threads}")
     groups = threads // lpb                 # blocks handled side by side per step
     warps = threads // 32
-    mt = CUDA_MAX_TOKEN_TILE if m is None else min(m, CUDA_MAX_TOKEN_TILE)
+    mt = token_tile or CUDA_MAX_TOKEN_TILE
+    mt = mt if m is None else min(m, mt)
     n_shuffle = int(math.log2(32 // lpb))  # xor offsets lpb, 2 lpb, ... 16 join the lanes of one q
     act = _epilogue(activation)
-    B, K, N, NB, U, VEC, DT = block, k, n, nb, unroll, vec, dtype
+    B, K, N, NB, U, VEC, DT, LV = block, k, n, nb, unroll, vec, dtype, lv
     M = _tokens(m)
     out_per_cta = mt * B
 
@@ -177,8 +187,9 @@ def cuda_kernel(m: int | None, k: int, n: int, block: int, activation: str = "no
             for u in T.unroll(U):
                 if start + (it * U + u) * groups + g < end:
                     kv[u] = k_index[start + (it * U + u) * groups + g]
-                    for c in T.vectorized(VEC):
-                        wv[u, c] = values[start + (it * U + u) * groups + g, q * VEC + c]
+                    for c0 in T.unroll(VEC // LV):
+                        for c1 in T.vectorized(LV):
+                            wv[u, c0 * LV + c1] = values[start + (it * U + u) * groups + g, q * VEC + c0 * LV + c1]
                 else:
                     kv[u] = -1
             for u in T.unroll(U):
@@ -192,7 +203,7 @@ def cuda_kernel(m: int | None, k: int, n: int, block: int, activation: str = "no
                 for s in T.unroll(n_shuffle):
                     acc[t, c] = acc[t, c] + T.tvm_warp_shuffle_xor(
                         T.tvm_warp_activemask(), acc[t, c], T.shift_left(lpb, s), 32, 32)
-        if tx % 32 < lpb:
+        if tx % 32 < lpb:  # lanes 0..lpb-1 hold their warp's sums of outputs q*VEC .. q*VEC+VEC-1
             for t in T.unroll(mt):
                 for c in T.unroll(VEC):
                     red[tx // 32, t, q * VEC + c] = acc[t, c]

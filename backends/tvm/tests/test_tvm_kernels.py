@@ -67,13 +67,18 @@ def test_bad_kernel_arguments():
         kernels.cuda_kernel(1, 64, 64, 16, "tanh")
     with pytest.raises(ValueError, match="threads"):
         kernels.cuda_kernel(1, 64, 64, 16, threads=100)
+    with pytest.raises(ValueError, match="vec"):
+        kernels.cuda_kernel(1, 64, 64, 16, vec=6)
 
 
 def _cuda_source():
     funcs = {}
-    for name, (m, k, n, dtype) in {"a": (1, 4096, 11008, "float32"), "b": (8, 11008, 4096, "float32"),
-                                    "c": (8, 4096, 11008, "float16"), "d": (None, 256, 200, "float32")}.items():
-        funcs[name] = kernels.cuda_kernel(m, k, n, 16, "gelu", dtype).with_attr("global_symbol", name)
+    for name, (m, k, n, dtype, extra) in {
+            "a": (1, 4096, 11008, "float32", {}), "b": (8, 11008, 4096, "float32", {}),
+            "c": (8, 4096, 11008, "float16", {}), "d": (None, 256, 200, "float32", {}),
+            "e": (1, 4096, 11008, "float32", {"vec": 16, "threads": 128}),
+            "f": (8, 4096, 11008, "float32", {"vec": 8, "token_tile": 4, "unroll": 8})}.items():
+        funcs[name] = kernels.cuda_kernel(m, k, n, 16, "gelu", dtype, **extra).with_attr("global_symbol", name)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host={"kind": "llvm"})
     executable = tvm.compile(tvm.IRModule(funcs), target=target)
     return executable, executable.mod.imports[0].inspect_source()
