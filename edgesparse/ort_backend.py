@@ -12,6 +12,18 @@ from .backends import Backend
 
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # protobuf's 2 GB limit, with room
 
+APP_SNIPPET = """\
+# Run this package with nothing but onnxruntime and numpy installed:
+import json, numpy as np, onnxruntime as ort
+pkg = "path/to/package"
+manifest = json.load(open(f"{pkg}/manifest.json"))
+options = ort.SessionOptions()
+for lib in manifest["runtime"]["custom_op_libraries"]:
+    options.register_custom_ops_library(f"{pkg}/{lib}")
+session = ort.InferenceSession(f"{pkg}/{manifest['runtime']['model']}", options)
+outputs = session.run(None, {i["name"]: np.zeros([d if isinstance(d, int) else 1 for d in i["shape"]], i["dtype"]) for i in manifest["inputs"]})
+"""
+
 
 class OrtBackend(Backend):
     name = "ort"
@@ -31,6 +43,7 @@ class OrtBackend(Backend):
             dest.parent.mkdir(exist_ok=True)
             shutil.copy2(built, dest)
             written.append(dest.relative_to(staging).as_posix())
+        (staging / "RUN.py.txt").write_text(APP_SNIPPET)
         return {
             "engine": "onnxruntime",
             "model": "model.onnx",

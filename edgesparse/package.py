@@ -14,17 +14,6 @@ from pathlib import Path
 from .errors import EdgesparseError
 from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 
-APP_SNIPPET = """\
-# Run this package with nothing but onnxruntime and numpy installed:
-import json, numpy as np, onnxruntime as ort
-pkg = "{name}"
-manifest = json.load(open(f"{{pkg}}/manifest.json"))
-options = ort.SessionOptions()
-for lib in manifest["runtime"]["custom_op_libraries"]:
-    options.register_custom_ops_library(f"{{pkg}}/{{lib}}")
-session = ort.InferenceSession(f"{{pkg}}/{{manifest['runtime']['model']}}", options)
-outputs = session.run(None, {{i["name"]: np.zeros([d if isinstance(d, int) else 1 for d in i["shape"]], i["dtype"]) for i in manifest["inputs"]}})
-"""
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -48,7 +37,6 @@ def staging_for(out: Path):
 
 def finalize(staging: Path, manifest: dict) -> dict:
     """Record the checksum of every file and write the manifest last."""
-    (staging / "RUN.py.txt").write_text(APP_SNIPPET.format(name=manifest.get("name", "package")))
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     manifest["files"] = {p.relative_to(staging).as_posix(): sha256(p) for p in files}

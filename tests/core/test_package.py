@@ -51,7 +51,7 @@ def test_runs_in_clean_venv_with_only_onnxruntime_and_numpy(built_mlp, clean_ven
 
 
 def test_snippet_shipped_in_the_package_runs(built_mlp, clean_venv, tmp_path):
-    snippet = (built_mlp / "RUN.py.txt").read_text().replace('pkg = "mlp"', f'pkg = "{built_mlp}"')
+    snippet = (built_mlp / "RUN.py.txt").read_text().replace('pkg = "path/to/package"', f'pkg = "{built_mlp}"')
     (tmp_path / "snippet.py").write_text(snippet)
     subprocess.run([str(clean_venv), str(tmp_path / "snippet.py")], check=True, cwd=tmp_path, capture_output=True)
 
