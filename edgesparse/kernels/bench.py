@@ -50,6 +50,10 @@ def _session(model, threads: int, lib=None):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads > 1:
+        # Two multi-threaded sessions are timed alternately: an idle pool's
+        # spinning worker would steal a core from the other session's run.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if lib is not None:
         so.register_custom_ops_library(str(lib))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
