@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.25, help="seconds of timing per case")
     ap.add_argument("--out", default=str(TABLE_PATH))
     ap.add_argument("--raw", default=None, help="also write every measured record here")
+    ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep entries of --out that this run does not re-measure (e.g. other thread counts)")
     args = ap.parse_args()
 
     lib = build_library(X86_64)
@@ -67,9 +70,33 @@ def main() -> None:
     ops = args.ops.split(",")
     sizes = MATMUL_SIZES[:2] if args.quick else MATMUL_SIZES
     conv_shapes = CONV_SHAPES[:2] if args.quick else CONV_SHAPES
-    blocks = (16,) if args.quick else BLOCKS
+    blocks = (16,) if args.quick else tuple(int(b) for b in args.blocks.split(","))
     entries, raw = [], []
+    kept = []
+    if args.merge and Path(args.out).exists():
+        kept = json.loads(Path(args.out).read_text()).get("entries", [])
     start = time.time()
+
+    def key(e):
+        return (e["op"], e["isa"], e["threads"], e["block"], json.dumps(e["shape"], sort_keys=True), e["tokens"])
+
+    def save():  # after every entry, so an interrupted run keeps what it measured
+        mine = {key(e) for e in entries}
+        table = {
+            "version": 1,
+            "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "margin": MARGIN,
+            "note": "regenerate with benchmarks/kernels/make_dispatch_table.py; speedup = ORT dense / sparse, "
+                    "min(median ratio, paired per-round ratio)",
+            "entries": [e for e in kept if key(e) not in mine] + entries,
+        }  # fmt: skip
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        os.replace(tmp, args.out)
+        if args.raw:
+            Path(args.raw).write_text(json.dumps(raw, indent=1) + "\n")
+
     for isa in isas:
         os.environ["EDGESPARSE_ISA"] = isa  # read by the library when each session creates its kernels
         for t in threads:
@@ -88,6 +115,7 @@ def main() -> None:
                                 "shape": {"K": k, "N": n}, "tokens": m, "size": k * n, "kind": [],
                                 "points": points, "break_even": break_even(points),
                             })  # fmt: skip
+                            save()
                             print(f"[{time.time() - start:6.0f}s] {isa} t={t} B={block} M={m} K={k} N={n}: "
                                   f"{points} -> {entries[-1]['break_even']}", flush=True)  # fmt: skip
                 if "conv" in ops and block in (8, 16):
@@ -104,21 +132,10 @@ def main() -> None:
                             "tokens": (hw // stride) ** 2, "size": c * o * kernel * kernel, "kind": [kernel, stride],
                             "points": points, "break_even": break_even(points),
                         })  # fmt: skip
+                        save()
                         print(f"[{time.time() - start:6.0f}s] {isa} t={t} B={block} conv C={c} O={o} HW={hw} "
                               f"k={kernel} s={stride}: {points} -> {entries[-1]['break_even']}", flush=True)  # fmt: skip
     os.environ.pop("EDGESPARSE_ISA", None)
-    table = {
-        "version": 1,
-        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "margin": MARGIN,
-        "note": "regenerate with benchmarks/kernels/make_dispatch_table.py; speedup = ORT dense / sparse, "
-                "min(median ratio, paired per-round ratio)",
-        "entries": entries,
-    }  # fmt: skip
-    Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
-    if args.raw:
-        Path(args.raw).write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {len(entries)} entries to {args.out} in {time.time() - start:.0f}s")
 
 
