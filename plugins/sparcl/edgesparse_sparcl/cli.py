@@ -141,7 +141,8 @@ def _print_summary(s: dict) -> None:
         return
     f = s["train_flops"]
     click.echo(f"  class-IL {s['class_il']:.2f}%  task-IL {s['task_il']:.2f}%  forgetting {s['forgetting']:.2f} points")
-    click.echo(f"  training {s['train_seconds']:.1f} s wall-clock, {f['total'] / 1e12:.3f} TFLOPs "
+    cpu = f", {s['train_cpu_seconds']:.1f} s CPU at {s['threads']} thread(s)" if "train_cpu_seconds" in s else ""
+    click.echo(f"  training {s['train_seconds']:.1f} s wall-clock{cpu}, {f['total'] / 1e12:.3f} TFLOPs "
                f"(forward {f['forward'] / 1e12:.3f}, dX {f['backward_input'] / 1e12:.3f}, dW {f['backward_weight'] / 1e12:.3f})")
     kern = [l["layer"] for l in s["layers"] if l["on_kernel"]]
     if kern:

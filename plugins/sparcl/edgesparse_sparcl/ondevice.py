@@ -42,8 +42,8 @@ step = ort.InferenceSession("update_step.onnx")
 params = dict(np.load("params.npz"))
 def update(x, y, buf_x, buf_y, buf_logits, logit_bias, lr=0.03, alpha=0.1, beta=0.5):
     feeds = {"x": x, "y": y, "buf_x": buf_x, "buf_y": buf_y, "buf_logits": buf_logits,
-             "logit_bias": logit_bias, "lr": np.float32(lr), "alpha": np.float32(alpha),
-             "beta": np.float32(beta)}
+             "logit_bias": logit_bias, "lr": np.array(lr, np.float32), "alpha": np.array(alpha, np.float32),
+             "beta": np.array(beta, np.float32)}
     feeds.update({info["param_inputs"][n]: params[n] for n in info["params"]})
     loss, *new = step.run(None, feeds)
     params.update(zip(info["params"], new))

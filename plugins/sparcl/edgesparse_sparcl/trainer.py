@@ -222,14 +222,15 @@ class ContinualTrainer:
         self.eval_batch = eval_batch
         self.schedule = Schedule.for_epochs(config.epochs, config.mask_every)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.buffer = ReservoirBuffer(config.buffer_size, tuple(stream.x_train.shape[1:]), stream.num_classes,
-                                      seed=config.seed + 1)
         self.layers = _find_layers(model, stream.x_train[:1])
         if not self.layers:
             raise EdgesparseError("the model has no Conv2d or Linear layer")
-        self._check_outputs()
+        self.outputs = self._check_outputs()
+        self.buffer = ReservoirBuffer(config.buffer_size, tuple(stream.x_train.shape[1:]), self.outputs,
+                                      seed=config.seed + 1)
         self._choose_pruned()
-        self.results = {"acc_class_il": [], "acc_task_il": [], "train_seconds": [], "flops": [], "steps": [],
+        self.results = {"acc_class_il": [], "acc_task_il": [], "train_seconds": [], "train_cpu_seconds": [],
+                        "flops": [], "steps": [],
                         "examples": [], "removed": [], "density": [], "completed_tasks": 0}
         self.flops = FlopCounter()
         self._dgm_masks: dict[str, torch.Tensor] = {}  # masked-dense layers: per-weight gradient masks
@@ -237,7 +238,7 @@ class ContinualTrainer:
         self._kept: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------
-    def _check_outputs(self) -> None:
+    def _check_outputs(self) -> int:
         self.model.eval()
         with torch.no_grad():
             out = self.model(self.stream.x_train[:2])
@@ -245,6 +246,7 @@ class ContinualTrainer:
         if out.dim() != 2 or out.shape[1] < self.stream.num_classes:
             raise EdgesparseError(f"the model returns shape {tuple(out.shape)}; it needs [batch, >= "
                                   f"{self.stream.num_classes}] logits for the stream's classes")
+        return int(out.shape[1])
 
     def _choose_pruned(self) -> None:
         c = self.config
@@ -301,12 +303,15 @@ class ContinualTrainer:
         if start_task == 0 and self.config.method == "sparcl":
             self._init_masks()
         for t in range(start_task, len(self.stream.tasks)):
+            cpu = time.process_time()
             seconds, steps, examples, removed = self._train_task(t)
+            cpu = time.process_time() - cpu
             acc_cil, acc_til = self.evaluate(t)
             r = self.results
             r["acc_class_il"].append(acc_cil)
             r["acc_task_il"].append(acc_til)
             r["train_seconds"].append(seconds)
+            r["train_cpu_seconds"].append(cpu)
             r["flops"].append(self.flops.as_dict())
             r["steps"].append(steps)
             r["examples"].append(examples)
@@ -324,14 +329,17 @@ class ContinualTrainer:
         r = self.results
         done = r["completed_tasks"]
         out = {"options": self.config.options(), "meta": self.meta, "data": self.stream.name, "tasks": [list(t) for t in self.stream.tasks],
-               "completed_tasks": done, "per_task": {k: r[k] for k in ("acc_class_il", "acc_task_il", "train_seconds",
-                                                                       "steps", "examples", "removed", "density")}}
+               "completed_tasks": done, "per_task": {k: r[k] for k in (
+                   "acc_class_il", "acc_task_il", "train_seconds", "train_cpu_seconds", "steps", "examples", "removed",
+                   "density")}}
         if done:
             out["class_il"] = float(np.mean(r["acc_class_il"][-1]))
             out["task_il"] = float(np.mean(r["acc_task_il"][-1]))
             out["forgetting"] = forgetting(r["acc_class_il"])
             out["forgetting_task_il"] = forgetting(r["acc_task_il"])
             out["train_seconds"] = float(sum(r["train_seconds"]))
+            out["train_cpu_seconds"] = float(sum(r["train_cpu_seconds"]))
+            out["threads"] = torch.get_num_threads()
             out["train_flops"] = r["flops"][-1]
         out["layers"] = [{"layer": l.name, "pruned": l.pruned is not None, "on_kernel": l.on_kernel,
                           "density": l.pruned.density() if l.pruned else 1.0,
@@ -350,7 +358,7 @@ class ContinualTrainer:
         stats = _ForgettingStats(n_task)
         optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr)
         classes = torch.tensor(self.stream.tasks[t])
-        other = torch.ones(self.stream.num_classes, dtype=torch.bool)
+        other = torch.ones(self.outputs, dtype=torch.bool)
         other[classes] = False
         removal_plan = self._removal_plan(n_task) if sparcl and c.ddr else {}
         total_steps = self._planned_steps(n_task, removal_plan)
