@@ -54,7 +54,7 @@ def test_pass_that_cannot_apply(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "relu.onnx"))
     fails("build", tmp_path / "relu.onnx", "-t", "x86", "-p", "magnitude", "-o", tmp_path / "out",
-          expect="no MatMul/Gemm with a constant weight")
+          expect="no MatMul/Gemm/Conv with a constant weight")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
