@@ -11,9 +11,10 @@ the first N - T keys come from the KV cache). Row t attends keys j <= p_t:
   the error stays below theta_q and never drifts). A far score changes only through the
   refreshed dimensions, so the kernel updates it with |active dims| MACs instead of D.
 * far keys enter the output with the weight they had when last applied: key j's weight is
-  re-applied (64 MACs on the value side) only when exp(s^_tj - c) moved by more than
-  theta_v * Z_t since then (Z_t: the row's softmax normaliser); otherwise its last applied
-  weight is kept in the running accumulator U = sum_j w^_j v_j.
+  re-applied (64 MACs on the value side) only when exp(s^_tj) moved by more than
+  theta_v * Z_{t-1} since then (Z_{t-1}: the previous row's softmax denominator, known before
+  the row starts, so the kernel decides in the same pass that updates the scores); otherwise
+  its last applied weight is kept in the running accumulator U = sum_j w^_j v_j.
 
     o_t = (sum_far w^_j v_j + sum_near w_j v_j) / (sum_far w^_j + sum_near w_j)
 
@@ -38,6 +39,7 @@ class DeltaState:
 
     q_hat: torch.Tensor          # [B, H, D] the transmitted query
     s_ref: torch.Tensor          # [B, H, N] score (scaled) at which each far key was last applied; -inf: not far yet
+    log_den: torch.Tensor        # [B, H] log of the last row's softmax denominator
 
 
 @dataclass
@@ -61,20 +63,24 @@ class DeltaStats:
         self.rows += other.rows
 
 
-def _per_head(theta, heads: int, like: torch.Tensor) -> torch.Tensor:
+def _per_head(theta, heads: int, like: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """A threshold as [1, heads, dims]: from one value, one per head, or (dims > 1) one per head
+    and dimension."""
     t = torch.as_tensor(theta, dtype=like.dtype, device=like.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(heads)
-    if t.numel() != heads:
-        raise ValueError(f"threshold has {t.numel()} values for {heads} heads")
-    return t.view(1, heads, 1)
+    if t.numel() == heads:
+        return t.view(1, heads, 1).expand(1, heads, dims)
+    if t.numel() == heads * dims:
+        return t.view(1, heads, dims)
+    raise ValueError(f"threshold has {t.numel()} values for {heads} heads of {dims} dims")
 
 
 def transmitted_queries(q: torch.Tensor, theta_q, q_hat: torch.Tensor | None):
     """The delta network on the query rows. q: [B, H, T, D]. Returns (q^ per row [B, H, T, D],
     active dims per row [B, H, T], final q^). A missing q_hat (fresh sequence) starts from q_0."""
     b, h, t_len, d = q.shape
-    theta = _per_head(theta_q, h, q)
+    theta = _per_head(theta_q, h, q, d)
     rows, active = [], []
     for t in range(t_len):
         q_t = q[:, :, t]
@@ -125,6 +131,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
     s_ref = torch.full((b, h, n), float("-inf"), dtype=q.dtype, device=q.device)
     if state is not None:
         s_ref[..., : state.s_ref.shape[-1]] = state.s_ref
+    log_den = state.log_den.clone() if state is not None else torch.full((b, h), float("-inf"), dtype=q.dtype, device=q.device)
     weights = torch.zeros(b, h, t_len, n, dtype=q.dtype, device=q.device)
     updated = torch.zeros(b, h, t_len, dtype=torch.int64, device=q.device)
     for t in range(t_len):
@@ -133,14 +140,16 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         cur = torch.where(nr | fr, cur, torch.full_like(cur, float("-inf")))
         c = cur.amax(-1, keepdim=True)
         w_now = torch.exp(cur - c)
-        z = w_now.sum(-1, keepdim=True)
         w_hat = torch.exp(s_ref - c)
-        moved = (w_now - w_hat).abs() > theta.unsqueeze(-1) * z
+        limit = theta * torch.exp(log_den - c[..., 0])
+        moved = (w_now - w_hat).abs() > limit.unsqueeze(-1)
         apply = fr & (nf | moved)
         s_ref = torch.where(apply, s_far[:, :, t], s_ref)
         s_ref = torch.where(fr, s_ref, torch.full_like(s_ref, float("-inf")))
         updated[:, :, t] = (apply & ~nf).sum(-1)
-        weights[:, :, t] = torch.where(fr, torch.exp(s_ref - c), torch.where(nr, w_now, torch.zeros_like(w_now)))
+        row = torch.where(fr, torch.exp(s_ref - c), torch.where(nr, w_now, torch.zeros_like(w_now)))
+        weights[:, :, t] = row
+        log_den = c[..., 0] + torch.log(row.sum(-1))
     out = torch.matmul(weights / weights.sum(-1, keepdim=True), vx)
 
     # MAC accounting, per row and head, as the kernel spends them
@@ -156,7 +165,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         rows=t_len,
     )
     stats.macs = stats.qk_macs + stats.pv_macs
-    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref)
+    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref, log_den=log_den)
     return out, new_state, stats
 
 

@@ -5,14 +5,16 @@
 // (j > p - window) and the first `sinks` keys get exact scores and weights. The others ("far"
 // keys) are approximated with two delta networks:
 //   * the query: dimension d of the transmitted query qh is refreshed only when
-//     |q_t[d] - qh[d]| > theta_q[h]; the far scores sh_j = scale * qh . k_j are then updated
+//     |q_t[d] - qh[d]| > theta_q[h][d]; the far scores sh_j = scale * qh . k_j are then updated
 //     with the refreshed dimensions only (|active| MACs per far key instead of D);
 //   * the value accumulation U = sum_far wh_j v_j keeps, per far key, the weight wh_j it was
 //     last applied with; key j is re-applied (D MACs) only when its current weight
-//     exp(sh_j - c) moved by more than theta_v[h] * Z (Z: the row's softmax normaliser).
+//     exp(sh_j - c) moved by more than theta_v[h] * Z (Z: the previous row's softmax
+//     normaliser, i.e. the denominator below).
 //   y_t = (U + sum_near w_j v_j) / (sum_far wh_j + sum_near w_j)
-// The state carried between calls (decode) is per (b, h): a header of 2 * D + 4 floats
-// {valid, c, sum_far wh, n_keys, qh[D], U[D]} followed by sh[n_keys] and wh[n_keys].
+// The state carried between calls (decode) is per (b, h): a header of 2 * D + 8 floats
+// {valid, c, sum_far wh, n_keys, previous denominator, 0, 0, 0, qh[D], U[D]}
+// followed by sh[n_keys] and wh[n_keys].
 #ifndef EDGESPARSE_DELTALLM_H
 #define EDGESPARSE_DELTALLM_H
 
@@ -22,15 +24,17 @@
 extern "C" {
 #endif
 
-#define DL_STATE_HEADER(d) (2 * (d) + 4)
+#define DL_STATE_HEADER(d) (2 * (d) + 8)
 
 typedef struct {
   int64_t t, n, d;              // query rows, keys (cache + new), head dim
   int64_t window, sinks;
   float scale;
-  float theta_q, theta_v;
+  const float* theta_q;         // [D] per-dimension query thresholds
+  float theta_v;
   const float* q;               // [T, D] this head's queries
   const float* kt;              // [D, n_pad] this kv head's keys, transposed, zero padded
+  const float* kmax;            // [D] max |k| per dimension over the keys (unused by the kernel)
   int64_t n_pad;
   const float* k;               // [N, D] row major
   const float* v;               // [N, D]
@@ -45,13 +49,15 @@ typedef struct {
   const char* isa;
   int vector_floats;
   void (*head)(dl_head_args* a);
-  // keys [N, D] -> kt [D, n_pad] (zero padded)
-  void (*transpose)(const float* k, int64_t n, int64_t d, int64_t n_pad, float* kt);
+  // keys [N, D] -> kt [D, n_pad] (zero padded), kmax[D] = max_j |k[j][d]|
+  void (*transpose)(const float* k, int64_t n, int64_t d, int64_t n_pad, float* kt, float* kmax);
+  int (*supports)(int64_t d);   // head dims this copy handles
 } dl_table;
 
-static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return 4 * n_pad + 6 * d + 64; }
+static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return (3 + 8) * n_pad + 4 * d + 64; }
 
-const dl_table* dl_kernels(void);
+const dl_table* dl_kernels(void);          // the widest copy this CPU runs
+const dl_table* dl_generic_kernels(void);  // the 16-byte copy (any head dim multiple of 4)
 
 #ifdef __cplusplus
 }

@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__x86_64__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -107,249 +107,344 @@ inline float sexp(float x) {
   return v[0];
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  vf acc = splat(0.f);
-  int64_t i = 0;
-  for (; i + W <= d; i += W) acc += ld(a + i) * ld(b + i);
-  float s = hsum(acc);
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
-inline void axpy(float* y, float a, const float* x, int64_t d) {
-  const vf av = splat(a);
-  int64_t i = 0;
-  for (; i + W <= d; i += W) st(y + i, ld(y + i) + av * ld(x + i));
-  for (; i < d; ++i) y[i] += a * x[i];
-}
 
 constexpr float kNegInf = -INFINITY;
-constexpr float kRebase = 20.f;
 constexpr int kMaxDim = 256;
 
-void transpose(const float* k, int64_t n, int64_t d, int64_t n_pad, float* kt) {
+void transpose(const float* k, int64_t n, int64_t d, int64_t n_pad, float* kt, float* kmax) {
   const int64_t tile = 32;
+  for (int64_t c = 0; c < d; ++c) kmax[c] = 0.f;
   for (int64_t j0 = 0; j0 < n; j0 += tile) {
     const int64_t j1 = j0 + tile < n ? j0 + tile : n;
     for (int64_t c = 0; c < d; ++c) {
       float* row = kt + c * n_pad;
-      for (int64_t j = j0; j < j1; ++j) row[j] = k[j * d + c];
+      float m = kmax[c];
+      for (int64_t j = j0; j < j1; ++j) {
+        const float x = k[j * d + c];
+        row[j] = x;
+        m = fabsf(x) > m ? fabsf(x) : m;
+      }
+      kmax[c] = m;
     }
   }
   for (int64_t c = 0; c < d; ++c) memset(kt + c * n_pad + n, 0, sizeof(float) * (size_t)(n_pad - n));
 }
 
-// sh[lo, hi) += sum_i dv[i] * kt[act[i]][.]; returns the max of sh over [lo, hi).
-float update_far(float* sh, const float* kt, int64_t n_pad, const int* act, const float* dv, int n_act,
-                 int64_t lo, int64_t hi) {
-  const int64_t base = lo / W * W;
-  vf mx = splat(kNegInf);
-  int64_t j = base;
-  if (n_act > 0) {
-    for (; j + 4 * W <= hi; j += 4 * W) {
-      vf a0 = ld(sh + j), a1 = ld(sh + j + W), a2 = ld(sh + j + 2 * W), a3 = ld(sh + j + 3 * W);
-      for (int i = 0; i < n_act; ++i) {
-        const float* r = kt + (int64_t)act[i] * n_pad + j;
-        const vf s = splat(dv[i]);
-        a0 += s * ld(r);
-        a1 += s * ld(r + W);
-        a2 += s * ld(r + 2 * W);
-        a3 += s * ld(r + 3 * W);
+// A head row of NV vectors, kept in registers.
+template <int NV>
+struct Acc {
+  vf r[NV];
+  void zero() {
+    for (int i = 0; i < NV; ++i) r[i] = splat(0.f);
+  }
+  void load(const float* p) {
+    for (int i = 0; i < NV; ++i) r[i] = ld(p + i * W);
+  }
+  void store(float* p) const {
+    for (int i = 0; i < NV; ++i) st(p + i * W, r[i]);
+  }
+  void fma(float a, const float* x) {
+    const vf av = splat(a);
+    for (int i = 0; i < NV; ++i) r[i] += av * ld(x + i * W);
+  }
+  void scale(float a) {
+    const vf av = splat(a);
+    for (int i = 0; i < NV; ++i) r[i] *= av;
+  }
+};
+
+template <int NV>
+inline float dotv(const float* a, const float* b) {
+  vf acc = ld(a) * ld(b);
+  for (int i = 1; i < NV; ++i) acc += ld(a + i * W) * ld(b + i * W);
+  return hsum(acc);
+}
+
+// Old far keys [lo, hi): sh += sum_i dv[i] * kt[act[i]] (skipped when n_act == 0); when
+// `fused`, also w = exp(sh - c) and the value-side decisions against wh, updating U and zh.
+// Returns the max of the updated sh over [lo, hi).
+constexpr int kRows = 8;     // query rows per chunk (phase A reuses each key block for all of them)
+constexpr int kBlock = 8;    // vectors of keys per block
+constexpr float kDrift = 20.f;
+
+// Phase A. Keys [lo, hi) are far for every row of the chunk. For each block of keys, load the
+// running far scores once and apply, row after row, that row's query delta over its active
+// dims only; row r's scores go to rows[r]. The key block of KT is reused across the rows from
+// L1, and skipped dims are never loaded. mx[r]: max of row r's far scores.
+void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt, int64_t n_pad,
+                const int (*act)[kMaxDim], const float (*dv)[kMaxDim], const int* n_act, int64_t lo, int64_t hi,
+                float* mx) {
+  vf m[kRows];
+  for (int r = 0; r < n_rows; ++r) m[r] = splat(kNegInf);
+  for (int64_t j = lo / W * W; j < hi; j += kBlock * W) {
+    const int nb = (hi - j + W - 1) / W < kBlock ? (int)((hi - j + W - 1) / W) : kBlock;
+    vf a[kBlock];
+    for (int b = 0; b < nb; ++b) a[b] = ld(sh + j + b * W);
+    for (int r = 0; r < n_rows; ++r) {
+      const int na = n_act[r];
+      if (nb == kBlock) {
+        for (int i = 0; i < na; ++i) {
+          const float* k = kt + (int64_t)act[r][i] * n_pad + j;
+          const vf s = splat(dv[r][i]);
+          for (int b = 0; b < kBlock; ++b) a[b] += s * ld(k + b * W);
+        }
+      } else {
+        for (int i = 0; i < na; ++i) {
+          const float* k = kt + (int64_t)act[r][i] * n_pad + j;
+          const vf s = splat(dv[r][i]);
+          for (int b = 0; b < nb; ++b) a[b] += s * ld(k + b * W);
+        }
       }
-      st(sh + j, a0);
-      st(sh + j + W, a1);
-      st(sh + j + 2 * W, a2);
-      st(sh + j + 3 * W, a3);
-    }
-    for (; j < hi; j += W) {  // the tail may run past hi: those keys are near, their sh is rewritten later
-      vf a0 = ld(sh + j);
-      for (int i = 0; i < n_act; ++i) a0 += splat(dv[i]) * ld(kt + (int64_t)act[i] * n_pad + j);
-      st(sh + j, a0);
+      for (int b = 0; b < nb; ++b) {
+        const int64_t j0 = j + b * W;
+        st(rows[r] + j0, a[b]);
+        const bool edge = j0 < lo || j0 + W > hi;
+        m[r] = vmax(m[r], edge ? (in_range(j0, lo, hi) ? a[b] : splat(kNegInf)) : a[b]);
+      }
     }
   }
-  for (j = base; j < hi; j += W) {
-    vf v = ld(sh + j);
-    if (j < lo || j + W > hi) v = in_range(j, lo, hi) ? v : splat(kNegInf);
-    mx = vmax(mx, v);
+  for (int r = 0; r < n_rows; ++r) mx[r] = hmax(m[r]);
+}
+
+// Phase B, value side of one row over keys [lo, hi) (far before the chunk): weights
+// exp(s - c) against the weights last applied; the keys that moved by more than `lim` are
+// re-applied to U and zh.
+template <int NV>
+void far_values(const float* s, float* wh, int64_t lo, int64_t hi, float c, float lim, const float* v, Acc<NV>& U,
+                float& zh, int64_t& n_upd) {
+  const vf cv = splat(c), limv = splat(lim);
+  for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
+    const vf w = vexp(ld(s + j0) - cv), o = ld(wh + j0);
+    const vf diff = w - o;
+    vi moved = vabs(diff) > limv;
+    if (j0 < lo || j0 + W > hi) moved &= in_range(j0, lo, hi);
+    uint32_t m = bits(moved);
+    if (!m) continue;
+    st(wh + j0, moved ? w : o);
+    while (m) {
+      const int i = __builtin_ctz(m);
+      m &= m - 1;
+      U.fma(diff[i], v + (j0 + i) * (NV * W));
+      zh += diff[i];
+      ++n_upd;
+    }
+  }
+}
+
+// Exact scores of the window keys [lo, hi] (vector-aligned superset written, other lanes kept).
+template <int NV>
+float window_scores(const float* qs, const float* kt, int64_t n_pad, int64_t lo, int64_t hi, float* out) {
+  constexpr int64_t D = NV * W;
+  vf mx = splat(kNegInf);
+  int64_t j = lo / W * W;
+  for (; j <= hi; j += 2 * W) {
+    vf a0 = splat(0.f), a1 = splat(0.f), b0 = splat(0.f), b1 = splat(0.f);
+    const bool two = j + W <= hi;
+    for (int64_t d = 0; d < D; d += 2) {
+      const float* k0 = kt + d * n_pad + j;
+      const float* k1 = k0 + n_pad;
+      a0 += splat(qs[d]) * ld(k0);
+      b0 += splat(qs[d + 1]) * ld(k1);
+      if (two) {
+        a1 += splat(qs[d]) * ld(k0 + W);
+        b1 += splat(qs[d + 1]) * ld(k1 + W);
+      }
+    }
+    const vf s0 = a0 + b0, s1 = a1 + b1;
+    const vi keep0 = in_range(j, lo, hi + 1);
+    st(out + j, keep0 ? s0 : ld(out + j));
+    mx = vmax(mx, keep0 ? s0 : splat(kNegInf));
+    if (two) {
+      const vi keep1 = in_range(j + W, lo, hi + 1);
+      st(out + j + W, keep1 ? s1 : ld(out + j + W));
+      mx = vmax(mx, keep1 ? s1 : splat(kNegInf));
+    }
   }
   return hmax(mx);
 }
 
-// out[j] = exp(s[j] - c) over [lo, hi) (vector-aligned superset written); returns the sum over [lo, hi).
-float exp_range(const float* s, float* out, float c, int64_t lo, int64_t hi) {
-  vf sum = splat(0.f);
-  const vf cv = splat(c);
-  for (int64_t j = lo / W * W; j < hi; j += W) {
-    vf w = vexp(ld(s + j) - cv);
-    if (j < lo || j + W > hi) w = in_range(j, lo, hi) ? w : splat(0.f);
-    st(out + j, w);
-    sum += w;
-  }
-  return hsum(sum);
-}
-
-void head(dl_head_args* a) {
-  const int64_t T = a->t, N = a->n, D = a->d, NP = a->n_pad, P = N - T;
+template <int NV>
+void head_impl(dl_head_args* a) {
+  constexpr int64_t D = NV * W;
+  const int64_t T = a->t, N = a->n, NP = a->n_pad, P = N - T;
   const int64_t win = a->window, sinks = a->sinks;
-  const float scale = a->scale, thq = a->theta_q, thv = a->theta_v;
-  float* sh = a->scratch;  // far scores (scaled)
-  float* wh = sh + NP;     // weights last applied (units of c)
-  float* wb = wh + NP;     // current far weights
-  float* nb = wb + NP;     // near scores, then near weights
-  float* qh = nb + NP;     // transmitted query
-  float* U = qh + D;       // sum_far wh_j v_j
-  float* O = U + D;        // near accumulation
-  float* qs = O + D;       // scaled query row (exact part)
-  int act[kMaxDim];
-  float dv[kMaxDim];
-  memset(sh, 0, sizeof(float) * (size_t)(4 * NP));
+  const float scale = a->scale, thv = a->theta_v;
+  const float* thq = a->theta_q;
+  const float* kt = a->kt;
+  float* sh = a->scratch;             // far scores (scaled), as of the last finished chunk
+  float* wh = sh + NP;                // weights last applied (units of c)
+  float* nb = wh + NP;                // near scores, then near weights
+  float* rows[kRows];                 // phase A output, one score row per query row of the chunk
+  for (int r = 0; r < kRows; ++r) rows[r] = nb + NP + r * NP;
+  float* qh = nb + NP + kRows * NP;   // transmitted query
+  float* qs = qh + D;                 // scaled query row
+  int act[kRows][kMaxDim];
+  float dv[kRows][kMaxDim];
+  int n_act[kRows];
+  float qhr[kRows][kMaxDim];          // qh after each row's update (new far keys need it)
+  float mfar[kRows];
+  memset(sh, 0, sizeof(float) * (size_t)(3 * NP));
 
+  Acc<NV> U;
+  U.zero();
   bool have_q = false, have_c = false;
-  float c = 0.f, zh = 0.f;
-  memset(U, 0, sizeof(float) * (size_t)D);
+  float c = 0.f, zh = 0.f, den_prev = 0.f;
   int64_t fe = sinks;  // far keys known to the state: [sinks, fe)
   if (a->state_in && a->state_in[0] != 0.f) {
     const float* s = a->state_in;
     c = s[1];
     zh = s[2];
     const int64_t ns = (int64_t)s[3];
-    memcpy(qh, s + 4, sizeof(float) * (size_t)D);
-    memcpy(U, s + 4 + D, sizeof(float) * (size_t)D);
-    const float* rows = s + DL_STATE_HEADER(D);
-    memcpy(sh, rows, sizeof(float) * (size_t)ns);
-    memcpy(wh, rows + ns, sizeof(float) * (size_t)ns);
+    den_prev = s[4];
+    memcpy(qh, s + 8, sizeof(float) * (size_t)D);
+    U.load(s + 8 + D);
+    const float* st_rows = s + DL_STATE_HEADER(D);
+    memcpy(sh, st_rows, sizeof(float) * (size_t)ns);
+    memcpy(wh, st_rows + ns, sizeof(float) * (size_t)ns);
     have_q = have_c = true;
     const int64_t last = P - 1;  // position of the last row the state has seen
     fe = last - win + 1 > sinks ? last - win + 1 : sinks;
   }
 
   int64_t dense = 0, qk = 0, pv = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t p = P + t;
-    const float* qt = a->q + t * D;
-    int64_t fe_new = p - win + 1 > sinks ? p - win + 1 : sinks;  // far keys this row: [sinks, fe_new)
-    if (fe_new > p + 1) fe_new = p + 1;
-    if (fe_new < fe) fe_new = fe;
-
-    // 1. query delta
-    int n_act = 0;
-    if (!have_q) {
-      memcpy(qh, qt, sizeof(float) * (size_t)D);
-      have_q = true;
-      n_act = (int)D;  // nothing far is known yet: costs nothing below
-    } else {
-      for (int64_t d = 0; d < D; ++d) {
-        const float diff = qt[d] - qh[d];
-        if (fabsf(diff) > thq) {
-          act[n_act] = (int)d;
-          dv[n_act] = diff * scale;
-          qh[d] = qt[d];
-          ++n_act;
+  for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+    const int n_rows = T - t0 < kRows ? (int)(T - t0) : kRows;
+    // query deltas of the chunk's rows (sequential, D compares per row)
+    for (int r = 0; r < n_rows; ++r) {
+      const float* qt = a->q + (t0 + r) * D;
+      int na = 0;
+      if (!have_q) {
+        memcpy(qh, qt, sizeof(float) * (size_t)D);
+        have_q = true;
+        na = -1;  // first row of a fresh sequence: no far key is known yet
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const float diff = qt[d] - qh[d];
+          if (fabsf(diff) > thq[d]) {
+            act[r][na] = (int)d;
+            dv[r][na] = diff * scale;
+            qh[d] = qt[d];
+            ++na;
+          }
         }
       }
+      n_act[r] = na;
+      memcpy(qhr[r], qh, sizeof(float) * (size_t)D);
     }
-    for (int64_t d = 0; d < D; ++d) qs[d] = qt[d] * scale;
+    int n_act_a[kRows];
+    for (int r = 0; r < n_rows; ++r) n_act_a[r] = n_act[r] < 0 ? 0 : n_act[r];
+    // phase A: keys far before the chunk
+    const int64_t fe0 = fe;
+    if (fe0 > sinks)
+      far_scores(sh, rows, n_rows, kt, NP, act, dv, n_act_a, sinks, fe0, mfar);
+    else
+      for (int r = 0; r < n_rows; ++r) mfar[r] = kNegInf;
 
-    // 2. old far keys: incremental update over the active dims
-    const int64_t n_old = fe > sinks ? fe - sinks : 0;
-    float m = kNegInf;
-    if (n_old > 0) m = update_far(sh, a->kt, NP, act, dv, n_act, sinks, fe);
-    // 3. keys that became far at this row: full dot with qh
-    const int64_t new_lo = fe > sinks ? fe : sinks;
-    for (int64_t j = new_lo; j < fe_new; ++j) {
-      sh[j] = scale * dot(qh, a->k + j * D, D);
-      m = sh[j] > m ? sh[j] : m;
-    }
-    // 4. near keys: sinks and window, exact
-    const int64_t sink_hi = sinks < p + 1 ? sinks : p + 1;
-    for (int64_t j = 0; j < sink_hi; ++j) {
-      nb[j] = dot(qs, a->k + j * D, D);
-      m = nb[j] > m ? nb[j] : m;
-    }
-    const int64_t ws = fe_new > sink_hi ? fe_new : sink_hi;  // window keys [ws, p]
-    if (ws <= p) {
-      const int64_t base = ws / W * W;
-      for (int64_t j = base; j <= p; j += W) {
-        vf acc = splat(0.f);
-        for (int64_t d = 0; d < D; ++d) acc += splat(qs[d]) * ld(a->kt + d * NP + j);
-        // lanes below ws hold far/sink keys: keep their values
-        vf old = ld(nb + j);
-        vi keep = in_range(j, ws, p + 1);
-        st(nb + j, keep ? acc : old);
-        m = fmaxf(m, hmax(keep ? acc : splat(kNegInf)));
+    // phase B: row by row
+    for (int r = 0; r < n_rows; ++r) {
+      const int64_t p = P + t0 + r;
+      const float* qt = a->q + (t0 + r) * D;
+      int64_t fe_new = p - win + 1 > sinks ? p - win + 1 : sinks;  // far keys this row: [sinks, fe_new)
+      if (fe_new > p + 1) fe_new = p + 1;
+      if (fe_new < fe) fe_new = fe;
+      const int64_t n_old = fe > sinks ? fe - sinks : 0;
+      const int64_t new_lo = fe > sinks ? fe : sinks;
+      const int na = n_act_a[r];
+      float m = mfar[r];
+      // keys that became far earlier in this chunk: incremental update from row-major K
+      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
+        const float* kj = a->k + j * D;
+        float acc = sh[j];
+        for (int i = 0; i < na; ++i) acc += dv[r][i] * kj[act[r][i]];
+        sh[j] = acc;
+        m = acc > m ? acc : m;
       }
-    }
-
-    // 5. softmax reference
-    if (!have_c) {
-      c = m;
-      have_c = true;
-    } else if (m > c + kRebase || m < c - kRebase) {
-      const float f = sexp(c - m);
-      for (int64_t d = 0; d < D; ++d) U[d] *= f;
-      zh *= f;
-      for (int64_t j = sinks; j < fe; ++j) wh[j] *= f;
-      c = m;
-    }
-
-    // 6. weights
-    const float zf = fe_new > sinks ? exp_range(sh, wb, c, sinks, fe_new) : 0.f;
-    float zn = 0.f;
-    for (int64_t j = 0; j < sink_hi; ++j) {
-      nb[j] = sexp(nb[j] - c);
-      zn += nb[j];
-    }
-    if (ws <= p) {
-      // exp in place over [ws, p]; the vector-aligned superset may cover far/sink lanes: keep them
-      for (int64_t j = ws / W * W; j <= p; j += W) {
-        vf v = ld(nb + j);
-        vi keep = in_range(j, ws, p + 1);
-        vf e = vexp(v - splat(c));
-        st(nb + j, keep ? e : v);
-        zn += hsum(keep ? e : splat(0.f));
+      // keys that become far at this row: full dot with the transmitted query
+      for (int64_t j = new_lo; j < fe_new; ++j) {
+        sh[j] = scale * dotv<NV>(qhr[r], a->k + j * D);
+        m = sh[j] > m ? sh[j] : m;
       }
-    }
-    const float z = zf + zn;
+      // near keys: sinks and window, exact
+      for (int64_t d = 0; d < D; ++d) qs[d] = qt[d] * scale;
+      const int64_t sink_hi = sinks < p + 1 ? sinks : p + 1;
+      for (int64_t j = 0; j < sink_hi; ++j) {
+        nb[j] = dotv<NV>(qs, a->k + j * D);
+        m = nb[j] > m ? nb[j] : m;
+      }
+      const int64_t ws = fe_new > sink_hi ? fe_new : sink_hi;  // window keys [ws, p]
+      if (ws <= p) m = fmaxf(m, window_scores<NV>(qs, kt, NP, ws, p, nb));
 
-    // 7. value side, far keys
-    int64_t n_upd = 0;
-    if (n_old > 0) {
-      const vf lim = splat(thv * z);
-      for (int64_t j0 = sinks / W * W; j0 < fe; j0 += W) {
-        const vf w = ld(wb + j0), o = ld(wh + j0);
-        const vf diff = w - o;
-        vi moved = vabs(diff) > lim;
-        if (j0 < sinks || j0 + W > fe) moved &= in_range(j0, sinks, fe);
-        uint32_t mb = bits(moved);
-        if (!mb) continue;
-        st(wh + j0, moved ? w : o);
-        while (mb) {
-          const int i = __builtin_ctz(mb);
-          mb &= mb - 1;
-          axpy(U, diff[i], a->v + (j0 + i) * D, D);
-          zh += diff[i];
+      // exp reference: the row maximum, moved only when it drifts (rescaling U, zh and wh)
+      if (!have_c || m > c + kDrift || m < c - kDrift) {
+        if (have_c) {
+          const float f = sexp(c - m);
+          U.scale(f);
+          zh *= f;
+          den_prev *= f;
+          for (int64_t j = sinks; j < fe; ++j) wh[j] *= f;
+        }
+        c = m;
+        have_c = true;
+      }
+      // value side: far keys
+      int64_t n_upd = 0;
+      const float lim = thv * den_prev;
+      if (fe0 > sinks) far_values<NV>(rows[r], wh, sinks, fe0, c, lim, a->v, U, zh, n_upd);
+      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
+        const float w = sexp(sh[j] - c), diff = w - wh[j];
+        if (fabsf(diff) > lim) {
+          U.fma(diff, a->v + j * D);
+          zh += diff;
+          wh[j] = w;
           ++n_upd;
         }
       }
-    }
-    for (int64_t j = new_lo; j < fe_new; ++j) {
-      axpy(U, wb[j], a->v + j * D, D);
-      zh += wb[j];
-      wh[j] = wb[j];
-    }
-    // near keys
-    for (int64_t d = 0; d < D; ++d) O[d] = U[d];
-    for (int64_t j = 0; j < sink_hi; ++j) axpy(O, nb[j], a->v + j * D, D);
-    for (int64_t j = ws; j <= p; ++j) axpy(O, nb[j], a->v + j * D, D);
-    const float inv = 1.f / (zh + zn);
-    float* yt = a->y + t * D;
-    for (int64_t d = 0; d < D; ++d) yt[d] = O[d] * inv;
+      for (int64_t j = new_lo; j < fe_new; ++j) {
+        const float w = sexp(sh[j] - c);
+        U.fma(w, a->v + j * D);
+        zh += w;
+        wh[j] = w;
+      }
+      // near keys
+      Acc<NV> O = U, O2;
+      O2.zero();
+      float zn = 0.f;
+      for (int64_t j = 0; j < sink_hi; ++j) {
+        const float w = sexp(nb[j] - c);
+        zn += w;
+        O.fma(w, a->v + j * D);
+      }
+      if (ws <= p) {
+        vf zv = splat(0.f);
+        for (int64_t j = ws / W * W; j <= p; j += W) {
+          const vi keep = in_range(j, ws, p + 1);
+          const vf e = keep ? vexp(ld(nb + j) - splat(c)) : splat(0.f);
+          st(nb + j, e);
+          zv += e;
+        }
+        zn += hsum(zv);
+        int64_t j = ws;
+        for (; j + 1 <= p; j += 2) {
+          O.fma(nb[j], a->v + j * D);
+          O2.fma(nb[j + 1], a->v + (j + 1) * D);
+        }
+        if (j <= p) O.fma(nb[j], a->v + j * D);
+        for (int i = 0; i < NV; ++i) O.r[i] += O2.r[i];
+      }
+      const float den = zh + zn;
+      O.scale(1.f / den);
+      O.store(a->y + (t0 + r) * D);
+      den_prev = den;
 
-    const int64_t n_new = fe_new - new_lo;
-    const int64_t n_near = sink_hi + (ws <= p ? p - ws + 1 : 0);
-    dense += 2 * D * (p + 1);
-    qk += (n_near + n_new) * D + (int64_t)(n_old > 0 ? n_act : 0) * n_old;
-    pv += (n_near + n_new) * D + n_upd * D;
-    fe = fe_new;
+      const int64_t n_new = fe_new - new_lo;
+      const int64_t n_near = sink_hi + (ws <= p ? p - ws + 1 : 0);
+      dense += 2 * D * (p + 1);
+      qk += (n_near + n_new) * D + (int64_t)na * n_old;
+      pv += (n_near + n_new) * D + n_upd * D;
+      fe = fe_new;
+    }
+    // the chunk's last score row becomes the running far scores
+    if (fe0 > sinks) memcpy(sh + sinks, rows[n_rows - 1] + sinks, sizeof(float) * (size_t)(fe0 - sinks));
   }
   a->macs[0] = dense;
   a->macs[1] = qk;
@@ -361,14 +456,56 @@ void head(dl_head_args* a) {
     s[1] = c;
     s[2] = zh;
     s[3] = (float)N;
-    memcpy(s + 4, qh, sizeof(float) * (size_t)D);
-    memcpy(s + 4 + D, U, sizeof(float) * (size_t)D);
-    float* rows = s + DL_STATE_HEADER(D);
-    memcpy(rows, sh, sizeof(float) * (size_t)N);
-    memcpy(rows + N, wh, sizeof(float) * (size_t)N);
+    s[4] = den_prev;
+    s[5] = s[6] = s[7] = 0.f;
+    memcpy(s + 8, qh, sizeof(float) * (size_t)D);
+    U.store(s + 8 + D);
+    float* st_rows = s + DL_STATE_HEADER(D);
+    memcpy(st_rows, sh, sizeof(float) * (size_t)N);
+    memcpy(st_rows + N, wh, sizeof(float) * (size_t)N);
+  }
+}
+
+// Tiny weights (exp of very negative scores) and their differences can be subnormal; CPUs
+// handle those in slow microcode, so the kernel flushes them to zero (x86: MXCSR FTZ/DAZ).
+struct FlushDenormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+#define DL_HEAD_CASES(X) X(1) X(2) X(4) X(5) X(6) X(8) X(10) X(12) X(16) X(20) X(24) X(32) X(64)
+
+void head(dl_head_args* a) {
+  FlushDenormals guard;
+  switch (a->d / W) {
+#define DL_CASE(n) \
+  case n:          \
+    head_impl<n>(a); \
+    break;
+    DL_HEAD_CASES(DL_CASE)
+#undef DL_CASE
+    default:
+      break;  // the glue checks supports() first
+  }
+}
+
+// head dims this copy handles: D = W * n for the n instantiated above, D <= 256
+int supports(int64_t d) {
+  if (d % W || d > kMaxDim) return 0;
+  switch (d / W) {
+#define DL_CASE(n) \
+  case n:          \
+    return 1;
+    DL_HEAD_CASES(DL_CASE)
+#undef DL_CASE
+    default:
+      return 0;
   }
 }
 
 }  // namespace
 
-extern "C" const dl_table DL_TABLE_NAME = {DL_ISA_NAME, W, head, transpose};
+extern "C" const dl_table DL_TABLE_NAME = {DL_ISA_NAME, W, head, transpose, supports};

@@ -31,6 +31,8 @@ static const dl_table* pick() {
   return &dl_table_generic;
 }
 
+extern "C" const dl_table* dl_generic_kernels(void) { return &dl_table_generic; }
+
 extern "C" const dl_table* dl_kernels(void) {
   static const dl_table* table = pick();
   return table;

@@ -2,7 +2,8 @@
 //
 // Inputs:  0 Q float [B, H, T, D] (after RoPE, unscaled)
 //          1 K float [B, Hkv, N, D] (cache + new keys), 2 V float [B, Hkv, N, D]
-//          3 theta_q float [H] or [1], 4 theta_v float [H] or [1] (thresholds, usually initializers)
+//          3 theta_q float [1], [H] or [H, D] (per head and dimension), 4 theta_v float [1] or [H]
+//            (thresholds, usually initializers)
 //          5 state float [B, H, M] (optional; M = 0: fresh sequence, else 2 * D + 4 + 2 * (N - T),
 //            the state output of the previous call)
 // Outputs: 0 Y float [B, H, T, D]
@@ -131,16 +132,21 @@ struct Kernel {
     return fp;
   }
 
-  std::vector<float> thresholds(Ort::KernelContext& ctx, size_t i, const char* what, int64_t heads) {
+  // thresholds as [heads * per] values: the input holds 1, heads or heads * per (per > 1) of them
+  std::vector<float> thresholds(Ort::KernelContext& ctx, size_t i, const char* what, int64_t heads, int64_t per) {
     Input t = input(ctx, i, what);
     int64_t count = 1;
     for (int64_t s : t.shape) count *= s;
-    if (!t.data || (count != 1 && count != heads))
-      throw Error(std::string(what) + " needs 1 or H=" + std::to_string(heads) + " values, got " + shape_str(t.shape));
-    std::vector<float> v(t.data, t.data + count);
-    for (float x : v)
-      if (!(x >= 0.f)) throw Error(std::string(what) + " must be >= 0");
-    if (count == 1) v.assign((size_t)heads, v[0]);
+    if (!t.data || (count != 1 && count != heads && count != heads * per))
+      throw Error(std::string(what) + " needs 1, H=" + std::to_string(heads) +
+                  (per > 1 ? " or H*D=" + std::to_string(heads * per) : std::string()) + " values, got " +
+                  shape_str(t.shape));
+    for (int64_t j = 0; j < count; ++j)
+      if (!(t.data[j] >= 0.f)) throw Error(std::string(what) + " must be >= 0");
+    std::vector<float> v((size_t)(heads * per));
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t d = 0; d < per; ++d)
+        v[(size_t)(h * per + d)] = count == 1 ? t.data[0] : count == heads ? t.data[h] : t.data[h * per + d];
     return v;
   }
 
@@ -154,9 +160,11 @@ struct Kernel {
     if (k.shape[0] != B || k.shape[3] != D || HKV <= 0 || H % HKV)
       throw Error("Q " + shape_str(q.shape) + " and K " + shape_str(k.shape) + " do not match (B, D, H % Hkv)");
     if (N < T) throw Error("K has fewer keys (" + std::to_string(N) + ") than Q has rows (" + std::to_string(T) + ")");
-    if (D > 256) throw Error("head dim above 256 is not supported");
-    std::vector<float> thq = thresholds(ctx, 3, "theta_q (input 3)", H);
-    std::vector<float> thv = thresholds(ctx, 4, "theta_v (input 4)", H);
+    const dl_table* tb = table->supports(D) ? table : dl_generic_kernels();
+    if (!tb->supports(D))
+      throw Error("head dim " + std::to_string(D) + " is not supported (multiples of 4 up to 256: 32, 64, 80, 96, 128, 256, ...)");
+    std::vector<float> thq = thresholds(ctx, 3, "theta_q (input 3)", H, D);
+    std::vector<float> thv = thresholds(ctx, 4, "theta_v (input 4)", H, 1);
     Input state;
     if (ctx.GetInputCount() > 5) state = input(ctx, 5, "state (input 5)");
     const int64_t hdr = DL_STATE_HEADER(D);
@@ -218,9 +226,9 @@ struct Kernel {
       return;
     }
 
-    const int64_t vw = table->vector_floats;
+    const int64_t vw = tb->vector_floats;
     const int64_t np = (N + vw - 1) / vw * vw + vw;  // one spare vector for aligned tails
-    std::vector<float> kt((size_t)(B * HKV * D * np));
+    std::vector<float> kt((size_t)(B * HKV * D * np)), kmax((size_t)(B * HKV * D));
     const int64_t per_head = dl_scratch_floats(np, D);
     std::vector<float> scratch((size_t)(B * H * per_head));
     std::vector<dl_head_args> args((size_t)(B * H));
@@ -234,10 +242,11 @@ struct Kernel {
         a.window = window;
         a.sinks = sinks;
         a.scale = scale;
-        a.theta_q = thq[(size_t)h];
+        a.theta_q = thq.data() + h * D;
         a.theta_v = thv[(size_t)h];
         a.q = q.data + i * T * D;
         a.kt = kt.data() + g * D * np;
+        a.kmax = kmax.data() + g * D;
         a.n_pad = np;
         a.k = k.data + g * N * D;
         a.v = v.data + g * N * D;
@@ -251,12 +260,14 @@ struct Kernel {
       const dl_table* table;
       const float* k;
       float* kt;
+      float* kmax;
       int64_t n, d, np;
       dl_head_args* args;
-    } job{table, k.data, kt.data(), N, D, np, args.data()};
+    } job{tb, k.data, kt.data(), kmax.data(), N, D, np, args.data()};
     auto transpose = [](void* p, size_t i) {
       Job* j = static_cast<Job*>(p);
-      j->table->transpose(j->k + (int64_t)i * j->n * j->d, j->n, j->d, j->np, j->kt + (int64_t)i * j->d * j->np);
+      j->table->transpose(j->k + (int64_t)i * j->n * j->d, j->n, j->d, j->np, j->kt + (int64_t)i * j->d * j->np,
+                          j->kmax + (int64_t)i * j->d);
     };
     auto heads = [](void* p, size_t i) {
       Job* j = static_cast<Job*>(p);
