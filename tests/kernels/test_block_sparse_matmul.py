@@ -108,7 +108,7 @@ def test_kernel_matches_reference(kernel_lib, isa, k, n, m, layout, block, spars
     assert_close(y, block_sparse_matmul_reference(x, packed, n, bias, activation), k)
 
 
-@pytest.mark.parametrize("m,k,n,block", [(64, 256, 200, 16), (37, 96, 130, 8), (1, 300, 64, 4), (130, 64, 48, 16)])
+@pytest.mark.parametrize("m,k,n,block", [(64, 256, 200, 16), (37, 96, 130, 8), (1, 300, 64, 4), (130, 64, 48, 16), (70, 200, 36, 4), (21, 50, 70, 8)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_larger_shapes_and_threads(kernel_lib, isa, m, k, n, block, threads):
     rng = np.random.default_rng(m + k + n)

@@ -123,6 +123,89 @@ static void bsmm_rows(const es_bsmm_args* a, const float* xt, int64_t ldx, int64
   }
 }
 
+// Token-vectorised variant for blocks narrower than the native vector (e.g.
+// 4x1 and 8x1 blocks with AVX-512): vectors run over TV*L consecutive tokens
+// of the packed tile, each of the B weights of a block is broadcast, so every
+// FMA is full width. Used when M > B (see bsmm_token_path).
+template <int B>
+struct BsmmTokTile {
+  static constexpr int TV0 = (ES_NUM_VREGS - 1) / (B + 1);
+  static constexpr int TV = TV0 > 4 ? 4 : (TV0 < 1 ? 1 : TV0);
+  static constexpr int T = TV * ES_VEC_FLOATS;
+};
+
+static inline bool bsmm_token_path(const es_bsmm_args* a) {
+  return a->block < ES_VEC_FLOATS && a->m > a->block;
+}
+
+// Tokens per packed tile for this call.
+static inline int32_t bsmm_tile(const es_bsmm_args* a) {
+  if (bsmm_token_path(a)) {
+    switch (a->block) {
+      case 4:
+        return BsmmTokTile<4>::T;
+      case 8:
+        return BsmmTokTile<(8 < ES_VEC_FLOATS ? 8 : 4)>::T;
+    }
+  }
+  return bsmm_tile_m(a->block);
+}
+
+// Block rows [jb, je) for the tc tokens of one tile (tc <= TV*L; lanes past
+// tc read the next tile or the scratch slack and are never stored).
+template <int B, int TV>
+static void bsmm_rows_tok(const es_bsmm_args* a, const float* xt, int tc, int64_t m0, int64_t jb, int64_t je) {
+  constexpr int L = ES_VEC_FLOATS;
+  const int64_t n = a->n;
+  for (int64_t j = jb; j < je; ++j) {
+    vfloat acc[B][TV];
+    for (int b = 0; b < B; ++b)
+      for (int v = 0; v < TV; ++v) acc[b][v] = vzero<vfloat>();
+    const int32_t p1 = a->row_ptr[j + 1];
+    for (int32_t p = a->row_ptr[j]; p < p1; ++p) {
+      const float* xp = xt + (int64_t)a->k_index[p] * tc;
+      const float* w = a->values + (int64_t)p * B;
+      vfloat xv[TV];
+      for (int v = 0; v < TV; ++v) xv[v] = vload<vfloat>(xp + v * L);
+      for (int b = 0; b < B; ++b) {
+        const float wb = w[b];
+        for (int v = 0; v < TV; ++v) acc[b][v] += xv[v] * wb;
+      }
+    }
+    const int64_t n0 = j * B;
+    const int valid = n - n0 < B ? (int)(n - n0) : B;
+    float buf[B][TV * L];
+    for (int b = 0; b < valid; ++b) {
+      const float bias = a->bias ? a->bias[n0 + b] : 0.0f;
+      for (int v = 0; v < TV; ++v) vstore<vfloat>(&buf[b][v * L], vactivate(acc[b][v] + bias, a->activation));
+    }
+    for (int t = 0; t < tc; ++t) {
+      float* y = a->y + (m0 + t) * n + n0;
+      for (int b = 0; b < valid; ++b) y[b] = buf[b][t];
+    }
+  }
+}
+
+template <int B>
+static void bsmm_rows_tok_any(const es_bsmm_args* a, const float* xt, int tc, int64_t m0, int64_t jb, int64_t je) {
+  constexpr int TV = BsmmTokTile<B>::TV;
+  const int tv = (tc + ES_VEC_FLOATS - 1) / ES_VEC_FLOATS;
+  switch (tv) {
+    case 1:
+      bsmm_rows_tok<B, 1>(a, xt, tc, m0, jb, je);
+      return;
+    case 2:
+      if constexpr (TV >= 2) bsmm_rows_tok<B, (TV >= 2 ? 2 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+    case 3:
+      if constexpr (TV >= 3) bsmm_rows_tok<B, (TV >= 3 ? 3 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+    default:
+      if constexpr (TV >= 4) bsmm_rows_tok<B, (TV >= 4 ? 4 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+  }
+}
+
 template <int B>
 static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, int64_t ldx,
                           int64_t m0, int64_t jb, int64_t je) {
@@ -145,7 +228,7 @@ static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, in
 static int bsmm_pack(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t m_end) {
   if (a->m <= 1) return 1;
   const int64_t k = a->k;
-  const int64_t tm = bsmm_tile_m(a->block);
+  const int64_t tm = bsmm_tile(a);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
     const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
     const float* x = a->x + m0 * k;
@@ -167,14 +250,19 @@ static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, 
     for (int64_t m0 = m_begin; m0 < m_end; ++m0) rows(1, a, a->x + m0 * a->k, 1, m0, j_begin, j_end);
     return;
   }
-  const int64_t tm = bsmm_tile_m(a->block);
+  const int64_t tm = bsmm_tile(a);
+  void (*tok)(const es_bsmm_args*, const float*, int, int64_t, int64_t, int64_t) = nullptr;
+  if (bsmm_token_path(a)) tok = a->block == 4 ? bsmm_rows_tok_any<4> : bsmm_rows_tok_any<(8 < ES_VEC_FLOATS ? 8 : 4)>;
   const int64_t group_blocks = ES_BSMM_GROUP_BYTES / (a->block * (int64_t)sizeof(float));
   for (int64_t j0 = j_begin; j0 < j_end;) {
     int64_t j1 = j0 + 1;
     while (j1 < j_end && a->row_ptr[j1 + 1] - a->row_ptr[j0] <= group_blocks) ++j1;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
       const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
-      rows((int)tc, a, xp + m0 * a->k, tc, m0, j0, j1);
+      if (tok)
+        tok(a, xp + m0 * a->k, (int)tc, m0, j0, j1);
+      else
+        rows((int)tc, a, xp + m0 * a->k, tc, m0, j0, j1);
     }
     j0 = j1;
   }

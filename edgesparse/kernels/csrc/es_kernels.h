@@ -99,14 +99,16 @@ typedef struct es_gffn_args {
 typedef struct es_kernel_table {
   const char* isa;   /* "generic", "avx2", "avx512" */
   int32_t vec_floats; /* native vector width in floats */
-  /* Tokens per register tile for a block size (token ranges split on it). */
+  /* Tokens per register tile of the output-vectorised path for a block size.
+   * Split token ranges on bsmm_tile(a) (end of the table), which also covers
+   * the token-vectorised path for narrow blocks. */
   int32_t (*bsmm_tile_m)(int32_t block);
 
   /* Pack rows [m_begin, m_end) of x for bsmm (m_begin a multiple of the tile).
    * xp must hold m * k floats; returns nonzero when packing is not used
    * (m == 1: then pass xp = NULL to bsmm_range). */
   int (*bsmm_pack)(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t m_end);
-  /* Tokens [m_begin, m_end) (multiples of bsmm_tile_m except at m) x block
+  /* Tokens [m_begin, m_end) (multiples of bsmm_tile(a) except at m) x block
    * rows [j_begin, j_end). xp is the packed x, or NULL when m == 1. */
   void (*bsmm_range)(const es_bsmm_args* a, const float* xp, int64_t m_begin, int64_t m_end,
                      int64_t j_begin, int64_t j_end);
@@ -139,6 +141,10 @@ typedef struct es_kernel_table {
                     int64_t n_end);
   /* All three phases for tokens [t_begin, t_end), single threaded. */
   void (*gffn_range)(const es_gffn_args* a, float* scratch, int64_t t_begin, int64_t t_end);
+
+  /* Tokens per packed tile for this call (pack and range split on it). The
+   * packed x needs m * k + vec_floats floats (the last tile may over-read). */
+  int32_t (*bsmm_tile)(const es_bsmm_args* a);
 } es_kernel_table;
 
 /* The table of the best ISA this CPU supports among those compiled in, or the

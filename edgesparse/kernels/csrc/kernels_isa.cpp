@@ -26,4 +26,5 @@ extern "C" const es_kernel_table ES_TABLE_NAME = {
     ES_NS::gffn_up,
     ES_NS::gffn_down,
     ES_NS::gffn_range,
+    ES_NS::bsmm_tile,
 };

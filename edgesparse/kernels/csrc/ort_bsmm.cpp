@@ -144,7 +144,7 @@ struct BsmmKernel {
 
   static void run(Ort::KernelContext& ctx, const es_kernel_table* t, const es_bsmm_args& a) {
     const int64_t nb = (a.n + a.block - 1) / a.block;
-    const int64_t tm = t->bsmm_tile_m(a.block);
+    const int64_t tm = t->bsmm_tile(&a);
     const int64_t tiles = (a.m + tm - 1) / tm;
 
     float* xp = nullptr;
