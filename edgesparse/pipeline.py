@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from . import __version__, export, inputs, package, verify
 from .context import BuildContext
@@ -62,7 +63,7 @@ def build(request: BuildRequest, registry=None) -> dict:
     model = export.load_onnx(Path(request.model)) if source is None else None
 
     # torch passes and export
-    calibration = _calibration(request, source, model)
+    calibration, input_kind = _calibration(request, source, model)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
                        threads=request.threads, quiet=request.quiet)
     if source is not None:
@@ -72,13 +73,9 @@ def build(request: BuildRequest, registry=None) -> dict:
             source.module = p.transform_module(source.module, ctx)
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
-        if not calibration:
-            ctx._calibration = calibration = inputs.generated(model)
     model = export.check(model, "before the passes")
 
     # ONNX passes
-    import onnx_ir as ir
-
     graph = ir.from_proto(model)
     for p in passes:
         if "onnx" in p.stages():
@@ -106,35 +103,40 @@ def build(request: BuildRequest, registry=None) -> dict:
             "warnings": ctx.warnings,
             "tools": _tool_versions(target),
         }
-        package.finalize(staging, manifest)
-
-        ctx.log(f"verifying on {len(calibration[:VERIFY_BATCHES])} input batches")
-        batches = calibration[:VERIFY_BATCHES]
-        runs = [target.run_package(staging, b, request.threads) for b in batches]
-        reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
-        error = verify.max_abs_error([r.outputs for r in runs], reference)
-        scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
-        tolerance = request.tolerance * max(1.0, scale)
-        cover = verify.coverage(verify.sparse_nodes(model, libraries), runs[0].kernel_nodes, libraries)
-        _save_verification_data(staging, batches[0], reference[0], model)
-        manifest["verification"] = {
-            "max_abs_error": error,
-            "tolerance": tolerance,
-            "passed": error <= tolerance,
-            "batches": len(batches),
-            "inputs": "calibration" if source and source.calibration or request.inputs else "generated",
-            **cover,
-        }
+        package.finalize(staging, manifest)  # the target runs the package as an app would: complete it first
+        manifest["verification"] = _verify(target, staging, model, libraries, calibration, input_kind, request, ctx)
+        manifest["warnings"] = ctx.warnings
         manifest = package.finalize(staging, manifest)
-        if error > tolerance:
-            raise EdgesparseError(f"verification failed: max abs error {error:.3g} exceeds tolerance {tolerance:.3g}")
-        fraction = cover["fraction_on_sparse_kernels"]
-        if fraction is not None and fraction < 1:
-            ctx.warn(f"only {cover['sparse_nodes_on_kernel']}/{cover['sparse_nodes']} sparse nodes run on a sparse kernel: the rest run dense")
-            manifest["warnings"] = ctx.warnings
-            manifest = package.finalize(staging, manifest)
+        if not manifest["verification"]["passed"]:
+            v = manifest["verification"]
+            raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance {v['tolerance']:.3g}")
         package.publish(staging, out, request.force)
     return manifest
+
+
+def _verify(target, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
+            request: BuildRequest, ctx) -> dict:
+    """Run the package where it runs against the dense reference, and count the sparse nodes that
+    really ran on a sparse kernel."""
+    batches = calibration[:VERIFY_BATCHES]
+    ctx.log(f"verifying on {len(batches)} input batches")
+    runs = [target.run_package(staging, b, request.threads) for b in batches]
+    reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
+    error = verify.max_abs_error([r.outputs for r in runs], reference)
+    scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
+    tolerance = request.tolerance * max(1.0, scale)
+    cover = verify.coverage(verify.sparse_nodes(model, libraries), runs[0].kernel_nodes, libraries)
+    if cover["fraction_on_sparse_kernels"] is not None and cover["fraction_on_sparse_kernels"] < 1:
+        ctx.warn(f"only {cover['sparse_nodes_on_kernel']}/{cover['sparse_nodes']} sparse nodes run on a sparse kernel: the rest run dense")
+    _save_verification_data(staging, batches[0], reference[0], model)
+    return {
+        "max_abs_error": error,
+        "tolerance": tolerance,
+        "passed": error <= tolerance,
+        "batches": len(batches),
+        "inputs": input_kind,
+        **cover,
+    }
 
 
 def _save_verification_data(staging: Path, batch: dict, outputs: list, model) -> None:
@@ -151,11 +153,12 @@ def _backend_for(registry, target, name):
     return registry.get("backends", name)
 
 
-def _calibration(request: BuildRequest, source: TorchModel | None, model) -> list[dict]:
+def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tuple[list[dict], str]:
+    """Input batches for calibration and verification, and where they came from."""
     if request.inputs is not None:
         if model is None:
             raise EdgesparseError("--inputs is for ONNX models; a model factory provides calibration=")
-        return inputs.from_npz(request.inputs, model)
+        return inputs.from_npz(request.inputs, model), "file"
     if source is not None and source.calibration is not None:
         batches = []
         for batch in source.calibration():
@@ -164,10 +167,10 @@ def _calibration(request: BuildRequest, source: TorchModel | None, model) -> lis
                 break
         if not batches:
             raise EdgesparseError("the model factory's calibration() yielded no batches")
-        return batches
+        return batches, "calibration"
     if source is not None:
-        return [inputs.to_numpy(source.example_inputs)]
-    return inputs.generated(model)
+        return [inputs.to_numpy(source.example_inputs)], "example"
+    return inputs.generated(model), "generated"
 
 
 def _attach_functions(model: onnx.ModelProto, registry) -> list:
