@@ -318,12 +318,20 @@ void head_impl(dl_head_args* a) {
         have_q = true;
         na = -1;  // first row of a fresh sequence: no far key is known yet
       } else {
-        for (int64_t d = 0; d < D; ++d) {
-          const float diff = qt[d] - qh[d];
-          if (fabsf(diff) > thq[d]) {
-            act[r][na] = (int)d;
-            dv[r][na] = diff * scale;
-            qh[d] = qt[d];
+        // vector compare, then walk the set bits (a branch per dim would mispredict)
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          const vf x = ld(qt + d0), o = ld(qh + d0);
+          const vf diff = x - o;
+          const vi moved = vabs(diff) > ld(thq + d0);
+          uint32_t m = bits(moved);
+          if (!m) continue;
+          st(qh + d0, moved ? x : o);
+          const vf scaled = diff * splat(scale);
+          while (m) {
+            const int i = __builtin_ctz(m);
+            m &= m - 1;
+            act[r][na] = (int)d0 + i;
+            dv[r][na] = scaled[i];
             ++na;
           }
         }
