@@ -79,6 +79,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_steps(model, x, y, steps, *, lr=2e-3, batch=128, seed=0, weight_decay=1e-4, log=None, schedule=True):
     """`steps` AdamW steps with a cosine schedule on (x, y) numpy arrays; BatchNorm in train mode."""
     gen = torch.Generator().manual_seed(seed)
+    model.to(memory_format=torch.channels_last)  # ~25 % faster depthwise convs on CPU
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if schedule else None
     model.train()
@@ -86,14 +87,16 @@ def train_steps(model, x, y, steps, *, lr=2e-3, batch=128, seed=0, weight_decay=
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, len(xt), (batch,), generator=gen)
-        loss = F.cross_entropy(model(augment(xt[idx], gen)), yt[idx])
+        batch_x = augment(xt[idx], gen).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(batch_x), yt[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if sched:
             sched.step()
         if log and (step % 200 == 0 or step == steps - 1):
-            log(f"step {step + 1}/{steps} loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+            log(f"step {step + 1}/{steps} loss {float(loss.detach()):.4f} ({time.time() - t0:.0f} s)")
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return model
 

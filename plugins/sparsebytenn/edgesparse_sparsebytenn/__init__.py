@@ -55,6 +55,7 @@ class SparseByteNN(Pass):
         Option("rearrange_iterations", int, 200, "rounds of pairwise group swaps per channel space", check=_positive),
         Option("recovery", str, "none", "after pruning: nothing, the model's own training loop, or distillation "
                "from the dense model on the calibration inputs", choices=("none", "train", "distill")),
+        Option("bn_recalibration", bool, True, "re-estimate BatchNorm statistics on the calibration inputs after pruning"),
         Option("recovery_steps", int, 200, "training / distillation steps", check=_positive),
         Option("recovery_seconds", float, 600.0, "time budget of the recovery (0: no limit)", check=_positive),
         Option("lr", float, 1e-4, "distillation learning rate (Adam)", check=in_range(0.0, 1.0)),
@@ -81,9 +82,13 @@ class SparseByteNN(Pass):
         blocks = {"pointwise": self.block_pointwise, "conv": self.block_conv, "linear": self.block_linear}
         layers = patterns.find_layers(module, blocks)
         if not any(l.kind in patterns.KERNEL_OP for l in layers):
-            found = sorted({type(m).__name__ for n, m in module.named_modules() if n})
-            raise EdgesparseError("sparsebytenn: the model has no Conv2d or Linear layer to prune "
-                                  f"(module types: {', '.join(found[:8]) or 'none'})")
+            kinds = {}
+            for l in layers:
+                kinds[l.kind] = kinds.get(l.kind, 0) + 1
+            found = ", ".join(f"{n} {k} conv{'s' if n > 1 else ''}" for k, n in kinds.items()) or \
+                "module types " + ", ".join(sorted({type(m).__name__ for n, m in module.named_modules() if n})[:8])
+            raise EdgesparseError("sparsebytenn: the model has no layer this pass can prune (Conv2d with groups=1, "
+                                  f"Linear); found: {found or 'nothing'}")
         module.eval()
         batches = ctx.calibration_inputs()
         if not batches:
@@ -134,13 +139,21 @@ class SparseByteNN(Pass):
             with torch.no_grad():
                 info.module.weight.mul_(masks[info.module].to(info.module.weight.dtype))
         recovery = {"mode": "none"}
+        if self.bn_recalibration and pruned:
+            problem = _not_real_data(batches)
+            if problem:
+                ctx.warn(f"BatchNorm statistics not recalibrated: {problem}")
+                recovery["batchnorm_recalibrated"] = 0
+            else:
+                recovery["batchnorm_recalibrated"] = recover.recalibrate_batchnorm(module, batches)
+            module.eval()
         if self.recovery != "none" and pruned:
             with recover.masks_kept(masks):
                 if self.recovery == "train":
-                    recovery = recover.user_training(module, ctx, self.recovery_steps, self.recovery_seconds)
+                    recovery |= recover.user_training(module, ctx, self.recovery_steps, self.recovery_seconds)
                 else:
-                    recovery = recover.distill(module, dense_reference, ctx, self.recovery_steps,
-                                               self.recovery_seconds, self.lr)
+                    recovery |= recover.distill(module, dense_reference, ctx, self.recovery_steps,
+                                                self.recovery_seconds, self.lr)
             module.eval()
 
         self._plan = {}
@@ -196,7 +209,7 @@ class SparseByteNN(Pass):
         outputs change."""
         import torch
 
-        report = {"enabled": True, "spaces_permuted": [], "spaces_fixed": [], "rolled_back": []}
+        report = {"enabled": True, "spaces_permuted": [], "spaces_fixed": [], "spaces_at_output": [], "rolled_back": []}
         check = batches[:1]
         try:
             gm = permute.trace(module, alloc.to_args(check[0]))
@@ -221,7 +234,9 @@ class SparseByteNN(Pass):
             names = [p.name for p in pruned]
             if info.fixed:
                 reasons = sorted(set(info.fixed))
-                report["spaces_fixed"].append({"producers": names, "channels": info.size, "reason": "; ".join(reasons[:3])})
+                entry = {"producers": names, "channels": info.size, "reason": "; ".join(reasons[:3])}
+                # a model output keeps its channel order by definition: not a fallback
+                report["spaces_at_output" if reasons == ["model output"] else "spaces_fixed"].append(entry)
                 continue
             weights = [(p.module.weight.detach().cpu().numpy(), p.block, p.sparsity, self._scale(p)) for p in pruned]
             profiles = []
@@ -300,6 +315,19 @@ class SparseByteNN(Pass):
         for entry in result["not_replaced"]:
             ctx.warn(f"{entry['layer']} stays a dense op in the package: {entry['reason']}")
         ctx.report("onnx", result)
+
+
+def _not_real_data(batches: list[dict]) -> str | None:
+    """Re-estimating statistics needs real, varied inputs: not the single example batch (or
+    generated zeros) a build falls back to when the model factory gives no calibration data."""
+    rows = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 0 for b in batches)
+    if rows < 16:
+        return f"only {rows} calibration sample(s) (give the TorchModel calibration= with real inputs)"
+    for b in batches:
+        for v in b.values():
+            if np.issubdtype(v.dtype, np.floating) and float(np.std(v)) == 0.0:
+                return "the calibration inputs are constant"
+    return None
 
 
 @hookimpl

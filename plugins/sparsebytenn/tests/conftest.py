@@ -87,7 +87,7 @@ def verifying_registry():
     return reg
 
 
-def tiny_cnn(width=64):
+def tiny_cnn(width=32):
     """MobileNetV2-style: 3x3 stem (stride 2), two inverted residual blocks (one with a residual
     add), 1x1 head, pooling, Linear."""
     sys.path.insert(0, str(SAMPLE))
@@ -115,14 +115,14 @@ def fashion_subset():
 
 @pytest.fixture(scope="session")
 def trained_tiny(fashion_subset):
-    """The tiny CNN trained for 150 steps on the real subset, and its test accuracy."""
+    """The tiny CNN trained for 80 steps on the real subset, and its test accuracy."""
     sys.path.insert(0, str(SAMPLE))
     import cnn
 
     torch.manual_seed(0)
     x, y, xt, yt = fashion_subset
     model = tiny_cnn()
-    cnn.train_steps(model, x, y, 150, lr=3e-3, batch=64)
+    cnn.train_steps(model, x, y, 80, lr=4e-3, batch=64)
     return model.eval(), cnn.accuracy(model, xt, yt)
 
 

@@ -1,0 +1,116 @@
+"""Bad input: one-line EdgesparseErrors, dense fallbacks that are reported."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import StubTarget, run_torch_stage
+
+from edgesparse import EdgesparseError
+from edgesparse_sparsebytenn import SparseByteNN, patterns
+
+
+def _calib(shape=(2, 64, 4, 4)):
+    return [{"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}]
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, 1.5, "half"])
+def test_sparsity_outside_0_1_is_rejected(value):
+    with pytest.raises(EdgesparseError, match="sparsity"):
+        SparseByteNN(sparsity=value)
+
+
+def test_unknown_option_and_bad_block_are_rejected():
+    with pytest.raises(EdgesparseError, match="no option 'blocks'"):
+        SparseByteNN(blocks=16)
+    with pytest.raises(EdgesparseError, match="block_pointwise=5"):
+        SparseByteNN(block_pointwise=5)
+
+
+class NoWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.act(x))
+
+
+def test_model_without_prunable_layer():
+    with pytest.raises(EdgesparseError, match="no layer this pass can prune") as err:
+        run_torch_stage(NoWeights().eval(), [{"x": np.ones((2, 4), np.float32)}])
+    assert "\n" not in str(err.value)
+
+
+def test_model_with_only_depthwise_convs_has_nothing_to_prune():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU()).eval()
+    with pytest.raises(EdgesparseError, match="found: 1 depthwise"):
+        run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off")
+
+
+def test_depthwise_stays_dense_with_reason():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)).eval()
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off")
+    layers = {l["layer"]: l for l in ctx.reports["sparsebytenn"]["layers"]}
+    assert layers["1"]["kind"] == "depthwise" and "dense by design" in layers["1"]["kept_dense"]
+    assert (out[1].weight != 0).all()
+    assert list(p._plan) == ["0.weight"]
+
+
+def test_dispatch_rule_keeps_slow_layers_dense():
+    """The target's rule is asked per layer with the conv shape keys of edgesparse.kernels.dispatch;
+    where it says no, the layer stays dense and unpruned."""
+    model = nn.Sequential(nn.Conv2d(64, 128, 1), nn.ReLU(), nn.Conv2d(128, 64, 3, padding=1)).eval()
+    before = [m.weight.detach().clone() for m in (model[0], model[2])]
+    target = StubTarget(lambda op, shape, s, b, t: shape["kernel"] == 1)
+    p, ctx, out = run_torch_stage(model, _calib((1, 64, 14, 14)), target=target, sparsity=0.7)
+    op, shape, s, block, threads = target.calls[0]
+    assert op == "BlockSparseConv" and shape == {"C": 64, "O": 128, "kernel": 1, "stride": 1, "H": 14, "W": 14}
+    assert (s, block) == (0.7, 16)
+    layers = {l["layer"]: l for l in ctx.reports["sparsebytenn"]["layers"]}
+    assert layers["0"]["sparsity"] == 0.7
+    assert layers["2"]["sparsity"] == 0 and "would not beat dense" in layers["2"]["kept_dense"]
+    # unpruned; its input channels follow the rearrangement of layer 0's outputs
+    assert torch.equal(out[2].weight.flatten().sort().values, before[1].flatten().sort().values)
+    assert patterns.weight_group_mask(out[0].weight.detach().numpy(), 16).mean() == pytest.approx(0.3, abs=0.01)
+
+
+def test_skip_and_min_channels():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", skip=("0",), min_channels=32)
+    layers = {l["layer"]: l.get("kept_dense") for l in ctx.reports["sparsebytenn"]["layers"]}
+    assert layers["0"] == "skipped by option"
+    assert "fewer than 32 channels" in layers["1"] and "fewer than 32 channels" in layers["2"]
+
+
+def test_recovery_train_needs_a_training_loop():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1)).eval()
+    with pytest.raises(EdgesparseError, match="needs a training loop"):
+        run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", recovery="train")
+
+
+def test_recovery_keeps_masks_with_any_training_loop():
+    """A training loop that writes every weight (here: adds noise and steps Adam) cannot revive
+    pruned groups."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
+    seen = {}
+
+    def train(module, steps):
+        opt = torch.optim.Adam(module.parameters(), lr=1e-2, weight_decay=0.1)
+        x = torch.randn(4, 64, 4, 4)
+        for _ in range(steps):
+            loss = module(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        seen["steps"] = seen.get("steps", 0) + steps
+
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", recovery="train",
+                                  recovery_steps=10, train=train)
+    assert seen["steps"] == 10
+    rec = ctx.reports["sparsebytenn"]["recovery"]
+    assert rec["mode"] == "train" and rec["steps"] == 10
+    for m in (out[0], out[2]):
+        assert not hasattr(m, "parametrizations")
+        assert patterns.weight_group_mask(m.weight.detach().numpy(), 16).mean() == pytest.approx(0.5)
