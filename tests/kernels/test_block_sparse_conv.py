@@ -180,3 +180,15 @@ def test_non_constant_weights_validated_at_run(kernel_lib):
     bad_rp[1] = bad_rp[-1] + 5
     with pytest.raises(Exception, match="dynconv.*row_ptr"):
         sess.run(None, dict(feeds, rp=bad_rp))
+
+
+def test_bias_given_as_empty_name(kernel_lib):
+    rng = np.random.default_rng(8)
+    wt = random_block_sparse_conv(rng, 8, 3, 3, 3, 4, 0.5)
+    packed = pack_block_sparse_conv(wt, 4)
+    model = conv_model((1, 3, 6, 6), packed, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    model.graph.node[0].input.append("")
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    for lib in (kernel_lib, None):
+        got = session(model, lib).run(None, {"X": x})[0]
+        assert_close(got, conv2d_reference(x, wt, None, (1, 1), (1, 1, 1, 1)), 27)

@@ -290,3 +290,15 @@ def test_non_constant_weights_validated_at_run(kernel_lib):
     x_small = x[:, :8]
     with pytest.raises(Exception, match="dyn"):
         sess.run(None, dict(feeds, X=np.ascontiguousarray(x_small)))
+
+
+def test_bias_given_as_empty_name(kernel_lib):
+    """An optional input may also be spelled as an empty name."""
+    rng = np.random.default_rng(8)
+    w = random_block_sparse(rng, 20, 12, 4, 0.5)
+    packed = pack_block_sparse(w, 4)
+    model = matmul_model([3, 20], packed, 12)
+    model.graph.node[0].input.append("")
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    for lib in (kernel_lib, None):
+        assert_close(session(model, lib).run(None, {"X": x})[0], x @ w, 20)
