@@ -92,19 +92,15 @@ def dwsep_model(work: Path, c: int = 128, o: int = 256, hw: int = 28, batch: int
 
 
 def _static(model: onnx.ModelProto, inputs: dict) -> onnx.ModelProto:
-    """Pin the graph inputs to the benchmark's shapes and re-infer the other shapes."""
+    """Pin the graph inputs to the benchmark's shapes (DeepSparse compiles for fixed shapes); the
+    exporter's symbolic shapes inside the graph are left as they are."""
     for value in model.graph.input:
         if value.name in inputs:
             dims = value.type.tensor_type.shape.dim
             for d, size in zip(dims, inputs[value.name].shape):
                 d.Clear()
                 d.dim_value = int(size)
-    del model.graph.value_info[:]
-    for out in model.graph.output:  # let inference fill in the now-static output dims
-        for d in out.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.Clear()
-    return onnx.shape_inference.infer_shapes(model)
+    return model
 
 
 def _cache_dir() -> Path:
@@ -190,9 +186,22 @@ def sbnn_model(work: Path, batch: int = 1) -> tuple[Model | None, str]:
 
 # --- edgesparse's build and the peers' pruned copy -------------------------------------------
 
-def build_package(model: Model, sparsity: float, threads: int, out: Path) -> dict:
-    """Run edgesparse's build (same code path as the CLI command in the module docstring)."""
+def build_package(model: Model, sparsity: float, threads: int, out: Path, force_sparse: bool = False) -> dict:
+    """Run edgesparse's build (same code path as the CLI command in the module docstring).
+
+    force_sparse: a diagnostic variant, never the headline figure: the target's dispatch rule is
+    bypassed (every layer the pass can prune is pruned onto the sparse kernels), to show what the
+    kernels do where the rule keeps layers dense."""
+    from edgesparse import targets
     from edgesparse.pipeline import BuildRequest, build
+
+    if force_sparse:
+        original = targets.Target.prefers_sparse
+        targets.Target.prefers_sparse = lambda self, *args, **kwargs: True
+        try:
+            return build_package(model, sparsity, threads, out)
+        finally:
+            targets.Target.prefers_sparse = original
 
     npz = out.with_suffix(".inputs.npz")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +248,26 @@ def peer_model(model: Model, layers: list[str], sparsity: float, out: Path) -> t
     proto = ir.to_proto(ir_model)
     _save(proto, out)
     return out, (zeros / total if total else 0.0)
+
+
+def mnn_compatible(path: Path, out: Path) -> Path:
+    """MNN 3.6.1's converter has no IsNaN (torch's export of transformers' attention masks uses it):
+    a copy with IsNaN(x) written as Not(Equal(x, x)), which is the same function. Returns `path`
+    itself when nothing needs rewriting."""
+    model = onnx.load(str(path))
+    if not any(n.op_type == "IsNaN" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return path
+    nodes = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "IsNaN" and node.domain in ("", "ai.onnx"):
+            same = f"{node.output[0]}__equal_self"
+            nodes.append(helper.make_node("Equal", [node.input[0], node.input[0]], [same], name=f"{node.name or i}_equal"))
+            nodes.append(helper.make_node("Not", [same], [node.output[0]], name=f"{node.name or i}_not"))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return _save(model, out)
 
 
 def package_dense_equivalent(package_dir: Path, out: Path) -> Path:

@@ -39,6 +39,8 @@ import envs  # noqa: E402
 
 PEERS = ("deepsparse", "mnn")
 CANDIDATES = ("ort", "edgesparse", "deepsparse", "mnn")
+# diagnostic only: edgesparse with its dispatch rule bypassed, run where the rule kept layers dense
+FORCED = "edgesparse_forced"
 FFN_SHAPES = ((768, 3072), (3072, 768), (1024, 4096))
 TOLERANCE = 1e-3  # max abs error allowed, times max(1, max |reference|)
 
@@ -182,6 +184,14 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
     record["peer_layers_pruned"] = len(pruned) + len(by_dispatch)
     record["peer_pruned_zero_fraction"] = cases.peer_model(model, pruned + by_dispatch, sparsity, peer_path)[1]
     es_reference_path = cases.package_dense_equivalent(package, work / "models" / f"{tag}_t{threads}_es_dense.onnx")
+    forced = None
+    if by_dispatch and "edgesparse" in opts.candidates and not opts.no_forced:
+        forced = work / "packages" / f"{tag}_t{threads}_forced"
+        forced_manifest = cases.build_package(model, sparsity, threads, forced, force_sparse=True)
+        record["edgesparse_forced"] = {
+            "pruned_layers": len(cases.eligible_layers(forced_manifest)[0]),
+            "fraction_on_sparse_kernels": forced_manifest.get("verification", {}).get("fraction_on_sparse_kernels"),
+        }
 
     inputs_dir = work / "inputs" / model.path.stem
     inputs_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +205,9 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
     output_order = [o.name for o in onnx.load(str(peer_path), load_external_data=False).graph.output]
 
     references = {"peers": _reference(peer_path, model.inputs), "edgesparse": _reference(es_reference_path, model.inputs)}
+    if forced is not None:
+        references[FORCED] = _reference(cases.package_dense_equivalent(
+            forced, work / "models" / f"{tag}_t{threads}_forced_dense.onnx"), model.inputs)
     record["edgesparse_reference_vs_peer_reference"] = _max_error(references["edgesparse"], references["peers"])[0]
 
     loads = {
@@ -203,12 +216,16 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
                                "libraries": [str(package / p) for p in manifest["runtime"].get("custom_op_libraries", [])]}),
         "deepsparse": ("deepsparse", {"model": str(peer_path), "batch_size": next(iter(model.inputs.values())).shape[0],
                                       "input_order": input_order}),
-        "mnn": ("mnn", {"model": str(peer_path), "mnn_model": str(work / "models" / f"{tag}.mnn"),
+        "mnn": ("mnn", {"model": str(cases.mnn_compatible(peer_path, peer_path.with_suffix(".mnn.onnx"))), "mnn_model": str(work / "models" / f"{tag}.mnn"),
                         "output_order": output_order, "sparse": True}),
     }
+    if forced is not None:
+        fm = json.loads((forced / "manifest.json").read_text())
+        loads[FORCED] = ("ort", {"model": str(forced / fm["runtime"]["model"]),
+                                 "libraries": [str(forced / p) for p in fm["runtime"].get("custom_op_libraries", [])]})
     loaded = {}
     (work / "outputs").mkdir(parents=True, exist_ok=True)
-    for name in opts.candidates:
+    for name in list(opts.candidates) + ([FORCED] if forced is not None else []):
         worker_name, extra = loads[name]
         entry = {"runtime": worker_name}
         record["candidates"][name] = entry
@@ -223,7 +240,7 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
             entry["info"] = reply.get("info", {})
             outs = w.request({"op": "run", "id": cid, "out": str(work / "outputs" / f"{cid}_")})["outputs"]
             got = [np.load(p) for p in outs]
-            ref = references["edgesparse" if name == "edgesparse" else "peers"]
+            ref = references[name if name in ("edgesparse", FORCED) else "peers"]
             error, allowed = _max_error(got, ref)
             entry["max_abs_error"], entry["tolerance"] = error, allowed
             entry["outputs_match"] = bool(error <= allowed)
@@ -347,7 +364,7 @@ def run(opts, log=print) -> dict:
 
 def summary_line(rec: dict) -> str:
     parts = [f"{rec['model']:>10} M={rec['tokens']:<3} s={rec['sparsity']:.2f} t={rec['threads']}"]
-    for name in CANDIDATES:
+    for name in (*CANDIDATES, FORCED):
         c = rec["candidates"].get(name)
         if c is None:
             continue
@@ -373,6 +390,7 @@ def parse(argv=None):
     ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per case (after min rounds)")
     ap.add_argument("--min-rounds", type=int, default=9)
     ap.add_argument("--max-rounds", type=int, default=41)
+    ap.add_argument("--no-forced", action="store_true", help="skip the diagnostic dispatch-bypassed edgesparse build")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--docs", action="store_true", help="rewrite docs/peers.md and docs/peers.png from this run")
     ap.add_argument("--work", help="work folder to use and keep (default: a temporary one)")
@@ -395,6 +413,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     opts = parse(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     result = run(opts, log=lambda m: print(m, flush=True))
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=1))
