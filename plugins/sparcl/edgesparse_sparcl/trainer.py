@@ -7,8 +7,9 @@ in one forward pass.
 SparCL on top, each component switchable:
   TDM  task-aware dynamic masking: the network is sparse from the first step. At scheduled epochs
        of every task each prunable layer is pruned to a lower density bound by importance
-       |w| + lambda * |grad| (grad of the DER++ loss on current + buffered data) and random zero
-       units are regrown (at zero) to the upper bound; the last updates of a task do not regrow.
+       |w| + lambda * |grad| (grad of the DER++ loss on current + buffered data, at the first step
+       of the epoch) and random zero units are regrown (at zero) to the upper bound; the last
+       updates of a task do not regrow.
   DDR  dynamic data removal: at scheduled epochs, drop the current task's examples with the fewest
        forgetting events (correct -> wrong between presentations); ties go by the largest
        classification margin. 30% of the task's data in total by default.
@@ -18,8 +19,8 @@ SparCL on top, each component switchable:
        output channel x one input channel (all taps) so the dW kernel skips the rest.
 
 The paper's schedules are for 50 epochs per task (mask update every 5 epochs with bounds
-(s, s-0.01) before epoch 5, (s+0.01, s) until epoch 45, (s, s) after; data removal at epochs 5,
-10, 15, 20); `Schedule.for_epochs` scales them to the epochs given.
+(s, s-d) before epoch 5, (s+d, s) until epoch 45, (s, s) after, d = 0.01 at s = 0.75; data
+removal at epochs 5, 10, 15, 20); `Schedule.for_epochs` scales them to the epochs given.
 """
 from __future__ import annotations
 
@@ -132,11 +133,14 @@ class Schedule:
         return epoch % self.mask_every == 0
 
     def bounds(self, epoch: int, sparsity: float) -> tuple[float, float]:
-        """(prune-to sparsity, grow-to sparsity) at this epoch."""
+        """(prune-to sparsity, grow-to sparsity) at this epoch. The paper's 75% schedule moves 1%
+        of the weights (0.75/0.74, then 0.76/0.75), i.e. 4% of the kept ones; the same 4% of the
+        kept weights is moved at any sparsity (0.004 of the weights at 90%)."""
+        delta = 0.04 * (1.0 - sparsity)
         if epoch < self.phase1_from:
-            prune, grow = sparsity, sparsity - 0.01
+            prune, grow = sparsity, sparsity - delta
         elif epoch < self.phase2_from:
-            prune, grow = sparsity + 0.01, sparsity
+            prune, grow = sparsity + delta, sparsity
         else:
             prune, grow = sparsity, sparsity
         clip = lambda v: min(max(v, 0.0), 0.999)
