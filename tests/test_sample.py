@@ -1,5 +1,5 @@
 """The README's main job: the bundled MiniLM sample, built end to end from its PyTorch factory."""
-from conftest import ROOT, run_json
+from edgesparse_testing import ROOT, run_json
 
 
 def test_minilm_sample_builds_and_verifies(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from edgesparse_testing import ROOT
 
 APP = """
 import json, sys

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import run
+from edgesparse_testing import run
 
 
 def fails(*args, expect: str, **kw) -> str:

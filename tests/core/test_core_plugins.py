@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from conftest import ROOT, run, run_json
+from edgesparse_testing import ROOT, run, run_json
 from edgesparse import Pass, hookimpl
 from edgesparse.plugins import load_registry
 

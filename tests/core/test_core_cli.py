@@ -4,7 +4,7 @@ import zipfile
 
 import numpy as np
 
-from conftest import run, run_json
+from edgesparse_testing import run, run_json
 
 
 def test_build_writes_verified_package(built_mlp):
@@ -72,7 +72,7 @@ def test_recipe_holds_everything(tmp_path, mlp_onnx):
 
 def test_gemm_with_transposed_weight(tmp_path):
     import onnx
-    from conftest import mlp_model
+    from edgesparse_testing import mlp_model
 
     onnx.save(mlp_model(gemm=True), str(tmp_path / "gemm.onnx"))
     manifest = run_json("build", tmp_path / "gemm.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9", "-o", tmp_path / "g")
@@ -81,7 +81,7 @@ def test_gemm_with_transposed_weight(tmp_path):
 
 def test_conv_layers_become_block_sparse_conv(tmp_path):
     import onnx
-    from conftest import conv_model
+    from edgesparse_testing import conv_model
 
     onnx.save(conv_model(), str(tmp_path / "conv.onnx"))
     manifest = run_json("build", tmp_path / "conv.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9", "-o", tmp_path / "c")
