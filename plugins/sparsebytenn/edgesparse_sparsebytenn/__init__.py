@@ -63,7 +63,9 @@ class SparseByteNN(Pass):
         Option("min_channels", int, 32, "leave layers with fewer input or output channels dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
         Option("dispatch", str, "target", "'target': prune only layers the target's dispatch rule says get faster; "
-               "'off': prune every candidate (for accuracy studies; the report says so)", choices=("target", "off")),
+               "'measure': time each layer's sparse kernel against ORT's dense op on this machine (targets that run "
+               "here); 'off': prune every candidate (accuracy studies; the report says so)",
+               choices=("target", "measure", "off")),
         Option("sensitivity_batches", int, 2, "calibration batches used to measure sensitivities",
                check=lambda v: None if v >= 1 else "must be at least 1"),
     )
@@ -73,6 +75,7 @@ class SparseByteNN(Pass):
     def __init__(self, **values):
         super().__init__(**values)
         self._plan: dict = {}
+        self._measurer = None
 
     # -- torch stage ------------------------------------------------------------------------------
     def transform_module(self, module, ctx):
@@ -189,6 +192,15 @@ class SparseByteNN(Pass):
     def _fast_enough(self, info: LayerInfo, sparsity: float, ctx) -> bool:
         if self.dispatch == "off":
             return True
+        if self.dispatch == "measure":
+            if self._measurer is None:
+                if not ctx.target.runs_here():
+                    raise EdgesparseError(f"sparsebytenn: dispatch=measure times kernels on this machine, but target "
+                                          f"'{ctx.target.name}' runs elsewhere; use dispatch=target")
+                from .measure import Measurer
+
+                self._measurer = Measurer(ctx)
+            return self._measurer.prefers_sparse(info, alloc.dispatch_shape(info), sparsity, ctx.threads)
         return bool(ctx.target.prefers_sparse(info.op, alloc.dispatch_shape(info), sparsity, info.block, ctx.threads))
 
     def _scale(self, info):
@@ -294,7 +306,9 @@ class SparseByteNN(Pass):
         ctx.report("target_sparsity", self.sparsity)
         ctx.report("achieved_sparsity_of_candidates", zeroed / cand_w if cand_w else 0.0)
         ctx.report("weight_sparsity_of_conv_linear", zeroed / total if total else 0.0)
-        ctx.report("dispatch", self.dispatch if self.dispatch == "off" else f"target ({ctx.target.name}, {ctx.threads} thread(s))")
+        ctx.report("dispatch", self.dispatch if self.dispatch == "off" else f"{self.dispatch} ({ctx.target.name}, {ctx.threads} thread(s))")
+        if self._measurer is not None:
+            ctx.report("dispatch_measurements", self._measurer.records)
         if self.dispatch == "off":
             ctx.warn("dispatch=off: layers were pruned without asking the target whether the sparse kernel is faster")
         ctx.report("rearrangement", rearrangement)

@@ -91,6 +91,8 @@ def find_layers(module, blocks: dict[str, int]) -> list[LayerInfo]:
         else:
             info = LayerInfo(name, sub, kind, sub.out_channels, sub.in_channels // sub.groups,
                              tuple(sub.kernel_size), tuple(sub.stride))
+            if isinstance(sub.padding, tuple):
+                info.extra["pads"] = (sub.padding[0], sub.padding[1], sub.padding[0], sub.padding[1])
         info.block = blocks.get(kind)
         found.append(info)
     return found

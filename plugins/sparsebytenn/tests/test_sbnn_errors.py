@@ -114,3 +114,24 @@ def test_recovery_keeps_masks_with_any_training_loop():
     for m in (out[0], out[2]):
         assert not hasattr(m, "parametrizations")
         assert patterns.weight_group_mask(m.weight.detach().numpy(), 16).mean() == pytest.approx(0.5)
+
+
+def test_dispatch_measure_times_the_layer_here():
+    model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 128, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), sparsity=0.9, dispatch="measure")
+    records = ctx.reports["sparsebytenn"]["dispatch_measurements"]
+    assert len(records) == 1  # both layers have the same shape: measured once
+    r = records[0]
+    assert r["sparsity"] == 0.9 and r["block"] == 16 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+    layers = ctx.reports["sparsebytenn"]["layers"]
+    assert all((l["sparsity"] == 0.9) == (r["speedup"] >= 1.05) for l in layers if l["kind"] == "pointwise")
+
+
+def test_dispatch_measure_needs_a_target_that_runs_here():
+    class Elsewhere(StubTarget):
+        def runs_here(self):
+            return False
+
+    model = nn.Sequential(nn.Conv2d(64, 64, 1)).eval()
+    with pytest.raises(EdgesparseError, match="runs elsewhere"):
+        run_torch_stage(model, _calib(), target=Elsewhere(), sparsity=0.5, dispatch="measure")

@@ -1,0 +1,118 @@
+"""dispatch=measure: time a layer's sparse kernel against ONNX Runtime's dense op on this machine.
+
+For targets that build where they run (x86 verifies natively), this answers the dispatch question
+for the layer's exact shape, thread count, block and sparsity: two one-node models with the same
+random group-sparse weights (a standard Conv / MatMul, and the edgesparse node), interleaved
+timing, medians. A layer is kept sparse when the sparse kernel is at least `margin` faster.
+Results are cached per (shape, sparsity, block, threads) for the build.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+MARGIN = 1.05
+
+
+class Measurer:
+    def __init__(self, ctx, budget_s: float = 0.25):
+        self.ctx = ctx
+        self.budget_s = budget_s
+        self.cache: dict = {}
+        self.records: list[dict] = []
+        self._lib = None
+
+    def library(self):
+        if self._lib is None:
+            from edgesparse import kernels
+
+            lib = self.ctx.kernel_library(kernels.DOMAIN)
+            self._lib = lib.build(self.ctx.target.toolchain())
+        return self._lib
+
+    def prefers_sparse(self, info, shape: dict, sparsity: float, threads: int) -> bool:
+        key = (info.kind, tuple(sorted((k, str(v)) for k, v in shape.items())), round(sparsity, 4), info.block, threads)
+        if key not in self.cache:
+            dense_ms, sparse_ms = self._time(info, shape, sparsity, threads)
+            speedup = dense_ms / sparse_ms
+            self.cache[key] = speedup >= MARGIN
+            self.records.append({"layer": info.name, "kind": info.kind, "sparsity": round(sparsity, 4), "block": info.block,
+                                 "threads": threads, "dense_ms": round(dense_ms, 5), "sparse_ms": round(sparse_ms, 5),
+                                 "speedup": round(speedup, 3)})
+        return self.cache[key]
+
+    def _time(self, info, shape: dict, sparsity: float, threads: int) -> tuple[float, float]:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        from edgesparse import kernels
+
+        rng = np.random.default_rng(0)
+        o, c = info.out_channels, info.in_channels
+        kh, kw = info.kernel
+        nb = -(-o // info.block)
+        keep = np.ones(nb * c, bool)
+        keep[rng.choice(nb * c, int(round(sparsity * nb * c)), replace=False)] = False
+        groups = np.repeat(keep.reshape(nb, 1, c), info.block, axis=1).reshape(nb * info.block, c)[:o]
+        if info.kind == "linear":
+            m = int(shape.get("M") or 1)
+            w = (rng.standard_normal((c, o)) * groups.T).astype(np.float32)  # [K, N]
+            x = rng.standard_normal((m, c)).astype(np.float32)
+            xi = helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, c])
+            yi = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, o])
+            dense_nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"])]
+            inits = [numpy_helper.from_array(w, "W")]
+            node, sparse_inits = kernels.make_block_sparse_matmul("X", "Y", kernels.pack_block_sparse(w, info.block), o,
+                                                                  name="sparse")
+        else:
+            h, wd = int(shape.get("H") or 14), int(shape.get("W") or 14)
+            w = (rng.standard_normal((o, c, kh, kw)) * groups[:, :, None, None]).astype(np.float32)
+            pads = [int(p) for p in info.extra.get("pads", (kh // 2, kw // 2, kh // 2, kw // 2))]
+            sh, sw = info.stride
+            oh, ow = (h + pads[0] + pads[2] - kh) // sh + 1, (wd + pads[1] + pads[3] - kw) // sw + 1
+            x = rng.standard_normal((1, c, h, wd)).astype(np.float32)
+            xi = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, c, h, wd])
+            yi = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, o, oh, ow])
+            dense_nodes = [helper.make_node("Conv", ["X", "W"], ["Y"], kernel_shape=[kh, kw], strides=[sh, sw], pads=pads)]
+            inits = [numpy_helper.from_array(w, "W")]
+            node, sparse_inits = kernels.make_block_sparse_conv("X", "Y", kernels.pack_block_sparse_conv(w, info.block), o,
+                                                                (kh, kw), name="sparse", strides=(sh, sw), pads=tuple(pads))
+        opset = [helper.make_opsetid("", 18)]
+        dense = helper.make_model(helper.make_graph(dense_nodes, "d", [xi], [yi], inits), opset_imports=opset)
+        sparse = helper.make_model(helper.make_graph([node], "s", [xi], [yi], sparse_inits), opset_imports=opset)
+        kernels.attach_functions(sparse)
+
+        def session(model, lib=None):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            if lib:
+                so.register_custom_ops_library(str(lib))
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+        sd, ss = session(dense), session(sparse, self.library())
+        feed = {"X": x}
+        return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
+
+
+def _interleaved(a, b, budget_s: float) -> tuple[float, float]:
+    for _ in range(3):
+        a(), b()
+    t0 = time.perf_counter()
+    a()
+    reps = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+    ta, tb = [], []
+    start = time.perf_counter()
+    r = 0
+    while r < 7 or time.perf_counter() - start < budget_s:
+        for fn, out in (((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta))):
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            out.append((time.perf_counter() - t) / reps * 1e3)
+        r += 1
+        if r >= 60:
+            break
+    return float(np.median(ta)), float(np.median(tb))
