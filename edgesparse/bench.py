@@ -18,8 +18,9 @@ def bench_package(package, batch: dict[str, np.ndarray], libraries, threads=(1,)
     dense_model = verify.dense_equivalent(onnx.load(str(package.model_path)), libraries)
     records = []
     for t in threads:
-        dense = verify.dense_session(dense_model, threads=t)
-        sparse = package.session(threads=t)
+        # alternating sessions: a spinning idle pool would steal the core the other one needs
+        dense = verify.dense_session(dense_model, threads=t, spin=False)
+        sparse = package.session(threads=t, spin=False)
         want, got = dense.run(None, batch), sparse.run(None, batch)
         error = verify.max_abs_error([got], [want])
         tolerance = package.manifest.get("verification", {}).get("tolerance", 1e-4)

@@ -45,14 +45,17 @@ class Package:
     def libraries(self) -> list[Path]:
         return [self.root / p for p in self.manifest["runtime"].get("custom_op_libraries", [])]
 
-    def session(self, threads: int = 1, kernels: bool = True, profile: str | None = None):
+    def session(self, threads: int = 1, kernels: bool = True, profile: str | None = None, spin: bool = True):
         """An ONNX Runtime session. kernels=False leaves the kernel library out, so each sparse op
-        runs its dense ONNX function instead (as in a runtime that cannot load custom ops)."""
+        runs its dense ONNX function instead (as in a runtime that cannot load custom ops).
+        spin=False stops idle worker threads from spinning: needed when two sessions alternate."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         if profile:
             options.enable_profiling = True
