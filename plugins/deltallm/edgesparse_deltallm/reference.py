@@ -138,7 +138,8 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         nr, fr, nf = near[t], far[t], new_far[t]
         cur = torch.where(fr, s_far[:, :, t], s_exact[:, :, t])
         cur = torch.where(nr | fr, cur, torch.full_like(cur, float("-inf")))
-        c = cur.amax(-1, keepdim=True)
+        # any common reference c gives the same decisions; this one keeps every weight <= 1
+        c = torch.maximum(cur.amax(-1, keepdim=True), s_ref.amax(-1, keepdim=True))
         w_now = torch.exp(cur - c)
         w_hat = torch.exp(s_ref - c)
         limit = theta * torch.exp(log_den - c[..., 0])

@@ -13,7 +13,8 @@
 //     normaliser, i.e. the denominator below).
 //   y_t = (U + sum_near w_j v_j) / (sum_far wh_j + sum_near w_j)
 // The state carried between calls (decode) is per (b, h): a header of 2 * D + 8 floats
-// {valid, c, sum_far wh, n_keys, previous denominator, 0, 0, 0, qh[D], U[D]}
+// {valid, c, sum_far wh, n_keys, previous denominator, largest wh, peak of sum_far wh, 0,
+// qh[D], U[D]}
 // followed by sh[n_keys] and wh[n_keys].
 #ifndef EDGESPARSE_DELTALLM_H
 #define EDGESPARSE_DELTALLM_H

@@ -166,6 +166,7 @@ inline float dotv(const float* a, const float* b) {
 constexpr int kRows = 8;     // query rows per chunk (phase A reuses each key block for all of them)
 constexpr int kBlock = 8;    // vectors of keys per block
 constexpr float kDrift = 20.f;
+constexpr float kCancel = 1000.f;  // rebuild U and zh once they fell this far below their peak
 
 // Phase A. Keys [lo, hi) are far for every row of the chunk. For each block of keys, load the
 // running far scores once and apply, row after row, that row's query delta over its active
@@ -210,15 +211,19 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
 // exp(s - c) against the weights last applied; the keys that moved by more than `lim` are
 // re-applied to U and zh.
 template <int NV>
-void far_values(const float* s, float* wh, int64_t lo, int64_t hi, float c, float lim, const float* v, Acc<NV>& U,
-                float& zh, int64_t& n_upd) {
+float far_values(const float* s, float* wh, int64_t lo, int64_t hi, float c, float lim, const float* v, Acc<NV>& U,
+                 float& zh, float& removed, int64_t& n_upd) {
   const vf cv = splat(c), limv = splat(lim);
+  vf wmax = splat(0.f);  // largest weight held after this row
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
     const vf w = vexp(ld(s + j0) - cv), o = ld(wh + j0);
     const vf diff = w - o;
     vi moved = vabs(diff) > limv;
-    if (j0 < lo || j0 + W > hi) moved &= in_range(j0, lo, hi);
+    const bool edge = j0 < lo || j0 + W > hi;
+    const vi valid = edge ? in_range(j0, lo, hi) : splati(-1);
+    moved &= valid;
     uint32_t m = bits(moved);
+    wmax = vmax(wmax, valid ? (moved ? w : o) : splat(0.f));
     if (!m) continue;
     st(wh + j0, moved ? w : o);
     while (m) {
@@ -226,9 +231,11 @@ void far_values(const float* s, float* wh, int64_t lo, int64_t hi, float c, floa
       m &= m - 1;
       U.fma(diff[i], v + (j0 + i) * (NV * W));
       zh += diff[i];
+      removed -= diff[i] < 0.f ? diff[i] : 0.f;
       ++n_upd;
     }
   }
+  return hmax(wmax);
 }
 
 // Exact scores of the window keys [lo, hi] (vector-aligned superset written, other lanes kept).
@@ -288,7 +295,8 @@ void head_impl(dl_head_args* a) {
   Acc<NV> U;
   U.zero();
   bool have_q = false, have_c = false;
-  float c = 0.f, zh = 0.f, den_prev = 0.f;
+  float c = 0.f, zh = 0.f, den_prev = 0.f, wmax = 0.f;
+  float held_peak = 0.f;  // largest zh since the running sums were last rebuilt (units of c)
   int64_t fe = sinks;  // far keys known to the state: [sinks, fe)
   if (a->state_in && a->state_in[0] != 0.f) {
     const float* s = a->state_in;
@@ -296,6 +304,8 @@ void head_impl(dl_head_args* a) {
     zh = s[2];
     const int64_t ns = (int64_t)s[3];
     den_prev = s[4];
+    wmax = s[5];
+    held_peak = s[6];
     memcpy(qh, s + 8, sizeof(float) * (size_t)D);
     U.load(s + 8 + D);
     const float* st_rows = s + DL_STATE_HEADER(D);
@@ -382,36 +392,64 @@ void head_impl(dl_head_args* a) {
       const int64_t ws = fe_new > sink_hi ? fe_new : sink_hi;  // window keys [ws, p]
       if (ws <= p) m = fmaxf(m, window_scores<NV>(qs, kt, NP, ws, p, nb));
 
-      // exp reference: the row maximum, moved only when it drifts (rescaling U, zh and wh)
-      if (!have_c || m > c + kDrift || m < c - kDrift) {
+      // exp reference: the larger of the row maximum and the largest applied far score (so no
+      // weight exceeds 1 there), moved only when it drifts by kDrift (rescaling U, zh and wh)
+      if (wmax <= 0.f) {  // no far weight is held (none yet, or all underflowed): drop rounding residue
+        U.zero();
+        zh = 0.f;
+        held_peak = 0.f;
+      }
+      const float target = wmax > 0.f ? fmaxf(m, c + logf(wmax)) : m;
+      if (!have_c || target > c + kDrift || target < c - kDrift) {
         if (have_c) {
-          const float f = sexp(c - m);
+          const float f = sexp(c - target);
           U.scale(f);
           zh *= f;
           den_prev *= f;
+          held_peak *= f;
           for (int64_t j = sinks; j < fe; ++j) wh[j] *= f;
         }
-        c = m;
+        c = target;
         have_c = true;
       }
       // value side: far keys
       int64_t n_upd = 0;
       const float lim = thv * den_prev;
-      if (fe0 > sinks) far_values<NV>(rows[r], wh, sinks, fe0, c, lim, a->v, U, zh, n_upd);
+      wmax = 0.f;
+      float removed = 0.f;  // weight taken out of the running sums this row
+      if (fe0 > sinks) wmax = far_values<NV>(rows[r], wh, sinks, fe0, c, lim, a->v, U, zh, removed, n_upd);
       for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
         const float w = sexp(sh[j] - c), diff = w - wh[j];
         if (fabsf(diff) > lim) {
           U.fma(diff, a->v + j * D);
           zh += diff;
+          removed -= diff < 0.f ? diff : 0.f;
           wh[j] = w;
           ++n_upd;
         }
+        wmax = fmaxf(wmax, wh[j]);
+      }
+      int64_t n_rebuilt = 0;
+      held_peak = fmaxf(held_peak, zh + removed);
+      if (held_peak > kCancel * zh && n_old > 0) {
+        // most of the held weight left at once: the running sums are now a small difference of
+        // large numbers, so rebuild them from the weights (D MACs per far key, counted)
+        U.zero();
+        zh = 0.f;
+        for (int64_t j = sinks; j < new_lo; ++j)
+          if (wh[j] != 0.f) {
+            U.fma(wh[j], a->v + j * D);
+            zh += wh[j];
+          }
+        n_rebuilt = new_lo - sinks;
+        held_peak = zh;
       }
       for (int64_t j = new_lo; j < fe_new; ++j) {
         const float w = sexp(sh[j] - c);
         U.fma(w, a->v + j * D);
         zh += w;
         wh[j] = w;
+        wmax = fmaxf(wmax, w);
       }
       // near keys
       Acc<NV> O = U, O2;
@@ -448,7 +486,7 @@ void head_impl(dl_head_args* a) {
       const int64_t n_near = sink_hi + (ws <= p ? p - ws + 1 : 0);
       dense += 2 * D * (p + 1);
       qk += (n_near + n_new) * D + (int64_t)na * n_old;
-      pv += (n_near + n_new) * D + n_upd * D;
+      pv += (n_near + n_new) * D + (n_upd + n_rebuilt) * D;
       fe = fe_new;
     }
     // the chunk's last score row becomes the running far scores
@@ -465,7 +503,9 @@ void head_impl(dl_head_args* a) {
     s[2] = zh;
     s[3] = (float)N;
     s[4] = den_prev;
-    s[5] = s[6] = s[7] = 0.f;
+    s[5] = wmax;
+    s[6] = held_peak;
+    s[7] = 0.f;
     memcpy(s + 8, qh, sizeof(float) * (size_t)D);
     U.store(s + 8 + D);
     float* st_rows = s + DL_STATE_HEADER(D);
