@@ -121,8 +121,9 @@ class DeltaLLM(Pass):
         ctx.report("calibration", calibration)
         ctx.log(f"[deltallm] window {setting.window}, theta_q {setting.alpha:.3g} x median query change, "
                 f"theta_v {setting.theta_v}: prefill sparsity {chosen.sparsity:.3f}, error {chosen.error:+.4f}")
-        if chosen.sparsity <= 0.0 and not exact:
-            ctx.warn("the chosen thresholds skip nothing on the calibration inputs (0% attention sparsity)")
+        if chosen.sparsity < 0.01 and not exact:
+            ctx.warn(f"the thresholds skip nothing on the calibration inputs ({100 * chosen.sparsity:.1f}% attention "
+                     "sparsity): raise theta_q / theta_v or let the pass calibrate them")
         if self.target == "sparsity" and chosen.sparsity < self.sparsity and not exact:
             ctx.warn(f"sparsity {chosen.sparsity:.3f} stays below the target {self.sparsity} on the calibration inputs")
         shift = self._verification_shift(cal, setting, theta_q, theta_v)
