@@ -31,7 +31,7 @@ def _cell(rec, name, best):
     text = f"{c['ratio']:.2f}x"
     if name == best:
         text = f"**{text}**"
-    return f"{text} ({c['median_ms']:.3f})"
+    return f"{text} ({c['median_ms']:.3f}; {c['paired_ratio']:.2f}x)"
 
 
 def _best(rec, names):
@@ -81,8 +81,9 @@ def markdown(result: dict, png_name: str | None) -> str:
         f"edgesparse {env['edgesparse']} on onnxruntime {env['onnxruntime']} (numpy {env['numpy']}), "
         + ", ".join(f"{NAMES.get(k, k)} {v.get('version')} (numpy {v.get('numpy')})" for k, v in peers.items())
         + f", Python {env['python']}. Timing: {result['method']['min_rounds']}-{result['method']['max_rounds']} interleaved rounds "
-        f"per case, samples of ~{result['method']['sample_ms']:g} ms, medians; cells are ratio = ORT dense median / runtime median "
-        "(that runtime's median ms in brackets); bold = fastest. Outputs of every runtime were checked against ORT on the same "
+        f"per case, samples of ~{result['method']['sample_ms']:g} ms, medians; cells are ratio = ORT dense median / runtime median, "
+        "bold = fastest, then in brackets that runtime's median ms and the paired ratio (median over rounds of "
+        "ORT's sample / the runtime's sample in the same round, which is less sensitive to load spikes). Outputs of every runtime were checked against ORT on the same "
         f"weights (max abs error <= {result['method']['tolerance']:g} x max(1, |output|)) before timing.",
         "",
     ]
