@@ -4,7 +4,7 @@ here on the real Fashion-MNIST training set (cached after the first run).
     edgesparse build samples/sparsebytenn/model.py:build --target x86 \
         --pass sparsebytenn:sparsity=0.7,recovery=train -o out/fashion-sbnn
 
-calibration: 8 batches of 128 real training images; train: the user's loop (AdamW on the real
+calibration: one image, then 7 batches of 128 real training images; train: the user's loop (AdamW on the real
 labelled training set, augmentation as in the original training), used by recovery=train.
 Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning learning rate).
 """
@@ -25,11 +25,15 @@ from edgesparse import TorchModel  # noqa: E402
 
 
 def calibration_batches(n_batches: int = 8, batch: int | None = None, seed: int = 1):
+    """One single image first (a build records its first calibration batch for verification, and
+    `edgesparse bench` times that batch: single-image latency, the edge case), then batches of
+    `batch` real training images (897 images in the 8 batches a build reads)."""
     batch = batch or int(os.environ.get("SBNN_BATCH", "128"))
     x, _ = data.load("train")
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(x), n_batches * batch, replace=False)
-    return [{"x": np.ascontiguousarray(x[idx[i * batch:(i + 1) * batch]])} for i in range(n_batches)]
+    idx = rng.choice(len(x), 1 + (n_batches - 1) * batch, replace=False)
+    return [{"x": np.ascontiguousarray(x[idx[:1]])}] + [
+        {"x": np.ascontiguousarray(x[idx[1 + i * batch:1 + (i + 1) * batch]])} for i in range(n_batches - 1)]
 
 
 def train_loop(module, steps: int) -> None:

@@ -1,0 +1,352 @@
+"""The sparsebytenn evidence runs: accuracy grids, package builds, `edgesparse bench`, the plot.
+
+    python samples/sparsebytenn/evidence.py cnn-grid cnn-ablations cnn-packages \
+        eff-grid eff-packages plot        # any subset, in order; each step is resumable
+
+Results accumulate in samples/sparsebytenn/results/*.json (one entry per configuration, with the
+date and CPU) and the plot in plugins/sparsebytenn/pareto.png. Run with `nice -n 19` on shared
+machines. Environment: SBNN_OUT (package folder, default out/sparsebytenn).
+
+- cnn-grid: FashionMobileNet (cnn.py, trained here on real Fashion-MNIST), top-1 on the 10k test
+  set, at 30/50/70/90 % group sparsity, rearrangement on/off x recovery none/train (the model's
+  own training loop, 100 steps of 128 images); every candidate layer pruned (dispatch=off) so the
+  configurations are comparable.
+- cnn-ablations: group shapes (4/8/16 x 1), scores (l1/l2/activation), sensitivity allocation, and
+  the two ends of the granularity range (unstructured and whole-filter pruning of the same layers).
+- cnn-packages: full builds (dispatch=measure, rearrangement, recovery=train 200 steps) at each
+  sparsity: package top-1 on the test set (ONNX Runtime), `edgesparse bench` at 1 and 2 threads.
+- eff-grid / eff-packages: the same for the real pretrained EfficientNet-Lite0; the metric is the
+  agreement with the dense model's top-1 on 200 views of 5 real photos never used for calibration.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+OUT = Path(os.environ.get("SBNN_OUT", ROOT / "out" / "sparsebytenn"))
+PLOT = ROOT / "plugins" / "sparsebytenn" / "pareto.png"
+SPARSITIES = (0.3, 0.5, 0.7, 0.9)
+GRID_STEPS, PKG_STEPS = 100, 200
+EFF_DISTILL_STEPS = 60
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------
+
+def cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save(name: str, key: str, value: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    data = load(name)
+    data[key] = value | {"date": datetime.date.today().isoformat(), "cpu": cpu()}
+    tmp = RESULTS / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, RESULTS / f"{name}.json")
+    print(f"[{name}] {key}: " + ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, (dict, list))),
+          flush=True)
+
+
+def registry():
+    from edgesparse.plugins import registry as reg
+
+    from edgesparse_sparsebytenn.compat import ensure_conv_densify
+
+    r = reg()
+    ensure_conv_densify(r)
+    return r
+
+
+def context(calibration, train=None):
+    from edgesparse.context import BuildContext
+
+    r = registry()
+    ctx = BuildContext(r.get("targets", "x86"), r, calibration=calibration, train=train, quiet=True)
+    ctx.begin_pass("sparsebytenn")
+    return ctx
+
+
+def torch_stage(module, calibration, train=None, **options):
+    from edgesparse_sparsebytenn import SparseByteNN
+
+    p = SparseByteNN(**options)
+    ctx = context(calibration, train)
+    t0 = time.time()
+    module = p.transform_module(copy.deepcopy(module), ctx)
+    report = ctx.reports["sparsebytenn"]
+    ra = report.get("rearrangement", {})
+    summary = {"achieved_sparsity": round(report["achieved_sparsity_of_candidates"], 4),
+               "pruned_layers": sum(1 for l in report["layers"] if l["sparsity"] > 0),
+               "seconds": round(time.time() - t0, 1)}
+    if ra.get("retained_mass_before") is not None:
+        summary["retained_mass_before"] = round(ra["retained_mass_before"], 4)
+        summary["retained_mass_after"] = round(ra["retained_mass_after"], 4)
+        summary["spaces_permuted"] = len(ra.get("spaces_permuted", []))
+    rec = report.get("recovery", {})
+    if rec.get("mode", "none") != "none":
+        summary["recovery"] = {k: rec[k] for k in ("mode", "steps", "seconds", "loss_first", "loss_last") if k in rec}
+    return module, summary
+
+
+def bench(package: Path) -> list[dict]:
+    cmd = [sys.executable, str(HERE / "es.py"), "bench", str(package), "--threads", "1,2", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out[out.index("["):] if "[" in out else out)
+
+
+def build_package(model_spec: str, out: Path, options: dict) -> dict:
+    from edgesparse.pipeline import BuildRequest, build
+
+    return build(BuildRequest(model=model_spec, target="x86", output=out, force=True, quiet=True,
+                              passes=[("sparsebytenn", options)]), registry=registry())
+
+
+# -- Fashion-MNIST CNN ----------------------------------------------------------------------------
+
+def cnn_setup():
+    import cnn
+    import data
+    import model as factory
+
+    dense = cnn.trained()
+    xt, yt = data.load("test")
+    return dense, factory.calibration_batches(), factory.train_loop, xt, yt
+
+
+def cnn_acc(module, xt, yt) -> float:
+    import cnn
+
+    return round(cnn.accuracy(module, xt, yt), 4)
+
+
+def cnn_grid():
+    dense, calib, train, xt, yt = cnn_setup()
+    if "dense" not in load("cnn_grid"):
+        save("cnn_grid", "dense", {"top1": cnn_acc(dense, xt, yt)})
+    for s in SPARSITIES:
+        for rearrange in (False, True):
+            for recovery in ("none", "train"):
+                key = f"s{s:.1f}/rearrange={int(rearrange)}/recovery={recovery}"
+                if key in load("cnn_grid"):
+                    continue
+                m, summary = torch_stage(dense, calib, train, sparsity=s, dispatch="off", rearrange=rearrange,
+                                         recovery=recovery, recovery_steps=GRID_STEPS)
+                save("cnn_grid", key, {"top1": cnn_acc(m, xt, yt), "sparsity": s, "rearrange": rearrange,
+                                       "recovery": recovery, **summary})
+
+
+def _prune_reference(module, sparsity: float, kind: str, layers: list[str]):
+    """Unstructured (per weight) or filter (whole output channels) magnitude pruning of the same
+    layers the pass prunes, per layer at `sparsity`: the two ends of the granularity range."""
+    m = copy.deepcopy(module)
+    mods = dict(m.named_modules())
+    with torch.no_grad():
+        for name in layers:
+            w = mods[name].weight
+            if kind == "unstructured":
+                score = w.abs().flatten()
+                drop = int(round(sparsity * score.numel()))
+                idx = torch.argsort(score)[:drop]
+                flat = w.view(-1)
+                flat[idx] = 0
+            else:
+                norms = w.flatten(1).norm(dim=1)
+                idx = torch.argsort(norms)[:int(round(sparsity * norms.numel()))]
+                w[idx] = 0
+    return m
+
+
+def cnn_ablations():
+    from edgesparse_sparsebytenn import recover
+
+    dense, calib, train, xt, yt = cnn_setup()
+    for s in (0.5, 0.7):
+        runs = {
+            "pointwise 4x1": {"block_pointwise": 4}, "pointwise 8x1": {"block_pointwise": 8},
+            "pointwise 16x1": {"block_pointwise": 16},
+            "score l1": {"score": "l1"}, "score activation": {"score": "activation"},
+            "allocation sensitivity": {"allocation": "sensitivity"},
+            "no BatchNorm recalibration": {"bn_recalibration": False},
+        }
+        for name, opts in runs.items():
+            key = f"s{s:.1f}/{name}"
+            if key in load("cnn_ablations"):
+                continue
+            m, summary = torch_stage(dense, calib, sparsity=s, dispatch="off", **opts)
+            save("cnn_ablations", key, {"top1": cnn_acc(m, xt, yt), **summary})
+        _, summary = torch_stage(dense, calib, sparsity=s, dispatch="off")
+        layers = [n for n, mod in dense.named_modules()
+                  if isinstance(mod, torch.nn.Conv2d) and mod.groups == 1 and mod.kernel_size == (1, 1)]
+        for kind in ("unstructured", "filter"):
+            key = f"s{s:.1f}/{kind} (reference)"
+            if key in load("cnn_ablations"):
+                continue
+            m = _prune_reference(dense, s, kind, layers)
+            recover.recalibrate_batchnorm(m, calib)
+            m.eval()
+            save("cnn_ablations", key, {"top1": cnn_acc(m, xt, yt), "layers": len(layers)})
+
+
+def cnn_packages():
+    from edgesparse import runtime
+
+    dense, calib, train, xt, yt = cnn_setup()
+    for s in SPARSITIES:
+        key = f"s{s:.1f}"
+        if key in load("cnn_packages"):
+            continue
+        out = OUT / f"fashion-{int(s * 100)}"
+        opts = {"sparsity": s, "dispatch": "measure", "recovery": "train", "recovery_steps": PKG_STEPS}
+        t0 = time.time()
+        manifest = build_package(f"{HERE / 'model.py'}:build", out, opts)
+        build_s = time.time() - t0
+        session = runtime.load(out).session()
+        logits = np.concatenate([session.run(None, {"x": xt[i:i + 500]})[0] for i in range(0, len(xt), 500)])
+        rep = manifest["passes"][0]["report"]
+        save("cnn_packages", key, {
+            "top1": round(float((logits.argmax(1) == yt).mean()), 4), "options": opts,
+            "sparse_nodes": manifest["verification"]["sparse_nodes"],
+            "on_kernel": manifest["verification"]["fraction_on_sparse_kernels"],
+            "max_abs_error": manifest["verification"]["max_abs_error"],
+            "achieved_sparsity": round(rep["achieved_sparsity_of_candidates"], 4),
+            "kept_dense": [l["layer"] for l in rep["layers"] if l["sparsity"] == 0 and l["kind"] in ("pointwise", "conv", "linear")],
+            "build_seconds": round(build_s, 1), "bench": bench(out)})
+
+
+# -- EfficientNet-Lite0 ---------------------------------------------------------------------------
+
+def eff_setup():
+    import efficientnet as E
+
+    dense = E.load_model()
+    calib = E.calibration_batches()[:8]
+    images = E.evaluation_images()
+    with torch.no_grad():
+        ref = torch.cat([dense(torch.from_numpy(images[i:i + 25])) for i in range(0, len(images), 25)]).argmax(1)
+    return dense, calib, images, ref
+
+
+def eff_agreement(module, images, ref) -> float:
+    with torch.no_grad():
+        top1 = torch.cat([module(torch.from_numpy(images[i:i + 25])) for i in range(0, len(images), 25)]).argmax(1)
+    return round(float((top1 == ref).float().mean()), 4)
+
+
+def eff_grid():
+    dense, calib, images, ref = eff_setup()
+    for s in SPARSITIES:
+        for rearrange in (False, True):
+            for recovery in ("none", "distill"):
+                for bn in (True, False):
+                    key = f"s{s:.1f}/rearrange={int(rearrange)}/recovery={recovery}/bn_recal={int(bn)}"
+                    if key in load("eff_grid") or (recovery == "distill" and not bn):
+                        continue
+                    m, summary = torch_stage(dense, calib, sparsity=s, dispatch="off", rearrange=rearrange,
+                                             recovery=recovery, recovery_steps=EFF_DISTILL_STEPS, lr=1e-4,
+                                             bn_recalibration=bn)
+                    save("eff_grid", key, {"agreement": eff_agreement(m, images, ref), "sparsity": s,
+                                           "rearrange": rearrange, "recovery": recovery, "bn_recal": bn,
+                                           "views": len(images), **summary})
+
+
+def eff_packages():
+    from edgesparse import runtime
+
+    dense, calib, images, ref = eff_setup()
+    for s in SPARSITIES:
+        key = f"s{s:.1f}"
+        if key in load("eff_packages"):
+            continue
+        out = OUT / f"effnet-{int(s * 100)}"
+        opts = {"sparsity": s, "dispatch": "measure", "recovery": "distill", "recovery_steps": EFF_DISTILL_STEPS,
+                "lr": 1e-4}
+        t0 = time.time()
+        manifest = build_package(f"{HERE / 'efficientnet.py'}:build", out, opts)
+        build_s = time.time() - t0
+        session = runtime.load(out).session()
+        top1 = np.concatenate([session.run(None, {"image": images[i:i + 25]})[0] for i in range(0, len(images), 25)]).argmax(1)
+        rep = manifest["passes"][0]["report"]
+        save("eff_packages", key, {
+            "agreement": round(float((top1 == ref.numpy()).mean()), 4), "options": opts,
+            "sparse_nodes": manifest["verification"]["sparse_nodes"],
+            "on_kernel": manifest["verification"]["fraction_on_sparse_kernels"],
+            "achieved_sparsity": round(rep["achieved_sparsity_of_candidates"], 4),
+            "pruned_layers": sum(1 for l in rep["layers"] if l["sparsity"] > 0),
+            "build_seconds": round(build_s, 1), "bench": bench(out)})
+
+
+# -- plot -----------------------------------------------------------------------------------------
+
+def plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    for ax, name, metric, title, dense_metric in (
+        (axes[0], "cnn_packages", "top1", "FashionMobileNet (Fashion-MNIST test)", load("cnn_grid").get("dense", {}).get("top1")),
+        (axes[1], "eff_packages", "agreement", "EfficientNet-Lite0 (top-1 agreement)", 1.0),
+    ):
+        data = load(name)
+        for threads, marker in ((1, "o"), (2, "s")):
+            pts = []
+            dense_ms = []
+            for key, r in sorted(data.items()):
+                b = next((x for x in r["bench"] if x["threads"] == threads), None)
+                if b:
+                    pts.append((b["package"]["median_ms"], r[metric] * 100, key[1:]))
+                    dense_ms.append(b["dense"]["median_ms"])
+            if not pts:
+                continue
+            xs, ys, labels = zip(*pts)
+            ax.plot(xs, ys, marker=marker, label=f"{threads} thread{'s' if threads > 1 else ''}")
+            for x, y, l in zip(xs, ys, labels):
+                ax.annotate(f"{float(l):.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            if dense_metric is not None:
+                ax.plot([np.median(dense_ms)], [dense_metric * 100], marker="*", markersize=11, color="k", linestyle="none",
+                        label="dense" if threads == 1 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("latency per image, ms (ORT, median)", fontsize=8)
+        ax.set_ylabel("%", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=90)
+    print(f"wrote {PLOT}")
+
+
+STEPS = {"cnn-grid": cnn_grid, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages,
+         "eff-grid": eff_grid, "eff-packages": eff_packages, "plot": plot}
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("SBNN_THREADS", "2")))
+    for step in sys.argv[1:] or list(STEPS):
+        if step not in STEPS:
+            sys.exit(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+        STEPS[step]()
