@@ -132,29 +132,42 @@ def _stats(samples: list[float]) -> dict:
 
 
 def measure(candidates: dict, workers: dict, *, sample_ms: float, budget_s: float, min_rounds: int,
-            max_rounds: int) -> dict:
+            max_rounds: int) -> tuple[dict, dict]:
     """Interleaved timing of the loaded candidates {name: {"worker", "id"}}: per round each one
-    times one sample, the order rotating; per-inference milliseconds."""
-    names = list(candidates)
-    reps = {}
-    for name in names:
+    times one sample, the order rotating; per-inference milliseconds. Returns (stats by name,
+    errors by name for candidates whose server failed while timing)."""
+    names, reps, errors = list(candidates), {}, {}
+
+    def sample(name, n):
         w, cid = workers[candidates[name]["worker"]], candidates[name]["id"]
-        for _ in range(3):  # warm-up
-            w.request({"op": "time", "id": cid, "reps": 1})
-        one = min(w.request({"op": "time", "id": cid, "reps": 1})["seconds"] for _ in range(3)) * 1e3
+        return w.request({"op": "time", "id": cid, "reps": n})["seconds"]
+
+    for name in list(names):
+        try:
+            for _ in range(3):  # warm-up
+                sample(name, 1)
+            one = min(sample(name, 1) for _ in range(3)) * 1e3
+        except WorkerError as exc:
+            errors[name] = f"failed while timing: {exc}"
+            names.remove(name)
+            continue
         reps[name] = int(max(1, min(2000, round(sample_ms / max(one, 1e-4)))))
     samples = {name: [] for name in names}
     start = time.perf_counter()
     for r in range(max_rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            w, cid = workers[candidates[name]["worker"]], candidates[name]["id"]
-            seconds = w.request({"op": "time", "id": cid, "reps": reps[name]})["seconds"]
-            samples[name].append(seconds * 1e3 / reps[name])
-        if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+            try:
+                samples[name].append(sample(name, reps[name]) * 1e3 / reps[name])
+            except WorkerError as exc:
+                errors[name] = f"failed while timing: {exc}"
+                names.remove(name)
+                del samples[name]
+        if "ort" not in names or (r + 1 >= min_rounds and time.perf_counter() - start > budget_s):
             break
-    out = {name: {**_stats(s), "reps": reps[name], "samples_ms": [round(x, 5) for x in s]} for name, s in samples.items()}
-    return out
+    stats = {name: {**_stats(s), "reps": reps[name], "samples_ms": [round(x, 5) for x in s]}
+             for name, s in samples.items() if s}
+    return stats, errors
 
 
 def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, work: Path, opts, log) -> dict:
@@ -253,11 +266,16 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
             entry["error"] = str(exc)
             entry["outputs_match"] = False
     if "ort" in loaded:
-        timing = measure(loaded, workers, sample_ms=opts.sample_ms, budget_s=opts.budget_s,
-                         min_rounds=opts.min_rounds, max_rounds=opts.max_rounds)
-        dense = timing["ort"]
-        for name, stats in timing.items():
-            paired = np.asarray(dense["samples_ms"]) / np.asarray(stats["samples_ms"])
+        timing, errors = measure(loaded, workers, sample_ms=opts.sample_ms, budget_s=opts.budget_s,
+                                 min_rounds=opts.min_rounds, max_rounds=opts.max_rounds)
+        for name, error in errors.items():
+            record["candidates"][name]["error"] = error
+        dense = timing.get("ort")
+        n = min((len(s["samples_ms"]) for s in timing.values()), default=0)
+        for name, stats in (timing.items() if dense else ()):
+            if len(stats["samples_ms"]) < n or n == 0:
+                continue
+            paired = np.asarray(dense["samples_ms"][:n]) / np.asarray(stats["samples_ms"][:n])
             record["candidates"][name].update(stats)
             record["candidates"][name]["ratio"] = dense["median_ms"] / stats["median_ms"]
             record["candidates"][name]["paired_ratio"] = float(np.median(paired))
