@@ -51,6 +51,57 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float(-lp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
 
 
+def dense_attention_subgraphs(model: onnx.ModelProto, layers: list[int], ids: np.ndarray):
+    """For each layer, the nodes ORT runs for its attention in the exported model (from the
+    query after RoPE and the cache-concatenated keys/values to the P.V MatMul) as a standalone
+    graph with inputs q, k, v (mask and shape tensors frozen as constants at this length), plus
+    the real q, k, v of one forward over `ids`. Returns [(subgraph, {input: array}, info)]."""
+    import onnx_ir as ir
+    from edgesparse_deltallm import rewrite
+
+    m = ir.from_proto(onnx.shape_inference.infer_shapes(model))
+    found = rewrite.find_attention(m)
+    plans, wanted, dtypes = [], [], {}
+    for layer in layers:
+        att = found[layer]
+        produced = {o.name for n in att.removed for o in n.outputs}
+        external = []
+        for n in att.removed:
+            for v in n.inputs:
+                if v is not None and v.name not in produced and v.const_value is None and v.name not in external:
+                    external.append(v.name)
+                    dtypes[v.name] = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+        plans.append((att, external))
+        wanted += [x for x in external if x not in wanted]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in have:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
+    sess = session(probe, threads=2)
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds(ids))))
+    del sess
+    inits_by_name = {i.name: i for i in model.graph.initializer}
+    result = []
+    for att, external in plans:
+        q, k, v = att.q.name, att.k.name, att.v.name
+        names = {x.name for x in att.removed}
+        proto_nodes = [n for n in model.graph.node if n.name in names]
+        inputs = [q, k, v]
+        inits = [onnx.numpy_helper.from_array(values[name], name) for name in external if name not in inputs]
+        needed = {x for n in proto_nodes for x in n.input}
+        inits += [inits_by_name[x] for x in needed if x in inits_by_name]
+        g = onnx.helper.make_graph(
+            proto_nodes, "attention",
+            [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, values[n].shape) for n in inputs],
+            [onnx.helper.make_tensor_value_info(att.pv.outputs[0].name, onnx.TensorProto.FLOAT, None)], inits)
+        sub = onnx.helper.make_model(g, opset_imports=list(model.opset_import))
+        result.append((sub, {"q": values[q], "k": values[k], "v": values[v]},
+                       {"q": q, "k": k, "v": v, "scale": att.scale, "nodes": sorted(names)}))
+    return result
+
+
 def dense_attention_subgraph(model: onnx.ModelProto, layer: int, ids: np.ndarray):
     """The nodes ORT runs for one layer's attention in the exported model (from the query after
     RoPE and the cache-concatenated keys/values to the P.V MatMul), as a standalone graph whose
