@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import op_model, session, smooth_qkv
+from deltallm_testing import op_model, session, smooth_qkv
 from edgesparse_deltallm import reference as R
 
 CASES = [  # window, sinks, theta_q, theta_v
@@ -144,7 +144,7 @@ def test_generic_isa_gives_the_same_result(library, tmp_path):
     script = f"""
 import sys, numpy as np
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-from conftest import op_model, session
+from deltallm_testing import op_model, session
 d = np.load({str(tmp_path / 'qkv.npz')!r})
 y = session(op_model(0.125, 8, 2, outputs=1), {library!r}).run(None, {{"q": d["q"], "k": d["k"], "v": d["v"],
     "tq": np.full(1, 0.5, np.float32), "tv": np.full(1, 3e-3, np.float32)}})[0]

@@ -54,7 +54,7 @@ def test_reference_and_kernel_agree_inside_the_model(tiny_onnx, library):
     import onnx
     import onnx_ir as ir
     from edgesparse_deltallm import rewrite
-    from conftest import session
+    from deltallm_testing import session
 
     model = tiny_llama.model()
     ids = tiny_llama.tokens(64, 5)

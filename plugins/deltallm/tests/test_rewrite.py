@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import tiny_llama
-from conftest import session
+from deltallm_testing import session
 from edgesparse import EdgesparseError
 from edgesparse_deltallm import rewrite
 

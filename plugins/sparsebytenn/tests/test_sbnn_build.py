@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import SAMPLE, clone, export_and_rewrite, ort_session, run_torch_stage
+from sbnn_testing import SAMPLE, clone, export_and_rewrite, ort_session, run_torch_stage
 
 from edgesparse_sparsebytenn import patterns
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import StubTarget, run_torch_stage
+from sbnn_testing import StubTarget, run_torch_stage
 
 from edgesparse import EdgesparseError
 from edgesparse_sparsebytenn import SparseByteNN, patterns

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import clone, run_torch_stage
+from sbnn_testing import clone, run_torch_stage
 
 from edgesparse_sparsebytenn import patterns, permute
 from edgesparse_sparsebytenn.allocate import to_args
