@@ -96,7 +96,9 @@ class Sparcl(Pass):
                 return "grouped or depthwise conv"
             o, c, kh, kw = layer.weight.shape
             op = graph.BLOCK_SPARSE_CONV
-            shape = {"C": c, "O": o, "kernel": [kh, kw], "stride": list(attrs.get("strides", [1, 1]))[0]}
+            # the dispatch table matches square kernels given as one int ([kh, kw] finds no entry)
+            shape = {"C": c, "O": o, "kernel": kh if kh == kw else [kh, kw],
+                     "stride": list(attrs.get("strides", [1, 1]))[0]}
         else:
             k, n = layer.weight.shape
             op, shape = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}

@@ -240,6 +240,7 @@ class ContinualTrainer:
         self._dgm_masks: dict[str, torch.Tensor] = {}  # masked-dense layers: per-weight gradient masks
         self._weight_masks: dict[str, torch.Tensor] = {}
         self._kept: dict[str, float] = {}
+        self._dgm_due = False
 
     # -- setup ---------------------------------------------------------------------
     def _check_outputs(self) -> int:
@@ -385,7 +386,9 @@ class ContinualTrainer:
                 for b in range(batches):
                     begin = time.perf_counter()
                     local = order[b * c.batch_size:(b + 1) * c.batch_size]
-                    full_grad = (update_mask and b == 0) or (sparcl and c.dgm and steps % c.dgm_refresh == 0)
+                    full_grad = ((update_mask and b == 0) or self._dgm_due
+                                 or (sparcl and c.dgm and steps % c.dgm_refresh == 0))
+                    self._dgm_due = False
                     self._step(optimizer, task_idx[local], local, t, other, stats, full_grad)
                     if update_mask and b == 0:
                         self._update_masks(epoch)
@@ -536,6 +539,8 @@ class ContinualTrainer:
             layer._dgm_units = None
         self._dgm_masks.clear()
         self._refresh_layers()
+        # the gradient masks follow the new weight masks: the next step computes every kept gradient
+        self._dgm_due = bool(c.dgm)
 
     def _count_flops(self, n: int, full_grad: bool) -> None:
         c = self.config
