@@ -89,7 +89,13 @@ def _tokens(op: str, shape: dict) -> float | None:
 def _kind(op: str, shape: dict) -> tuple:
     """Entries are only compared within a kind (conv: kernel size and stride)."""
     if op == "BlockSparseConv":
-        return (shape.get("kernel", 1), shape.get("stride", 1))
+        kernel, stride = shape.get("kernel", 1), shape.get("stride", 1)
+        # [k, k] and k name the same kernel (the table stores square sizes as ints)
+        if isinstance(kernel, (list, tuple)) and len(set(kernel)) == 1:
+            kernel = kernel[0]
+        if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:
+            stride = stride[0]
+        return (kernel, stride)
     return ()
 
 

@@ -88,7 +88,8 @@ def test_conv_layers_become_block_sparse_conv(tmp_path):
     report = manifest["passes"][0]["report"]
     assert {d["layer"]: d["reason"] for d in report["kept_dense"]}["depthwise"] == "grouped or depthwise conv"
     assert manifest["verification"]["passed"]
-    assert {l["op"] for l in manifest["layers"]} <= {"BlockSparseConv"}
+    assert {l["node"] for l in manifest["layers"]} == {"pointwise_sparse", "conv3x3_sparse"}
+    assert {l["op"] for l in manifest["layers"]} == {"BlockSparseConv"}
     assert manifest["verification"]["sparse_nodes"] == manifest["verification"]["sparse_nodes_on_kernel"]
     for layer in manifest["layers"]:
         assert abs(layer["sparsity"] - 0.9) < 0.02

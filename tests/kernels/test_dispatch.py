@@ -77,3 +77,11 @@ def test_committed_table_is_well_formed():
     # on the machine it was measured on, 16x1 blocks at 90% on the FFN shapes go sparse
     isa = table["entries"][0]["isa"]
     assert dispatch.prefers_sparse("BlockSparseMatMul", {"K": 768, "N": 3072}, 0.9, 16, isa=isa)
+
+
+def test_conv_kernel_as_list_or_int_is_the_same_kind():
+    from edgesparse.kernels import dispatch
+
+    as_int = dispatch.break_even("BlockSparseConv", {"C": 64, "O": 128, "kernel": 1, "stride": 1}, 16, "avx512")
+    as_list = dispatch.break_even("BlockSparseConv", {"C": 64, "O": 128, "kernel": [1, 1], "stride": [1, 1]}, 16, "avx512")
+    assert as_int is not None and as_int == as_list
