@@ -66,6 +66,18 @@ def bar_check(records) -> dict:
     return {"chosen": chosen, "lost": lost, "behind": behind, "peer_wins": peer_wins}
 
 
+def head_to_head(rec, peer) -> float | None:
+    """Median over rounds of (peer's sample / edgesparse's sample in the same round): > 1 means
+    edgesparse was faster, insensitive to load that hits a whole round."""
+    a = (rec["candidates"].get("edgesparse") or {}).get("samples_ms")
+    b = (rec["candidates"].get(peer) or {}).get("samples_ms")
+    if not a or not b:
+        return None
+    n = min(len(a), len(b))
+    ratios = sorted(b[i] / a[i] for i in range(n))
+    return ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
+
+
 def _label(rec):
     m = rec["model"]
     return m if rec["kind"] != "ffn" else f"{m}, M={rec['tokens']}"
@@ -123,6 +135,14 @@ def markdown(result: dict, png_name: str | None) -> str:
             weights = f" ({r['shape']['weights']})" if "weights" in r["shape"] else ""
             lines.append(f"| {r['model']}{weights} | {r['sparsity']:.2f} | {r['threads']} | {dense} | "
                          + " | ".join(_cell(r, n, best) for n in cols[1:]) + f" | {forced} | {_dispatch(r)} |")
+        lines.append("")
+    if chk["lost"]:
+        lines += ["**Cases where edgesparse chose sparse and a peer's median was as fast or faster:**", ""]
+        for r, peer, theirs, mine in chk["lost"]:
+            h2h = head_to_head(r, peer)
+            lines.append(f"- {_label(r)}, {r['sparsity']:.0%}, {r['threads']} thr: edgesparse {mine:.2f}x vs {NAMES[peer]} "
+                         f"{theirs:.2f}x; same-round head to head {NAMES[peer]} time / edgesparse time = "
+                         + (f"{h2h:.2f}" if h2h else "n/a"))
         lines.append("")
     if chk["peer_wins"]:
         lines += ["**Cases a peer won** (peer ratio > edgesparse ratio):", ""]
