@@ -10,14 +10,17 @@ import onnx.inliner
 from .errors import EdgesparseError
 
 
-def dense_session(model: onnx.ModelProto, threads: int = 1):
-    """An ORT session on a dense model (see dense_equivalent), with ORT's own kernels."""
+def dense_session(model: onnx.ModelProto, threads: int = 1, spin: bool = True):
+    """An ORT session on a dense model (see dense_equivalent), with ORT's own kernels.
+    spin=False stops idle worker threads from spinning: needed when two sessions alternate."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
