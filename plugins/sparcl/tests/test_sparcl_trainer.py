@@ -134,3 +134,20 @@ def test_forgetting_metric():
     acc = [[90.0], [70.0, 80.0], [60.0, 85.0, 70.0]]
     # task 0: best 90 before the end, 60 at the end; task 1: best 80, 85 at the end
     assert forgetting(acc) == pytest.approx(np.mean([30.0, -5.0]))
+
+
+def test_any_model_with_linear_layers(fmnist_two_tasks):
+    """An MLP: the hidden Linear layers train on the block-sparse kernels too."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                              torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    config = ContinualConfig(**{**TINY, "epochs": 1, "block": 4, "sparsity": 0.75})
+    trainer = ContinualTrainer(mlp, fmnist_two_tasks, config, progress=False, log=lambda m: None)
+    result = trainer.run()
+    layers = {l["layer"]: l for l in result["layers"]}
+    assert [n for n, l in layers.items() if l["on_kernel"]] == ["3", "5"]
+    assert not layers["1"]["pruned"] and not layers["7"]["pruned"]
+    for name in ("3", "5"):
+        assert abs(layers[name]["density"] - 0.25) < 0.02
+        w = dict(mlp.named_modules())[name].weight
+        assert (w == 0).float().mean() > 0.7
