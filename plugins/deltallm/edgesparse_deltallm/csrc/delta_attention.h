@@ -8,9 +8,10 @@
 //     |q_t[d] - qh[d]| > theta_q[h][d]; the far scores sh_j = scale * qh . k_j are then updated
 //     with the refreshed dimensions only (|active| MACs per far key instead of D);
 //   * the value accumulation U = sum_far wh_j v_j keeps, per far key, the weight wh_j it was
-//     last applied with; key j is re-applied (D MACs) only when its current weight
-//     exp(sh_j - c) moved by more than theta_v[h] * Z (Z: the previous row's softmax
-//     normaliser, i.e. the denominator below).
+//     last applied with; each row re-applies (D MACs each) only the keys whose current weight
+//     exp(sh_j - c) deviates most from wh_j: the refresh threshold is the largest of
+//     theta_v[h] * Z * 2^-k (k = 0..9, else 0) under which the deviations left stale add up to
+//     at most theta_v[h] * Z (Z: the previous row's softmax denominator, see below).
 //   y_t = (U + sum_near w_j v_j) / (sum_far wh_j + sum_near w_j)
 // The state carried between calls (decode) is per (b, h): a header of 2 * D + 8 floats
 // {valid, c, sum_far wh, n_keys, previous denominator, largest wh, peak of sum_far wh, 0,
@@ -55,7 +56,7 @@ typedef struct {
   int (*supports)(int64_t d);   // head dims this copy handles
 } dl_table;
 
-static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return (3 + 8) * n_pad + 4 * d + 64; }
+static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return (4 + 8) * n_pad + 4 * d + 64; }
 
 const dl_table* dl_kernels(void);          // the widest copy this CPU runs
 const dl_table* dl_generic_kernels(void);  // the 16-byte copy (any head dim multiple of 4)

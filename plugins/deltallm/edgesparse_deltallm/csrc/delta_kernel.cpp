@@ -166,6 +166,7 @@ inline float dotv(const float* a, const float* b) {
 constexpr int kRows = 8;     // query rows per chunk (phase A reuses each key block for all of them)
 constexpr int kBlock = 8;    // vectors of keys per block
 constexpr float kDrift = 20.f;
+constexpr int kLevels = 10;         // candidate refresh thresholds theta_v * Z * 2^-k
 constexpr float kCancel = 1000.f;  // rebuild U and zh once they fell this far below their peak
 
 // Phase A. Keys [lo, hi) are far for every row of the chunk. For each block of keys, load the
@@ -207,23 +208,46 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
   for (int r = 0; r < n_rows; ++r) mx[r] = hmax(m[r]);
 }
 
-// Phase B, value side of one row over keys [lo, hi) (far before the chunk): weights
-// exp(s - c) against the weights last applied; the keys that moved by more than `lim` are
-// re-applied to U and zh.
+// Phase B, value side. Pass 1 over keys [lo, hi) that were far before the chunk: current
+// weights exp(s - c) into wb, and, for each level t_k = budget * 2^-k, the total deviation
+// |wb - wh| of the keys below it (what would stay stale with t_k as the refresh threshold).
 template <int NV>
-float far_values(const float* s, float* wh, int64_t lo, int64_t hi, float c, float lim, const float* v, Acc<NV>& U,
-                 float& zh, float& removed, int64_t& n_upd) {
-  const vf cv = splat(c), limv = splat(lim);
-  vf wmax = splat(0.f);  // largest weight held after this row
+void far_weights(const float* s, const float* wh, float* wb, int64_t lo, int64_t hi, float c, const float* levels,
+                 float* kept) {
+  const vf cv = splat(c);
+  vf acc[kLevels];
+  vf lv[kLevels];
+  for (int k = 0; k < kLevels; ++k) {
+    acc[k] = splat(0.f);
+    lv[k] = splat(levels[k]);
+  }
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
-    const vf w = vexp(ld(s + j0) - cv), o = ld(wh + j0);
+    const vf w = vexp(ld(s + j0) - cv);
+    st(wb + j0, w);
+    vf dev = vabs(w - ld(wh + j0));
+    if (j0 < lo || j0 + W > hi) dev = in_range(j0, lo, hi) ? dev : splat(0.f);
+    for (int k = 0; k < kLevels; ++k) acc[k] += dev < lv[k] ? dev : splat(0.f);
+  }
+  for (int k = 0; k < kLevels; ++k) kept[k] += hsum(acc[k]);
+}
+
+// Pass 2 over [lo, hi): keys whose deviation reaches `thr` (and is not zero) are re-applied to U
+// and zh with their current weight. Returns the largest weight held afterwards.
+template <int NV>
+float far_refresh(const float* wb, float* wh, int64_t lo, int64_t hi, float thr, const float* v, Acc<NV>& U,
+                  float& zh, float& removed, int64_t& n_upd) {
+  const vf thrv = splat(thr), zero = splat(0.f);
+  vf wmax = zero;
+  for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
+    const vf w = ld(wb + j0), o = ld(wh + j0);
     const vf diff = w - o;
-    vi moved = vabs(diff) > limv;
+    const vf dev = vabs(diff);
+    vi moved = (dev >= thrv) & (dev > zero);
     const bool edge = j0 < lo || j0 + W > hi;
     const vi valid = edge ? in_range(j0, lo, hi) : splati(-1);
     moved &= valid;
     uint32_t m = bits(moved);
-    wmax = vmax(wmax, valid ? (moved ? w : o) : splat(0.f));
+    wmax = vmax(wmax, valid ? (moved ? w : o) : zero);
     if (!m) continue;
     st(wh + j0, moved ? w : o);
     while (m) {
@@ -281,9 +305,10 @@ void head_impl(dl_head_args* a) {
   float* sh = a->scratch;             // far scores (scaled), as of the last finished chunk
   float* wh = sh + NP;                // weights last applied (units of c)
   float* nb = wh + NP;                // near scores, then near weights
+  float* wb = nb + NP;                // current far weights
   float* rows[kRows];                 // phase A output, one score row per query row of the chunk
-  for (int r = 0; r < kRows; ++r) rows[r] = nb + NP + r * NP;
-  float* qh = nb + NP + kRows * NP;   // transmitted query
+  for (int r = 0; r < kRows; ++r) rows[r] = wb + NP + r * NP;
+  float* qh = wb + NP + kRows * NP;   // transmitted query
   float* qs = qh + D;                 // scaled query row
   int act[kRows][kMaxDim];
   float dv[kRows][kMaxDim];
@@ -412,23 +437,27 @@ void head_impl(dl_head_args* a) {
         c = target;
         have_c = true;
       }
-      // value side: far keys
+      // value side, far keys: refresh the keys with the largest weight deviations, just enough
+      // that the deviations left stale add up to at most theta_v * Z (Z: last row's denominator)
       int64_t n_upd = 0;
-      const float lim = thv * den_prev;
+      const float budget = thv * den_prev;
+      float levels[kLevels], kept[kLevels] = {0.f};
+      for (int k = 0; k < kLevels; ++k) levels[k] = ldexpf(budget, -k);
+      if (fe0 > sinks) far_weights<NV>(rows[r], wh, wb, sinks, fe0, c, levels, kept);
+      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {  // keys that became far in this chunk
+        wb[j] = sexp(sh[j] - c);
+        const float dev = fabsf(wb[j] - wh[j]);
+        for (int k = 0; k < kLevels; ++k) kept[k] += dev < levels[k] ? dev : 0.f;
+      }
+      float thr = 0.f;
+      for (int k = 0; k < kLevels; ++k)
+        if (kept[k] <= budget) {
+          thr = levels[k];
+          break;
+        }
       wmax = 0.f;
       float removed = 0.f;  // weight taken out of the running sums this row
-      if (fe0 > sinks) wmax = far_values<NV>(rows[r], wh, sinks, fe0, c, lim, a->v, U, zh, removed, n_upd);
-      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
-        const float w = sexp(sh[j] - c), diff = w - wh[j];
-        if (fabsf(diff) > lim) {
-          U.fma(diff, a->v + j * D);
-          zh += diff;
-          removed -= diff < 0.f ? diff : 0.f;
-          wh[j] = w;
-          ++n_upd;
-        }
-        wmax = fmaxf(wmax, wh[j]);
-      }
+      if (new_lo > sinks) wmax = far_refresh<NV>(wb, wh, sinks, new_lo, thr, a->v, U, zh, removed, n_upd);
       int64_t n_rebuilt = 0;
       held_peak = fmaxf(held_peak, zh + removed);
       if (held_peak > kCancel * zh && n_old > 0) {
