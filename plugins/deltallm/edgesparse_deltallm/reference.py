@@ -7,7 +7,7 @@ the first N - T keys come from the KV cache). Row t attends keys j <= p_t:
 * near keys, j > p_t - window or j < sinks: exact scores q_t . k_j;
 * far keys, the rest: approximate scores q^_t . k_j, where q^ is the query as the
   delta network last transmitted it. Per dimension d, q^[d] is refreshed to q_t[d] only when
-  |q_t[d] - q^[d]| > theta_q (compared with the last *transmitted* value, not with q_{t-1}:
+  |q_t[d] - q^[d]| > theta_q[d] (compared with the last *transmitted* value, not with q_{t-1}:
   the error stays below theta_q and never drifts). A far score changes only through the
   refreshed dimensions, so the kernel updates it with |active dims| MACs instead of D.
 * far keys enter the output with the weight they had when last applied, kept in the running
@@ -153,8 +153,8 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         chosen = torch.zeros_like(budget, dtype=torch.bool)
         for level in range(LEVELS):  # the largest theta_v * Z * 2^-k leaving <= budget stale
             t_k = budget * 2.0 ** -level
-            kept = torch.where(dev < t_k, dev, torch.zeros_like(dev)).sum(-1, keepdim=True)
-            take = ~chosen & (kept <= budget)
+            kept = torch.where(dev < t_k, dev, torch.zeros_like(dev)).double().sum(-1, keepdim=True)
+            take = ~chosen & (kept <= budget.double())
             threshold = torch.where(take, t_k, threshold)
             chosen |= take
         moved = (dev >= threshold) & (dev > 0)

@@ -39,6 +39,7 @@ namespace {
 constexpr int W = DL_WIDTH;
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef double vd __attribute__((vector_size(W * 8)));
 
 inline vf ld(const float* p) {
   vf v;
@@ -211,24 +212,27 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
 // Phase B, value side. Pass 1 over keys [lo, hi) that were far before the chunk: current
 // weights exp(s - c) into wb, and, for each level t_k = budget * 2^-k, the total deviation
 // |wb - wh| of the keys below it (what would stay stale with t_k as the refresh threshold).
+// (sums in double: the choice of threshold then does not depend on the summation order)
 template <int NV>
 void far_weights(const float* s, const float* wh, float* wb, int64_t lo, int64_t hi, float c, const float* levels,
-                 float* kept) {
+                 double* kept) {
   const vf cv = splat(c);
-  vf acc[kLevels];
-  vf lv[kLevels];
+  vd acc[kLevels];
+  vd lv[kLevels];
   for (int k = 0; k < kLevels; ++k) {
-    acc[k] = splat(0.f);
-    lv[k] = splat(levels[k]);
+    acc[k] = vd{} + 0.0;
+    lv[k] = vd{} + (double)levels[k];
   }
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
     const vf w = vexp(ld(s + j0) - cv);
     st(wb + j0, w);
     vf dev = vabs(w - ld(wh + j0));
     if (j0 < lo || j0 + W > hi) dev = in_range(j0, lo, hi) ? dev : splat(0.f);
-    for (int k = 0; k < kLevels; ++k) acc[k] += dev < lv[k] ? dev : splat(0.f);
+    const vd dd = __builtin_convertvector(dev, vd);
+    for (int k = 0; k < kLevels; ++k) acc[k] += dd < lv[k] ? dd : vd{};
   }
-  for (int k = 0; k < kLevels; ++k) kept[k] += hsum(acc[k]);
+  for (int k = 0; k < kLevels; ++k)
+    for (int i = 0; i < W; ++i) kept[k] += acc[k][i];
 }
 
 // Pass 2 over [lo, hi): keys whose deviation reaches `thr` (and is not zero) are re-applied to U
@@ -441,17 +445,18 @@ void head_impl(dl_head_args* a) {
       // that the deviations left stale add up to at most theta_v * Z (Z: last row's denominator)
       int64_t n_upd = 0;
       const float budget = thv * den_prev;
-      float levels[kLevels], kept[kLevels] = {0.f};
+      float levels[kLevels];
+      double kept[kLevels] = {0.0};
       for (int k = 0; k < kLevels; ++k) levels[k] = ldexpf(budget, -k);
       if (fe0 > sinks) far_weights<NV>(rows[r], wh, wb, sinks, fe0, c, levels, kept);
       for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {  // keys that became far in this chunk
         wb[j] = sexp(sh[j] - c);
         const float dev = fabsf(wb[j] - wh[j]);
-        for (int k = 0; k < kLevels; ++k) kept[k] += dev < levels[k] ? dev : 0.f;
+        for (int k = 0; k < kLevels; ++k) kept[k] += dev < levels[k] ? (double)dev : 0.0;
       }
       float thr = 0.f;
       for (int k = 0; k < kLevels; ++k)
-        if (kept[k] <= budget) {
+        if (kept[k] <= (double)budget) {
           thr = levels[k];
           break;
         }
