@@ -12,11 +12,12 @@ the first N - T keys come from the KV cache). Row t attends keys j <= p_t:
   refreshed dimensions, so the kernel updates it with |active dims| MACs instead of D.
 * far keys enter the output with the weight they had when last applied, kept in the running
   accumulator U = sum_j w^_j v_j. Each row re-applies (64 MACs on the value side each) only
-  the keys whose current weight exp(s^_tj) deviates most from w^_j: the refresh threshold is
-  the largest of theta_v * Z * 2^-k (k = 0..9, else 0) under which the deviations left stale
-  add up to at most theta_v * Z, Z being the previous row's softmax denominator (known before
-  the row starts). A budget on the total, not a per-key threshold: hundreds of far keys each
-  drifting a little below a per-key threshold would add up to a large error.
+  the keys whose current weight exp(s^_tj) deviates most from w^_j: the refresh threshold
+  starts at twice the previous row's (at most the budget theta_v * Z) and halves until the
+  deviations left stale add up to at most theta_v * Z, Z being the previous row's softmax
+  denominator (known before the row starts). A budget on the total, not a per-key threshold:
+  hundreds of far keys each drifting a little below a per-key threshold would add up to a
+  large error. Usually one pass: the threshold carries over from row to row.
 
     o_t = (sum_far w^_j v_j + sum_near w_j v_j) / (sum_far w^_j + sum_near w_j)
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-LEVELS = 10  # candidate refresh thresholds theta_v * Z * 2^-k
+MAX_HALVINGS = 16  # value-side threshold halvings in one row before every deviation is refreshed
 
 
 @dataclass
@@ -44,6 +45,7 @@ class DeltaState:
     q_hat: torch.Tensor          # [B, H, D] the transmitted query
     s_ref: torch.Tensor          # [B, H, N] score (scaled) at which each far key was last applied; -inf: not far yet
     log_den: torch.Tensor        # [B, H] log of the last row's softmax denominator
+    ratio: torch.Tensor          # [B, H, 1] the last row's value-side threshold / budget
 
 
 @dataclass
@@ -136,6 +138,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
     if state is not None:
         s_ref[..., : state.s_ref.shape[-1]] = state.s_ref
     log_den = state.log_den.clone() if state is not None else torch.full((b, h), float("-inf"), dtype=q.dtype, device=q.device)
+    ratio_prev = state.ratio.clone() if state is not None else torch.ones((b, h, 1), dtype=q.dtype, device=q.device)
     weights = torch.zeros(b, h, t_len, n, dtype=q.dtype, device=q.device)
     updated = torch.zeros(b, h, t_len, dtype=torch.int64, device=q.device)
     for t in range(t_len):
@@ -149,15 +152,22 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         budget = (theta * torch.exp(log_den - c[..., 0])).unsqueeze(-1)      # theta_v * Z_{t-1}
         old = fr & ~nf
         dev = torch.where(old, (w_now - w_hat).abs(), torch.zeros_like(w_now))
-        threshold = torch.zeros_like(budget)
-        chosen = torch.zeros_like(budget, dtype=torch.bool)
-        for level in range(LEVELS):  # the largest theta_v * Z * 2^-k leaving <= budget stale
-            t_k = budget * 2.0 ** -level
-            kept = torch.where(dev < t_k, dev, torch.zeros_like(dev)).double().sum(-1, keepdim=True)
-            take = ~chosen & (kept <= budget.double())
-            threshold = torch.where(take, t_k, threshold)
-            chosen |= take
-        moved = (dev >= threshold) & (dev > 0)
+        # threshold: twice the last row's (at most the budget), halved until the deviations left
+        # stale add up to at most the budget (after MAX_HALVINGS halvings: every deviation)
+        ratio = torch.clamp(ratio_prev * 2.0, max=1.0)
+        moved = torch.zeros_like(dev, dtype=torch.bool)
+        for level in range(MAX_HALVINGS + 2):
+            if level:
+                busy = kept > budget
+                if not bool(busy.any()):
+                    break
+                smaller = ratio * 0.5 if level <= MAX_HALVINGS else torch.zeros_like(ratio)
+                ratio = torch.where(busy, smaller, ratio)
+            else:
+                busy = torch.ones_like(ratio, dtype=torch.bool)
+            moved |= busy & old & (dev >= ratio * budget) & (dev > 0)
+            kept = torch.where(old & ~moved, dev, torch.zeros_like(dev)).sum(-1, keepdim=True)
+        ratio_prev = ratio
         apply = fr & (nf | moved)
         s_ref = torch.where(apply, s_far[:, :, t], s_ref)
         s_ref = torch.where(fr, s_ref, torch.full_like(s_ref, float("-inf")))
@@ -180,7 +190,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         rows=t_len,
     )
     stats.macs = stats.qk_macs + stats.pv_macs
-    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref, log_den=log_den)
+    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref, log_den=log_den, ratio=ratio_prev)
     return out, new_state, stats
 
 

@@ -56,7 +56,7 @@ typedef struct {
   int (*supports)(int64_t d);   // head dims this copy handles
 } dl_table;
 
-static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return (4 + 8) * n_pad + 4 * d + 64; }
+static inline int64_t dl_scratch_floats(int64_t n_pad, int64_t d) { return (6 + 8) * n_pad + 4 * d + 64; }
 
 const dl_table* dl_kernels(void);          // the widest copy this CPU runs
 const dl_table* dl_generic_kernels(void);  // the 16-byte copy (any head dim multiple of 4)

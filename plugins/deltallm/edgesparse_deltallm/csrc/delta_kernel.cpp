@@ -167,7 +167,7 @@ inline float dotv(const float* a, const float* b) {
 constexpr int kRows = 8;     // query rows per chunk (phase A reuses each key block for all of them)
 constexpr int kBlock = 8;    // vectors of keys per block
 constexpr float kDrift = 20.f;
-constexpr int kLevels = 10;         // candidate refresh thresholds theta_v * Z * 2^-k
+constexpr int kMaxHalvings = 16;    // value-side threshold halvings in one row before refreshing all
 constexpr float kCancel = 1000.f;  // rebuild U and zh once they fell this far below their peak
 
 // Phase A. Keys [lo, hi) are far for every row of the chunk. For each block of keys, load the
@@ -209,60 +209,59 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
   for (int r = 0; r < n_rows; ++r) mx[r] = hmax(m[r]);
 }
 
-// Phase B, value side. Pass 1 over keys [lo, hi) that were far before the chunk: current
-// weights exp(s - c) into wb, and, for each level t_k = budget * 2^-k, the total deviation
-// |wb - wh| of the keys below it (what would stay stale with t_k as the refresh threshold).
-// (sums in double: the choice of threshold then does not depend on the summation order)
-template <int NV>
-void far_weights(const float* s, const float* wh, float* wb, int64_t lo, int64_t hi, float c, const float* levels,
-                 double* kept) {
-  const vf cv = splat(c);
-  vd acc[kLevels];
-  vd lv[kLevels];
-  for (int k = 0; k < kLevels; ++k) {
-    acc[k] = vd{} + 0.0;
-    lv[k] = vd{} + (double)levels[k];
-  }
+// Phase B, value side, one pass over the keys [lo, hi) that were far before this row: keys
+// whose weight deviates from the weight they were last applied with by at least `thr` are
+// re-applied to U and zh with their current weight (D MACs each); the deviations left stale
+// are summed into *kept. `first`: compute the current weights exp(s - c) into wb; otherwise
+// reuse wb (a later pass of the same row, with a lower threshold).
+template <int NV, bool first>
+float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, float c, float thr, const float* v,
+               Acc<NV>& U, float& zh, float& removed, float* kept, int64_t& n_upd, int32_t* idx, float* dw) {
+  const vf cv = splat(c), thrv = splat(thr), zero = splat(0.f);
+  vf wmax = zero, kv = zero;
+  int64_t n = 0;
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
-    const vf w = vexp(ld(s + j0) - cv);
-    st(wb + j0, w);
-    vf dev = vabs(w - ld(wh + j0));
-    if (j0 < lo || j0 + W > hi) dev = in_range(j0, lo, hi) ? dev : splat(0.f);
-    const vd dd = __builtin_convertvector(dev, vd);
-    for (int k = 0; k < kLevels; ++k) acc[k] += dd < lv[k] ? dd : vd{};
-  }
-  for (int k = 0; k < kLevels; ++k)
-    for (int i = 0; i < W; ++i) kept[k] += acc[k][i];
-}
-
-// Pass 2 over [lo, hi): keys whose deviation reaches `thr` (and is not zero) are re-applied to U
-// and zh with their current weight. Returns the largest weight held afterwards.
-template <int NV>
-float far_refresh(const float* wb, float* wh, int64_t lo, int64_t hi, float thr, const float* v, Acc<NV>& U,
-                  float& zh, float& removed, int64_t& n_upd) {
-  const vf thrv = splat(thr), zero = splat(0.f);
-  vf wmax = zero;
-  for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
-    const vf w = ld(wb + j0), o = ld(wh + j0);
+    vf w;
+    if (first) {
+      w = vexp(ld(s + j0) - cv);
+      st(wb + j0, w);
+    } else {
+      w = ld(wb + j0);
+    }
+    const vf o = ld(wh + j0);
     const vf diff = w - o;
     const vf dev = vabs(diff);
-    vi moved = (dev >= thrv) & (dev > zero);
     const bool edge = j0 < lo || j0 + W > hi;
     const vi valid = edge ? in_range(j0, lo, hi) : splati(-1);
-    moved &= valid;
-    uint32_t m = bits(moved);
+    const vi moved = valid & (dev >= thrv) & (dev > zero);
+    kv += (valid & ~moved) ? dev : zero;
     wmax = vmax(wmax, valid ? (moved ? w : o) : zero);
+    uint32_t m = bits(moved);
     if (!m) continue;
     st(wh + j0, moved ? w : o);
-    while (m) {
+    while (m) {  // collect; the value rows are accumulated below, two independent chains
       const int i = __builtin_ctz(m);
       m &= m - 1;
-      U.fma(diff[i], v + (j0 + i) * (NV * W));
-      zh += diff[i];
-      removed -= diff[i] < 0.f ? diff[i] : 0.f;
-      ++n_upd;
+      idx[n] = (int32_t)(j0 + i);
+      dw[n] = diff[i];
+      ++n;
     }
   }
+  *kept = hsum(kv);
+  Acc<NV> U2;
+  U2.zero();
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
+    U2.fma(dw[i + 1], v + (int64_t)idx[i + 1] * (NV * W));
+  }
+  if (i < n) U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
+  for (int k = 0; k < NV; ++k) U.r[k] += U2.r[k];
+  for (i = 0; i < n; ++i) {
+    zh += dw[i];
+    removed -= dw[i] < 0.f ? dw[i] : 0.f;
+  }
+  n_upd += n;
   return hmax(wmax);
 }
 
@@ -312,7 +311,9 @@ void head_impl(dl_head_args* a) {
   float* wb = nb + NP;                // current far weights
   float* rows[kRows];                 // phase A output, one score row per query row of the chunk
   for (int r = 0; r < kRows; ++r) rows[r] = wb + NP + r * NP;
-  float* qh = wb + NP + kRows * NP;   // transmitted query
+  float* rdw = wb + NP + kRows * NP;  // refreshed keys: weight changes
+  int32_t* ridx = (int32_t*)(rdw + NP);  // refreshed keys: indices
+  float* qh = rdw + 2 * NP;           // transmitted query
   float* qs = qh + D;                 // scaled query row
   int act[kRows][kMaxDim];
   float dv[kRows][kMaxDim];
@@ -326,6 +327,7 @@ void head_impl(dl_head_args* a) {
   bool have_q = false, have_c = false;
   float c = 0.f, zh = 0.f, den_prev = 0.f, wmax = 0.f;
   float held_peak = 0.f;  // largest zh since the running sums were last rebuilt (units of c)
+  float thr_ratio = 1.f;  // last row's value-side threshold / budget
   int64_t fe = sinks;  // far keys known to the state: [sinks, fe)
   if (a->state_in && a->state_in[0] != 0.f) {
     const float* s = a->state_in;
@@ -335,6 +337,7 @@ void head_impl(dl_head_args* a) {
     den_prev = s[4];
     wmax = s[5];
     held_peak = s[6];
+    thr_ratio = s[7];
     memcpy(qh, s + 8, sizeof(float) * (size_t)D);
     U.load(s + 8 + D);
     const float* st_rows = s + DL_STATE_HEADER(D);
@@ -441,28 +444,28 @@ void head_impl(dl_head_args* a) {
         c = target;
         have_c = true;
       }
-      // value side, far keys: refresh the keys with the largest weight deviations, just enough
-      // that the deviations left stale add up to at most theta_v * Z (Z: last row's denominator)
+      // value side, far keys: refresh the keys whose weight deviates most, with a threshold that
+      // starts at twice the last row's (at most the budget theta_v * Z) and halves until the
+      // deviations left stale add up to at most the budget (Z: the last row's denominator)
       int64_t n_upd = 0;
       const float budget = thv * den_prev;
-      float levels[kLevels];
-      double kept[kLevels] = {0.0};
-      for (int k = 0; k < kLevels; ++k) levels[k] = ldexpf(budget, -k);
-      if (fe0 > sinks) far_weights<NV>(rows[r], wh, wb, sinks, fe0, c, levels, kept);
-      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {  // keys that became far in this chunk
-        wb[j] = sexp(sh[j] - c);
-        const float dev = fabsf(wb[j] - wh[j]);
-        for (int k = 0; k < kLevels; ++k) kept[k] += dev < levels[k] ? (double)dev : 0.0;
-      }
-      float thr = 0.f;
-      for (int k = 0; k < kLevels; ++k)
-        if (kept[k] <= (double)budget) {
-          thr = levels[k];
-          break;
-        }
       wmax = 0.f;
       float removed = 0.f;  // weight taken out of the running sums this row
-      if (new_lo > sinks) wmax = far_refresh<NV>(wb, wh, sinks, new_lo, thr, a->v, U, zh, removed, n_upd);
+      if (new_lo > sinks) {
+        // keys that became far earlier in this chunk have their scores in sh: bring them over
+        for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) rows[r][j] = sh[j];
+        float ratio = thr_ratio * 2.f < 1.f ? thr_ratio * 2.f : 1.f;
+        float kept = 0.f;
+        wmax = far_pass<NV, true>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
+                                  n_upd, ridx, rdw);
+        for (int level = 0; kept > budget; ++level) {
+          ratio = level < kMaxHalvings ? ratio * 0.5f : 0.f;
+          wmax = far_pass<NV, false>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
+                                     n_upd, ridx, rdw);
+          if (ratio == 0.f) break;
+        }
+        thr_ratio = ratio;
+      }
       int64_t n_rebuilt = 0;
       held_peak = fmaxf(held_peak, zh + removed);
       if (held_peak > kCancel * zh && n_old > 0) {
@@ -539,7 +542,7 @@ void head_impl(dl_head_args* a) {
     s[4] = den_prev;
     s[5] = wmax;
     s[6] = held_peak;
-    s[7] = 0.f;
+    s[7] = thr_ratio;
     memcpy(s + 8, qh, sizeof(float) * (size_t)D);
     U.store(s + 8 + D);
     float* st_rows = s + DL_STATE_HEADER(D);
