@@ -13,7 +13,8 @@ the first N - T keys come from the KV cache). Row t attends keys j <= p_t:
 * far keys enter the output with the weight they had when last applied, kept in the running
   accumulator U = sum_j w^_j v_j. Each row re-applies (64 MACs on the value side each) only
   the keys whose current weight exp(s^_tj) deviates most from w^_j: the refresh threshold
-  starts at twice the previous row's (at most the budget theta_v * Z) and halves until the
+  starts at the previous row's (twice that when the previous row found that the doubled one
+  would have kept within budget; never above the budget theta_v * Z) and halves until the
   deviations left stale add up to at most theta_v * Z, Z being the previous row's softmax
   denominator (known before the row starts). A budget on the total, not a per-key threshold:
   hundreds of far keys each drifting a little below a per-key threshold would add up to a
@@ -46,6 +47,7 @@ class DeltaState:
     s_ref: torch.Tensor          # [B, H, N] score (scaled) at which each far key was last applied; -inf: not far yet
     log_den: torch.Tensor        # [B, H] log of the last row's softmax denominator
     ratio: torch.Tensor          # [B, H, 1] the last row's value-side threshold / budget
+    grow: torch.Tensor           # [B, H, 1] whether the next row may try twice that threshold
 
 
 @dataclass
@@ -139,6 +141,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         s_ref[..., : state.s_ref.shape[-1]] = state.s_ref
     log_den = state.log_den.clone() if state is not None else torch.full((b, h), float("-inf"), dtype=q.dtype, device=q.device)
     ratio_prev = state.ratio.clone() if state is not None else torch.ones((b, h, 1), dtype=q.dtype, device=q.device)
+    grow_prev = state.grow.clone() if state is not None else torch.zeros((b, h, 1), dtype=torch.bool, device=q.device)
     weights = torch.zeros(b, h, t_len, n, dtype=q.dtype, device=q.device)
     updated = torch.zeros(b, h, t_len, dtype=torch.int64, device=q.device)
     for t in range(t_len):
@@ -152,9 +155,12 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         budget = (theta * torch.exp(log_den - c[..., 0])).unsqueeze(-1)      # theta_v * Z_{t-1}
         old = fr & ~nf
         dev = torch.where(old, (w_now - w_hat).abs(), torch.zeros_like(w_now))
-        # threshold: twice the last row's (at most the budget), halved until the deviations left
-        # stale add up to at most the budget (after MAX_HALVINGS halvings: every deviation)
-        ratio = torch.clamp(ratio_prev * 2.0, max=1.0)
+        # threshold: the last row's (twice that when the last row found the doubled one would
+        # have kept within budget; at most the budget), halved until the deviations left stale
+        # add up to at most the budget (after MAX_HALVINGS halvings: every deviation)
+        ratio = torch.where(grow_prev, torch.clamp(ratio_prev * 2.0, max=1.0), ratio_prev)
+        up = torch.where(old & (dev < 2.0 * ratio * budget), dev, torch.zeros_like(dev)).sum(-1, keepdim=True)
+        grow_prev = (up <= budget) & (ratio < 1.0)
         moved = torch.zeros_like(dev, dtype=torch.bool)
         for level in range(MAX_HALVINGS + 2):
             if level:
@@ -163,6 +169,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
                     break
                 smaller = ratio * 0.5 if level <= MAX_HALVINGS else torch.zeros_like(ratio)
                 ratio = torch.where(busy, smaller, ratio)
+                grow_prev = grow_prev & ~busy
             else:
                 busy = torch.ones_like(ratio, dtype=torch.bool)
             moved |= busy & old & (dev >= ratio * budget) & (dev > 0)
@@ -190,7 +197,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         rows=t_len,
     )
     stats.macs = stats.qk_macs + stats.pv_macs
-    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref, log_den=log_den, ratio=ratio_prev)
+    new_state = DeltaState(q_hat=q_hat_last, s_ref=s_ref, log_den=log_den, ratio=ratio_prev, grow=grow_prev)
     return out, new_state, stats
 
 

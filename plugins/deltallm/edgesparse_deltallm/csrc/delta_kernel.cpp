@@ -216,9 +216,10 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
 // reuse wb (a later pass of the same row, with a lower threshold).
 template <int NV, bool first>
 float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, float c, float thr, const float* v,
-               Acc<NV>& U, float& zh, float& removed, float* kept, int64_t& n_upd, int32_t* idx, float* dw) {
-  const vf cv = splat(c), thrv = splat(thr), zero = splat(0.f);
-  vf wmax = zero, kv = zero;
+               Acc<NV>& U, float& zh, float& removed, float* kept, float* kept_up, int64_t& n_upd, int32_t* idx,
+               float* dw) {
+  const vf cv = splat(c), thrv = splat(thr), thr2 = splat(2.f * thr), zero = splat(0.f);
+  vf wmax = zero, kv = zero, kv2 = zero;
   int64_t n = 0;
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
     vf w;
@@ -235,6 +236,7 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
     const vi valid = edge ? in_range(j0, lo, hi) : splati(-1);
     const vi moved = valid & (dev >= thrv) & (dev > zero);
     kv += (valid & ~moved) ? dev : zero;
+    if (first) kv2 += (valid & (dev < thr2)) ? dev : zero;  // what a threshold twice as high would leave
     wmax = vmax(wmax, valid ? (moved ? w : o) : zero);
     uint32_t m = bits(moved);
     if (!m) continue;
@@ -248,6 +250,7 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
     }
   }
   *kept = hsum(kv);
+  if (first) *kept_up = hsum(kv2);
   Acc<NV> U2;
   U2.zero();
   int64_t i = 0;
@@ -328,6 +331,7 @@ void head_impl(dl_head_args* a) {
   float c = 0.f, zh = 0.f, den_prev = 0.f, wmax = 0.f;
   float held_peak = 0.f;  // largest zh since the running sums were last rebuilt (units of c)
   float thr_ratio = 1.f;  // last row's value-side threshold / budget
+  bool thr_grow = false;  // the last row's doubled threshold would have kept within budget
   int64_t fe = sinks;  // far keys known to the state: [sinks, fe)
   if (a->state_in && a->state_in[0] != 0.f) {
     const float* s = a->state_in;
@@ -337,7 +341,8 @@ void head_impl(dl_head_args* a) {
     den_prev = s[4];
     wmax = s[5];
     held_peak = s[6];
-    thr_ratio = s[7];
+    thr_ratio = fabsf(s[7]);
+    thr_grow = s[7] < 0.f;
     memcpy(qh, s + 8, sizeof(float) * (size_t)D);
     U.load(s + 8 + D);
     const float* st_rows = s + DL_STATE_HEADER(D);
@@ -444,9 +449,10 @@ void head_impl(dl_head_args* a) {
         c = target;
         have_c = true;
       }
-      // value side, far keys: refresh the keys whose weight deviates most, with a threshold that
-      // starts at twice the last row's (at most the budget theta_v * Z) and halves until the
-      // deviations left stale add up to at most the budget (Z: the last row's denominator)
+      // value side, far keys: refresh the keys whose weight deviates most. The threshold starts
+      // at the last row's (twice that when the last row found the doubled one would have kept
+      // within budget; never above the budget theta_v * Z) and halves until the deviations left
+      // stale add up to at most the budget (Z: the last row's denominator)
       int64_t n_upd = 0;
       const float budget = thv * den_prev;
       wmax = 0.f;
@@ -454,14 +460,16 @@ void head_impl(dl_head_args* a) {
       if (new_lo > sinks) {
         // keys that became far earlier in this chunk have their scores in sh: bring them over
         for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) rows[r][j] = sh[j];
-        float ratio = thr_ratio * 2.f < 1.f ? thr_ratio * 2.f : 1.f;
-        float kept = 0.f;
+        float ratio = thr_grow ? (thr_ratio * 2.f < 1.f ? thr_ratio * 2.f : 1.f) : thr_ratio;
+        float kept = 0.f, kept_up = 0.f;
         wmax = far_pass<NV, true>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
-                                  n_upd, ridx, rdw);
+                                  &kept_up, n_upd, ridx, rdw);
+        thr_grow = kept_up <= budget && ratio < 1.f;
         for (int level = 0; kept > budget; ++level) {
           ratio = level < kMaxHalvings ? ratio * 0.5f : 0.f;
           wmax = far_pass<NV, false>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
-                                     n_upd, ridx, rdw);
+                                     &kept_up, n_upd, ridx, rdw);
+          thr_grow = false;
           if (ratio == 0.f) break;
         }
         thr_ratio = ratio;
@@ -542,7 +550,7 @@ void head_impl(dl_head_args* a) {
     s[4] = den_prev;
     s[5] = wmax;
     s[6] = held_peak;
-    s[7] = thr_ratio;
+    s[7] = thr_grow ? -thr_ratio : thr_ratio;
     memcpy(s + 8, qh, sizeof(float) * (size_t)D);
     U.store(s + 8 + D);
     float* st_rows = s + DL_STATE_HEADER(D);
