@@ -46,7 +46,9 @@ def main():
     ap.add_argument("--target", default="sparsity", choices=("sparsity", "accuracy"))
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--budget", type=float, default=0.01)
-    ap.add_argument("--window", type=int, default=0, help="0: calibrate among 16, 32, 64")
+    ap.add_argument("--window", type=int, default=0, help="0: calibrate among --window-candidates")
+    ap.add_argument("--window-candidates", default="16,32")
+    ap.add_argument("--theta-v-candidates", default="0.01,0.03")
     ap.add_argument("--sinks", type=int, default=0)
     ap.add_argument("--alpha", type=float, default=None, help="fixed theta_q scale (skips its search)")
     ap.add_argument("--theta-v", type=float, default=None)
@@ -69,8 +71,8 @@ def main():
     cal_ids = windows(wiki_tokens(tok, "calibration"), args.calibration_context, args.calibration_batches)
     batches = [evalkit.feeds(w) for w in cal_ids]
     cal = calibrate.Calibrator(original, delta, batches, library, args.threads, lambda m: print(m, flush=True))
-    win = (args.window,) if args.window else tuple(w for w in (16, 32, 64) if w < args.calibration_context // 2)
-    theta_vs = (args.theta_v,) if args.theta_v is not None else (0.01, 0.03)
+    win = (args.window,) if args.window else tuple(int(w) for w in args.window_candidates.split(","))
+    theta_vs = (args.theta_v,) if args.theta_v is not None else tuple(float(x) for x in args.theta_v_candidates.split(","))
     chosen, tried = cal.search(target=args.target, sparsity=args.sparsity, budget=args.budget, windows=win,
                                sinks=args.sinks, theta_vs=theta_vs, alpha=args.alpha)
     setting = chosen.setting

@@ -24,7 +24,7 @@ from .rewrite import DOMAIN, OP
 
 __version__ = "0.1.0"
 
-WINDOW_CANDIDATES = (16, 32, 64)
+WINDOW_CANDIDATES = (16, 32)
 THETA_V_CANDIDATES = (0.01, 0.03)
 MAX_CALIBRATION_BATCHES = 4
 
@@ -43,7 +43,7 @@ class DeltaLLM(Pass):
                check=in_range(0.0, 1.0, hi_open=True)),
         Option("budget", float, 0.02, "target=accuracy: largest relative perplexity increase allowed on the calibration inputs",
                check=in_range(0.0, 10.0)),
-        Option("window", int, 0, "exact local window in tokens; 0: chosen by calibration among 16, 32, 64",
+        Option("window", int, 0, "exact local window in tokens; 0: chosen by calibration among 16 and 32",
                check=_nonnegative),
         Option("sinks", int, 0, "first tokens of the sequence always attended exactly", check=_nonnegative),
         Option("theta_q", float, -1.0, "query threshold as a multiple of each head's median query change; -1: calibrate"),
