@@ -60,7 +60,7 @@ def photo(spec: str) -> np.ndarray:
 def views(img: np.ndarray, n: int, seed: int) -> np.ndarray:
     """n preprocessed [3, 224, 224] views: random square crops covering 35-100 % of the short
     side, random flips, bilinear resize."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None] / 255.0
+    t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0
     h, w = t.shape[2:]
     rng = np.random.default_rng(seed)
     out = []

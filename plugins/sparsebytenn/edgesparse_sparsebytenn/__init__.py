@@ -98,6 +98,18 @@ class SparseByteNN(Pass):
             raise EdgesparseError("sparsebytenn: no calibration inputs (the pass runs the model to check its rearrangement)")
         alloc.collect_stats(module, [l for l in layers if l.kind in patterns.KERNEL_OP], batches)
 
+        # BatchNorm after a layer rescales each output channel: scores use the folded weights
+        self._gm, self._trace_error = None, None
+        try:
+            self._gm = permute.trace(module, alloc.to_args(batches[0]))
+            after = permute.batchnorm_after(self._gm)
+            for info in layers:
+                if info.name in after:
+                    info.extra["bn"] = after[info.name]
+        except Exception as exc:  # noqa: BLE001 - any tracing failure: no rearrangement, raw weights
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._trace_error = f"{type(exc).__name__}: {msg[:160]}"
+
         candidates = []
         for info in layers:
             info.reason = self._static_reason(info)
@@ -168,6 +180,7 @@ class SparseByteNN(Pass):
             }
 
         self._report_torch(ctx, layers, pruned, rearrangement, recovery, time.monotonic() - t_start)
+        self._gm = None
         return module
 
     def _static_reason(self, info: LayerInfo) -> str | None:
@@ -206,8 +219,20 @@ class SparseByteNN(Pass):
     def _scale(self, info):
         return info.extra.get("input_rms") if self.score == "activation" else None
 
+    @staticmethod
+    def _effective(info: LayerInfo) -> np.ndarray:
+        """The weight as the network applies it: times |gamma| / sqrt(var + eps) of a BatchNorm that
+        directly follows (read now, so that it follows any rearrangement)."""
+        w = info.module.weight.detach().cpu().numpy().astype(np.float64)
+        bn = info.extra.get("bn")
+        if bn is None:
+            return w
+        k = (bn.weight.detach().abs() if bn.weight is not None else 1.0) / (bn.running_var.detach() + bn.eps).sqrt()
+        k = np.asarray(k.cpu().numpy() if hasattr(k, "numpy") else k, np.float64).reshape(-1, *([1] * (w.ndim - 1)))
+        return w * k
+
     def _group_mask(self, info: LayerInfo, sparsity: float) -> np.ndarray:
-        w = info.module.weight.detach().cpu().numpy()
+        w = self._effective(info)
         norm = "l1" if self.score == "l1" else "l2"
         scores = patterns.group_scores(w, info.block, norm, self.remainder, self._scale(info))
         return patterns.group_mask(scores, sparsity)
@@ -223,12 +248,10 @@ class SparseByteNN(Pass):
 
         report = {"enabled": True, "spaces_permuted": [], "spaces_fixed": [], "spaces_at_output": [], "rolled_back": []}
         check = batches[:1]
-        try:
-            gm = permute.trace(module, alloc.to_args(check[0]))
-        except Exception as exc:  # noqa: BLE001 - any tracing failure means: no rearrangement
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            ctx.warn(f"no rearrangement: torch.fx cannot trace the model ({type(exc).__name__}: {msg[:160]})")
-            report["skipped"] = f"torch.fx cannot trace the model: {msg[:200]}"
+        gm = self._gm
+        if gm is None:
+            ctx.warn(f"no rearrangement: torch.fx cannot trace the model ({self._trace_error})")
+            report["skipped"] = f"torch.fx cannot trace the model: {self._trace_error}"
             return report
         by_name = {l.name: l for l in layers}
         spaces, _ = permute.build_spaces(gm, by_name)
@@ -250,7 +273,7 @@ class SparseByteNN(Pass):
                 # a model output keeps its channel order by definition: not a fallback
                 report["spaces_at_output" if reasons == ["model output"] else "spaces_fixed"].append(entry)
                 continue
-            weights = [(p.module.weight.detach().cpu().numpy(), p.block, p.sparsity, self._scale(p)) for p in pruned]
+            weights = [(self._effective(p), p.block, p.sparsity, self._scale(p)) for p in pruned]
             profiles = []
             for w, _, _, s in weights:
                 per = patterns.channel_norms(w, "l2")
@@ -314,6 +337,7 @@ class SparseByteNN(Pass):
         ctx.report("rearrangement", rearrangement)
         ctx.report("recovery", recovery)
         ctx.report("remainder", self.remainder)
+        ctx.report("scores_fold_batchnorm", sorted(i.name for i in pruned if "bn" in i.extra))
         ctx.report("torch_stage_seconds", round(seconds, 2))
         if not pruned:
             ctx.warn("no layer was pruned")

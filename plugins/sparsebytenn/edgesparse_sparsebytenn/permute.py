@@ -170,6 +170,23 @@ def trace(module, args: tuple):
     return gm
 
 
+def batchnorm_after(gm) -> dict:
+    """{conv/linear module name: the BatchNorm module that alone consumes its output}."""
+    import torch.nn as nn
+
+    modules = dict(gm.named_modules())
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            bn = modules[users[0].target]
+            if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats and bn.running_var is not None:
+                found[node.target] = bn
+    return found
+
+
 def build_spaces(gm, prunable: dict) -> tuple[Spaces, list[str]]:
     """Tie the traced graph's tensors into channel spaces. `prunable`: {module name: LayerInfo}."""
     import torch.nn as nn
