@@ -38,6 +38,9 @@ CONFIGS = {
     "sparcl-unstructured-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "unstructured"]),
     "sparcl-block8-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "block", "--block", "8"]),
     "sparcl-block4-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "block", "--block", "4"]),
+    # DGM is the only component that acts differently at 75% and 90% (80% gradient sparsity)
+    "sparcl-block16-s75-nodgm": ("ablation", ["--sparsity", "0.75", "--pattern", "block", "--block", "16",
+                                              "--no-dgm"]),
 }
 
 
@@ -136,7 +139,7 @@ def _markdown(summary) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="main,patterns", help="groups: main, patterns")
+    ap.add_argument("--only", default="main,patterns,ablation", help="groups: main, patterns, ablation")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--summarize", action="store_true", help="only write the summary")

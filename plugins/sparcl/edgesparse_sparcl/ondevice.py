@@ -3,19 +3,24 @@ ONNX graph that *is* an update step.
 
     inputs : x, y (a new batch), buf_x, buf_y, buf_logits (a rehearsal sample), logit_bias (added
              to the new batch's logits: 0 for the current task's classes, -1e9 for the others),
-             lr, alpha, beta, then every trainable parameter
-    outputs: loss, then every parameter after one SGD step
+             lr, alpha, beta, then every trainable parameter, then every batch norm's running
+             mean and variance
+    outputs: loss, then every parameter after one SGD step, then the running statistics updated
+             with the batch's (momentum as in the model)
 
 The step computes the DER++ loss, its gradient (the backward graph is traced with torch's
 make_fx and exported like any model), and multiplies the pruned weights' gradients and values by
-the learned masks, so the model stays exactly as sparse as it was trained. Batch norm uses its
-running statistics (frozen on the device); its scale and shift are trained. The graph is checked
+the learned masks, so the model stays exactly as sparse as it was trained. Batch norm normalises
+with the statistics of the step's batch, as in training (with the frozen running statistics the
+trained sparse model diverged within three steps at lr 0.03: channels with few kept inputs have
+tiny running variances), and the running statistics follow, as in training. The graph is checked
 against torch's own step before it is written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -118,11 +123,61 @@ class _Step(nn.Module):
         return self.graph_module(*args)
 
 
-def _step_function(model: nn.Module, names: list[str], masks: dict[str, torch.Tensor]):
+class _BatchStatsNorm(nn.Module):
+    """BatchNorm2d over the batch's statistics that also returns its updated running statistics."""
+
+    def __init__(self, bn: nn.BatchNorm2d, name: str):
+        super().__init__()
+        self.weight, self.bias, self.eps, self.name = bn.weight, bn.bias, bn.eps, name
+        self.momentum = 0.1 if bn.momentum is None else bn.momentum
+        self.stats: dict = {}
+
+    def forward(self, x):
+        mean = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        n = x.numel() / x.shape[1]
+        running_mean, running_var = self.stats["in"][self.name]
+        self.stats["out"][self.name] = (
+            (1 - self.momentum) * running_mean + self.momentum * mean.detach(),
+            (1 - self.momentum) * running_var + self.momentum * var.detach() * n / max(n - 1, 1))
+        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        if self.weight is not None:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def _with_batch_stats(model: nn.Module):
+    """A copy of the model whose BatchNorm2d layers use batch statistics; (copy, stats, bn names)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    stats = {"in": {}, "out": {}}
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.BatchNorm2d):
+                if not child.track_running_stats:
+                    raise EdgesparseError(f"update step: batch norm '{full}' keeps no running statistics")
+                wrapped = _BatchStatsNorm(child, full)
+                wrapped.stats = stats
+                setattr(module, child_name, wrapped)
+                names.append(full)
+            elif isinstance(child, nn.modules.batchnorm._NormBase):
+                raise EdgesparseError(f"update step: {type(child).__name__} '{full}' is not supported (BatchNorm2d is)")
+    return model, stats, names
+
+
+def _step_function(model: nn.Module, names: list[str], masks: dict[str, torch.Tensor], bn_names: list[str],
+                   stats: dict):
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     mask_values = {n: masks[n].to(torch.float32) for n in names if n in masks}
+    n_params = len(names)
 
-    def step(x, y, buf_x, buf_y, buf_logits, logit_bias, lr, alpha, beta, *params):
+    def step(x, y, buf_x, buf_y, buf_logits, logit_bias, lr, alpha, beta, *state):
+        params, running = state[:n_params], state[n_params:]
+        stats["in"] = {bn: (running[2 * i], running[2 * i + 1]) for i, bn in enumerate(bn_names)}
+        stats["out"] = {}
         p = {n: (t if t.requires_grad else t.detach().requires_grad_()) for n, t in zip(names, params)}
         n = x.shape[0]
         out = torch.func.functional_call(model, {**p, **buffers}, (torch.cat([x, buf_x]),))
@@ -135,7 +190,8 @@ def _step_function(model: nn.Module, names: list[str], masks: dict[str, torch.Te
                 new.append((value.detach() - lr * (g * mask_values[name])) * mask_values[name])
             else:
                 new.append(value.detach() - lr * g)
-        return (loss.detach(), *new)
+        new_stats = [t.detach() for bn in bn_names for t in stats["out"][bn]]
+        return (loss.detach(), *new, *new_stats)
 
     return step
 
@@ -158,44 +214,59 @@ def export_update_step(model: nn.Module, masks: dict[str, torch.Tensor], output:
     unknown = sorted(set(masks) - set(names))
     if unknown:
         raise EdgesparseError(f"mask for '{unknown[0]}', which is not a trainable parameter of the model")
-    params = [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad]
     if num_classes is None:
         with torch.no_grad():
             num_classes = model(torch.zeros(1, *example_shape)).shape[1]
+    running = {n: b for n, b in model.named_buffers()}
+    work, stats, bn_names = _with_batch_stats(model)
+    work.train()
+    params = [p.detach().clone() for n, p in work.named_parameters() if p.requires_grad]
+    if [n for n, p in work.named_parameters() if p.requires_grad] != names:
+        raise EdgesparseError("update step: the model's parameters changed names when batch norm was replaced")
+    stat_names = [f"{bn}.{kind}" for bn in bn_names for kind in ("running_mean", "running_var")]
+    params += [running[n].detach().clone().float() for n in stat_names]
     g = torch.Generator().manual_seed(0)
     example = (torch.randn(batch, *example_shape, generator=g), torch.randint(0, num_classes, (batch,), generator=g),
                torch.randn(batch, *example_shape, generator=g), torch.randint(0, num_classes, (batch,), generator=g),
                torch.randn(batch, num_classes, generator=g), torch.zeros(num_classes), torch.tensor(0.03),
                torch.tensor(0.1), torch.tensor(0.5))
-    step = _step_function(model, names, masks)
+    step = _step_function(work, names, masks, bn_names, stats)
     traced = make_fx(step, decomposition_table=core_aten_decompositions())(*example, *params)
-    param_inputs = {n: "p_" + n.replace(".", "_") for n in names}
+    state_names = names + stat_names
+    param_inputs = {n: "p_" + n.replace(".", "_") for n in state_names}
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
     try:
+        onnx_log = logging.getLogger("torch.onnx")
+        level = onnx_log.level
+        onnx_log.setLevel(logging.ERROR)  # the exporter logs optional-package notices
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(_Step(traced), (*example, *params), str(tmp / STEP_FILE), dynamo=True,
                                   opset_version=18, input_names=[*INPUTS, *param_inputs.values()],
-                                  output_names=["loss", *("new_" + param_inputs[n] for n in names)],
+                                  output_names=["loss", *("new_" + param_inputs[n] for n in state_names)],
                                   custom_translation_table=_translations(), external_data=False, verbose=False)
             except EdgesparseError:
                 raise
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise EdgesparseError(f"exporting the update step failed: {first}") from exc
-        error = _check_against_torch(tmp / STEP_FILE, step, example, params, names, param_inputs)
+            finally:
+                onnx_log.setLevel(level)
+        error = _check_against_torch(tmp / STEP_FILE, step, example, params, state_names, param_inputs)
         if error > tolerance:
             raise EdgesparseError(f"the exported update step differs from torch's by {error:.3g} (tolerance {tolerance})")
-        np.savez(tmp / PARAMS_FILE, **{n: p.numpy() for n, p in zip(names, params)})
+        np.savez(tmp / PARAMS_FILE, **{n: p.numpy() for n, p in zip(state_names, params)})
         info = {
             "inputs": {"x": [batch, *example_shape], "y": [batch], "buf_x": [batch, *example_shape], "buf_y": [batch],
                        "buf_logits": [batch, num_classes], "logit_bias": [num_classes], "lr": [], "alpha": [],
                        "beta": []},
-            "params": names,
+            "params": state_names,
+            "trainable": names,
+            "running_statistics": stat_names,
             "param_inputs": param_inputs,
             "masked": {n: {"density": float(masks[n].float().mean())} for n in names if n in masks},
-            "batch_norm": "frozen running statistics; scale and shift are trained",
+            "batch_norm": "normalises with the batch's statistics (as in training); running statistics are inputs and outputs",
             "checked_against_torch": {"max_abs_error": error},
             "sha256": {f: hashlib.sha256((tmp / f).read_bytes()).hexdigest() for f in (STEP_FILE, PARAMS_FILE)},
         }

@@ -37,10 +37,13 @@ def test_update_step_learns_and_keeps_masks(tmp_path, fmnist_two_tasks):
         loss, *new = session.run(None, feeds)
         losses.append(float(loss))
         params.update(zip(info["params"], new))
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
     w = params["layer2.conv2.weight"]
     assert np.all(w[~mask.numpy()] == 0) and np.count_nonzero(w) > 0
     assert not np.allclose(w, model.layer2.conv2.weight.detach().numpy())
+    # batch norm's running statistics follow the batches, as in training
+    assert "layer1.bn1.running_var" in info["running_statistics"]
+    assert not np.allclose(params["layer1.bn1.running_mean"], model.layer1.bn1.running_mean.numpy())
 
 
 def test_update_step_refuses_unknown_masks_and_existing_output(tmp_path):
