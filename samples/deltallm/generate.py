@@ -44,18 +44,24 @@ def prompts(tok, count: int, length: int) -> list[tuple[str, np.ndarray]]:
 
 
 def greedy(run, prompt: np.ndarray, new: int, eos: int):
-    """run(feeds) -> (logits, present_keys, present_values, macs or None)."""
+    """run(feeds) -> (logits, present_keys, present_values, macs or None). Returns the tokens,
+    the MACs of prefill and decode, and the wall time of prefill and of each decode call."""
+    start = time.perf_counter()
     logits, keys, values, macs = run(evalkit.feeds(prompt))
+    prefill_s = time.perf_counter() - start
     prefill_macs = macs
     decode_macs = None
+    decode_s = []
     tokens = [int(logits[0, -1].argmax())]
     for _ in range(new - 1):
         if tokens[-1] == eos:
             break
+        start = time.perf_counter()
         logits, keys, values, macs = run(evalkit.feeds(np.asarray([tokens[-1]]), cache=(keys, values)))
+        decode_s.append(time.perf_counter() - start)
         decode_macs = macs if decode_macs is None else (decode_macs + macs if macs is not None else None)
         tokens.append(int(logits[0, -1].argmax()))
-    return tokens, prefill_macs, decode_macs
+    return tokens, prefill_macs, decode_macs, prefill_s, decode_s
 
 
 def main():
@@ -93,9 +99,14 @@ def main():
         return out["logits"], out["present_keys"], out["present_values"], macs
 
     rows, pre_total, dec_total = [], np.zeros(3), np.zeros(3)
+    times = {"dense_prefill": [], "delta_prefill": [], "dense_decode": [], "delta_decode": []}
     for name, ids in prompts(tok, args.prompts, args.prompt_tokens):
-        a, _, _ = greedy(run_dense, ids, args.new_tokens, tok.eos_token_id)
-        b, pre, dec = greedy(run_delta, ids, args.new_tokens, tok.eos_token_id)
+        a, _, _, pa, da = greedy(run_dense, ids, args.new_tokens, tok.eos_token_id)
+        b, pre, dec, pb, db = greedy(run_delta, ids, args.new_tokens, tok.eos_token_id)
+        times["dense_prefill"].append(pa)
+        times["delta_prefill"].append(pb)
+        times["dense_decode"] += da
+        times["delta_decode"] += db
         n = min(len(a), len(b))
         first = next((i for i in range(n) if a[i] != b[i]), n)
         same = sum(x == y for x, y in zip(a, b))
@@ -120,6 +131,8 @@ def main():
         "sparsity": {"prefill": round(float(1 - pre_total[1:].sum() / pre_total[0]), 4),
                      "decode": round(float(1 - dec_total[1:].sum() / dec_total[0]), 4) if dec_total[0] else None,
                      "prefill_plus_decode": round(float(1 - both[1:].sum() / both[0]), 4)},
+        "wall_time_ms_median": {k: round(float(np.median(v)) * 1e3, 2) for k, v in times.items() if v},
+        "note": "wall times include the delta model's MAC-counter outputs; dense and delta runs alternate per prompt",
         "prompts": rows,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "prompts"}), flush=True)
