@@ -1,10 +1,17 @@
 """dispatch=measure: time a layer's sparse kernel against ONNX Runtime's dense op on this machine.
 
 For targets that build where they run (x86 verifies natively), this answers the dispatch question
-for the layer's exact shape, thread count, block and sparsity: two one-node models with the same
-random group-sparse weights (a standard Conv / MatMul, and the edgesparse node), interleaved
-timing, medians. A layer is kept sparse when the sparse kernel is at least `margin` faster.
-Results are cached per (shape, sparsity, block, threads) for the build.
+for the layer's exact shape, thread count, block and sparsity, with the same random group-sparse
+weights on both sides, interleaved timing, medians.
+
+Convs are timed *in context*: depthwise conv -> layer -> depthwise conv, the neighbourhood of a
+1x1 conv in MobileNet-style networks. ONNX Runtime runs dense convs in its blocked NCHWc layout;
+a sparse (NCHW) node between them forces a ReorderOutput before it and a ReorderInput after it.
+A one-node benchmark charges those reorders to the *dense* side (its input and output are NCHW),
+which is why one-node speedups of 1.1-1.4x at 30 % sparsity turned into 1.0x for the whole model;
+in context they land on the sparse side, where they belong. A layer stays sparse when the
+context model gets at least MARGIN faster. Results are cached per (shape, sparsity, block,
+threads) for the build.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import time
 
 import numpy as np
 
-MARGIN = 1.05
+MARGIN = 1.02
 
 
 class Measurer:
@@ -74,13 +81,20 @@ class Measurer:
             x = rng.standard_normal((1, c, h, wd)).astype(np.float32)
             xi = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, c, h, wd])
             yi = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, o, oh, ow])
-            dense_nodes = [helper.make_node("Conv", ["X", "W"], ["Y"], kernel_shape=[kh, kw], strides=[sh, sw], pads=pads)]
-            inits = [numpy_helper.from_array(w, "W")]
-            node, sparse_inits = kernels.make_block_sparse_conv("X", "Y", kernels.pack_block_sparse_conv(w, info.block), o,
+            context = [numpy_helper.from_array(rng.standard_normal((c, 1, 3, 3)).astype(np.float32) / 3, "DW_IN"),
+                       numpy_helper.from_array(rng.standard_normal((o, 1, 3, 3)).astype(np.float32) / 3, "DW_OUT")]
+            before = helper.make_node("Conv", ["X", "DW_IN"], ["A"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c)
+            after = helper.make_node("Conv", ["B", "DW_OUT"], ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=o)
+            dense_nodes = [before, helper.make_node("Conv", ["A", "W"], ["B"], kernel_shape=[kh, kw], strides=[sh, sw],
+                                                    pads=pads), after]
+            inits = [numpy_helper.from_array(w, "W"), *context]
+            node, sparse_inits = kernels.make_block_sparse_conv("A", "B", kernels.pack_block_sparse_conv(w, info.block), o,
                                                                 (kh, kw), name="sparse", strides=(sh, sw), pads=tuple(pads))
         opset = [helper.make_opsetid("", 18)]
         dense = helper.make_model(helper.make_graph(dense_nodes, "d", [xi], [yi], inits), opset_imports=opset)
-        sparse = helper.make_model(helper.make_graph([node], "s", [xi], [yi], sparse_inits), opset_imports=opset)
+        sparse_nodes = [node] if info.kind == "linear" else [before, node, after]
+        sparse_inits = sparse_inits if info.kind == "linear" else [*sparse_inits, *context]
+        sparse = helper.make_model(helper.make_graph(sparse_nodes, "s", [xi], [yi], sparse_inits), opset_imports=opset)
         kernels.attach_functions(sparse)
 
         def session(model, lib=None):
