@@ -24,7 +24,7 @@ def register_kernels(register):
     register(KernelLibrary(
         name="edgesparse",
         domain=kernels.DOMAIN,
-        ops=("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN"),
+        ops=("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN", "RoutedFFN"),
         build=kernels.build_library,
         functions=kernels.function_protos,
         describe=describe,
@@ -56,13 +56,17 @@ def describe(node, arrays: dict, shapes: dict) -> dict:
         total_blocks = (len(row_ptr) - 1) * cin
         return {"block": int(values.shape[-1]), "kept_blocks": int(len(c_index)),
                 "sparsity": 1.0 - len(c_index) / total_blocks if total_blocks else 0.0}
-    # GatheredFFN: sparsity is chosen per chunk at run time; the weights are dense
-    return {"sparsity": 0.0, "note": "activation sparsity: chosen at run time per chunk"}
+    # GatheredFFN / RoutedFFN: sparsity is chosen per chunk at run time; the weights are dense
+    note = "activation sparsity: chosen at run time per chunk"
+    if node.op_type == "RoutedFFN":
+        chunk = attrs["chunk"].i if "chunk" in attrs else 0
+        return {"sparsity": 0.0, "chunk": chunk, "note": note + " from the router's nonzero outputs"}
+    return {"sparsity": 0.0, "note": note}
 
 
 def densify(node, arrays: dict, shapes: dict):
     """Standard-op replacement of one edgesparse node on dense weights, or None where the op's
-    dense meaning depends on run-time inputs (GatheredFFN's expert selection) or its weights are
+    dense meaning depends on run-time inputs (GatheredFFN's expert selection, RoutedFFN's routes) or its weights are
     not constant: the caller then inlines the op's ONNX function."""
     from . import kernels
 

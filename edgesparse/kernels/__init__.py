@@ -5,6 +5,8 @@ Operators (domain ``com.edgesparse``, version 1), contracts in docs/kernels.md:
 - ``BlockSparseMatMul``: Y = act(X @ W + bias), W in B x 1 blocks (see blocksparse)
 - ``BlockSparseConv``: NCHW Conv2d, groups of B output channels x 1 input channel (see conv)
 - ``GatheredFFN``: FFN computing only the selected experts (see gathered_ffn)
+- ``RoutedFFN``: FFN scaled per token and expert by router outputs, computing per chunk only the
+  experts some token routes to (see gathered_ffn)
 
 Build and load::
 
@@ -33,7 +35,13 @@ from edgesparse.kernels.conv import (
     unpack_block_sparse_conv,
 )
 from edgesparse.kernels.dispatch import prefers_sparse
-from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, make_gathered_ffn, pack_gathered_ffn
+from edgesparse.kernels.gathered_ffn import (
+    gathered_ffn_reference,
+    make_gathered_ffn,
+    make_routed_ffn,
+    pack_gathered_ffn,
+    routed_ffn_reference,
+)
 from edgesparse.kernels.onnx_functions import attach_functions, function_protos
 from edgesparse.kernels.ort_headers import ort_include_dir
 
@@ -54,11 +62,13 @@ __all__ = [
     "make_block_sparse_conv",
     "make_block_sparse_matmul",
     "make_gathered_ffn",
+    "make_routed_ffn",
     "ort_include_dir",
     "pack_block_sparse",
     "pack_block_sparse_conv",
     "pack_gathered_ffn",
     "prefers_sparse",
+    "routed_ffn_reference",
     "unpack_block_sparse",
     "unpack_block_sparse_conv",
 ]

@@ -21,6 +21,18 @@ CoreMatching predictor), operator ``com.edgesparse::GatheredFFN`` computes
 
 S and D_out must be multiples of 4. All inputs are required (no optional
 inputs) so that the dense ONNX function needs no special cases.
+
+``com.edgesparse::RoutedFFN`` (BlockFFN-style routers) takes the same inputs
+except input 1, ``routes`` float [..., E] (one row per token of X), and computes
+the full FFN with expert e's activated h scaled by routes[t, e]:
+
+    Y_t = sum_e routes[t, e] * h_e(X_t) Wd_e + bd
+
+Tokens (the flattened leading dims) are cut into chunks of ``chunk`` tokens
+(attribute, 0: one chunk); per chunk the kernel computes only the experts with
+a nonzero route for some token of the chunk (the union), which is exact. It is
+a separate op rather than an optional input of GatheredFFN because an ONNX
+function cannot express "multiply by routes if given, else by 1".
 """
 
 from __future__ import annotations
@@ -119,3 +131,47 @@ def make_gathered_ffn(x: str, experts: str, y: str, packed: dict[str, np.ndarray
     node = onnx.helper.make_node("GatheredFFN", inputs, [y], name=name, domain=DOMAIN, gated=int(gated),
                                  activation=activation)  # fmt: skip
     return node, list(inits.values())
+
+
+def routed_ffn_reference(x, packed: dict[str, np.ndarray], routes, activation: str = "none") -> np.ndarray:
+    """What RoutedFFN computes (gated iff ``packed`` has "w_gate"), float64 numpy."""
+    from edgesparse.kernels.reference import apply_activation
+
+    x = np.asarray(x, np.float64)
+    xf = x.reshape(-1, x.shape[-1])
+    n_exp, _, s = packed["w_up"].shape
+    r = np.asarray(routes, np.float64).reshape(xf.shape[0], n_exp)
+    w_up = packed["w_up"].astype(np.float64).transpose(1, 0, 2).reshape(xf.shape[1], -1)
+    u = xf @ w_up + packed["b_up"].reshape(-1)
+    if "w_gate" in packed:
+        w_gate = packed["w_gate"].astype(np.float64).transpose(1, 0, 2).reshape(xf.shape[1], -1)
+        h = apply_activation(xf @ w_gate + packed["b_gate"].reshape(-1), activation).astype(np.float64) * u
+    else:
+        h = apply_activation(u, activation).astype(np.float64)
+    h = (h.reshape(-1, n_exp, s) * r[:, :, None]).reshape(xf.shape[0], -1)
+    d_out = packed["w_down"].shape[2]
+    y = h @ packed["w_down"].astype(np.float64).reshape(-1, d_out) + packed["b_down"]
+    return y.reshape(*x.shape[:-1], d_out).astype(np.float32)
+
+
+def active_experts_per_chunk(routes, chunk: int) -> np.ndarray:
+    """bool [n_chunks, E]: the experts RoutedFFN computes for each chunk of ``chunk`` tokens
+    (0: one chunk), i.e. those with a nonzero route for some token of the chunk."""
+    r = np.asarray(routes)
+    r = r.reshape(-1, r.shape[-1]) != 0
+    step = chunk if chunk > 0 else max(1, r.shape[0])
+    return np.array([r[i:i + step].any(0) for i in range(0, r.shape[0], step)], bool).reshape(-1, r.shape[1])
+
+
+def make_routed_ffn(x: str, routes: str, y: str, packed: dict[str, np.ndarray], *, name: str,
+                    activation: str = "none", chunk: int = 0, prefix: str | None = None):
+    """RoutedFFN node + initializers (named as for ``make_gathered_ffn``). ``routes`` names a float
+    [..., E] tensor computed in the graph (the router), one row per token of ``x``."""
+    import onnx
+
+    if int(chunk) < 0:
+        raise ValueError(f"chunk must be >= 0, got {chunk}")
+    node, inits = make_gathered_ffn(x, routes, y, packed, name=name, activation=activation, prefix=prefix)
+    node.op_type = "RoutedFFN"
+    node.attribute.append(onnx.helper.make_attribute("chunk", int(chunk)))
+    return node, inits

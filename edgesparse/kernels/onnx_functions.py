@@ -219,10 +219,47 @@ def _gathered_ffn(opset: int) -> onnx.FunctionProto:
     )
 
 
+def _routed_ffn(opset: int) -> onnx.FunctionProto:
+    """The full FFN with expert e's activated h scaled by routes[..., e] (the kernel skips, per
+    chunk, the experts whose routes are all zero; the dense meaning computes them all)."""
+    b = _Body(opset)
+    minus1 = b.const([-1], np.int64)
+    d = b.shape("X", start=-1)
+    xf = b.op("Reshape", ["X", b.op("Concat", [minus1, d], axis=0)])  # [T, D]
+    s = b.shape("w_up", start=2)
+
+    def project(w: str, bias: str) -> str:  # X @ [all experts' columns] + bias -> [T, E*S]
+        w2 = b.op("Reshape", [b.op("Transpose", [w], perm=[1, 0, 2]), b.op("Concat", [d, minus1], axis=0)])
+        return b.op("Gemm", [xf, w2, b.op("Reshape", [bias, minus1])])
+
+    up = project("w_up", "b_up")
+    gate = project("w_gate", "b_gate")
+    b.activation(up, ("relu", "gelu", "silu"), "_act_up")
+    b.activation(gate, ("relu", "gelu", "silu"), "_act_gate")
+    gated = b.op("Cast", [b.attr_const("value_int", "gated")], to=TensorProto.BOOL)
+    h = b.op("Where", [gated, b.op("Mul", ["_act_gate", up]), "_act_up"])  # [T, E*S]
+    e = b.shape("w_up", end=1)
+    t = b.op("Shape", [xf], end=1)
+    h3 = b.op("Reshape", [h, b.op("Concat", [t, e, s], axis=0)])  # [T, E, S]
+    r3 = b.op("Reshape", ["routes", b.op("Concat", [t, e, b.const([1], np.int64)], axis=0)])  # [T, E, 1]
+    hs = b.op("Reshape", [b.op("Mul", [h3, r3]), b.op("Concat", [t, minus1], axis=0)])
+    d_out = b.shape("w_down", start=2)
+    wd = b.op("Reshape", ["w_down", b.op("Concat", [minus1, d_out], axis=0)])
+    y2 = b.op("Gemm", [hs, wd, "b_down"])
+    b.nodes.append(helper.make_node("Reshape", [y2, b.op("Concat", [b.shape("X", end=-1), d_out], axis=0)], ["Y"]))
+    return helper.make_function(
+        DOMAIN, "RoutedFFN", ["X", "routes", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down"], ["Y"],
+        b.nodes, [helper.make_opsetid("", opset)], attributes=[],
+        attribute_protos=[helper.make_attribute("gated", 0), helper.make_attribute("chunk", 0),
+                          _string_default("activation", "none")],
+    )
+
+
 _BUILDERS = {
     "BlockSparseMatMul": _block_sparse_matmul,
     "BlockSparseConv": _block_sparse_conv,
     "GatheredFFN": _gathered_ffn,
+    "RoutedFFN": _routed_ffn,
 }
 
 

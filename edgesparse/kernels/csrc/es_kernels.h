@@ -92,6 +92,9 @@ typedef struct es_gffn_args {
   const float* b_down;
   const int32_t* experts;
   float* y;
+  /* Optional (NULL: all 1), RoutedFFN: [t, e_total] row-major; the activated h of expert e for
+   * token t is multiplied by scales[t * e_total + e] before the down projection. */
+  const float* scales;
 } es_gffn_args;
 
 /* One ISA's kernels. Range entry points compute a part of the output so that a

@@ -58,9 +58,11 @@ ES_INLINE void dense_accumulate(const float* ES_RESTRICT xt, int64_t ldx, const 
 }
 
 // One panel of P intermediate neurons [c0, c0+P) of active expert i for the T
-// tokens of a tile: h = act(gate) * up (or act(up)), stored as h[(i*S + s)*T + t].
+// tokens of a tile: h = act(gate) * up (or act(up)), times the token's scale of expert e when
+// scales are given (sc: the tile's first row of scales), stored as h[(i*S + s)*T + t].
 template <int P, int T>
-static void gffn_up_panel(const es_gffn_args* a, const float* xt, float* h, int64_t i, int64_t c0) {
+static void gffn_up_panel(const es_gffn_args* a, const float* xt, float* h, int64_t i, int64_t c0,
+                          const float* sc) {
   typedef typename Lanes<P>::V V;
   constexpr int L = Lanes<P>::L, R = Lanes<P>::R;
   const int64_t d = a->d, s = a->s, e = a->experts[i];
@@ -76,6 +78,7 @@ static void gffn_up_panel(const es_gffn_args* a, const float* xt, float* h, int6
     for (int t = 0; t < T; ++t) {
       V u = up[t][r] + bu;
       V hv = a->w_gate ? vactivate(gate[t][r] + bg, a->activation) * u : vactivate(u, a->activation);
+      if (sc) hv = hv * sc[t * a->e_total + e];
       vstore<V>(&buf[t][r * L], hv);
     }
   }
@@ -85,15 +88,16 @@ static void gffn_up_panel(const es_gffn_args* a, const float* xt, float* h, int6
 }
 
 template <int T>
-static void gffn_up_tile(const es_gffn_args* a, const float* xt, float* h, int64_t i_begin, int64_t i_end) {
+static void gffn_up_tile(const es_gffn_args* a, const float* xt, float* h, int64_t i_begin, int64_t i_end,
+                         const float* sc) {
   for (int64_t i = i_begin; i < i_end; ++i) {
     int64_t c0 = 0;
-    for (; c0 + 16 <= a->s; c0 += 16) gffn_up_panel<16, T>(a, xt, h, i, c0);
+    for (; c0 + 16 <= a->s; c0 += 16) gffn_up_panel<16, T>(a, xt, h, i, c0, sc);
     if (c0 + 8 <= a->s) {
-      gffn_up_panel<8, T>(a, xt, h, i, c0);
+      gffn_up_panel<8, T>(a, xt, h, i, c0, sc);
       c0 += 8;
     }
-    if (c0 + 4 <= a->s) gffn_up_panel<4, T>(a, xt, h, i, c0);
+    if (c0 + 4 <= a->s) gffn_up_panel<4, T>(a, xt, h, i, c0, sc);
   }
 }
 
@@ -165,7 +169,8 @@ static void gffn_up(const es_gffn_args* a, float* scratch, int64_t t_begin, int6
     const int tc = (int)(a->t - t0 < tm ? a->t - t0 : tm);
     const float* xt = scratch + t0 * a->d;
     float* ht = h + t0 * hs;
-    ES_GFFN_SWITCH(gffn_up_tile, tc, a, xt, ht, i_begin, i_end)
+    const float* sc = a->scales ? a->scales + t0 * a->e_total : nullptr;
+    ES_GFFN_SWITCH(gffn_up_tile, tc, a, xt, ht, i_begin, i_end, sc)
   }
 }
 

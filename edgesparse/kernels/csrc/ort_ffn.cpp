@@ -5,6 +5,13 @@
 // w_up again), w_down float [E, S, D_out], b_up float [E, S], b_gate float
 // [E, S], b_down float [D_out]. Attributes: gated (int, 0), activation
 // ("none"|"relu"|"gelu"|"silu"). Output Y float [..., D_out].
+//
+// com.edgesparse::RoutedFFN (BlockFFN-style routers) has the same inputs except
+// input 1: routes float [..., E] (one row per token of X). Y is the full FFN
+// with expert e's activated h scaled by routes[t, e]; the tokens are cut into
+// chunks of `chunk` consecutive tokens (attribute, 0: one chunk) and only the
+// experts with a nonzero route for some token of a chunk are computed there,
+// which is exact (the others contribute zero).
 #include <algorithm>
 #include <cstring>
 
@@ -45,14 +52,20 @@ FfnWeights check_weights(const TensorView* t, bool gated) {
 
 struct FfnKernel {
   std::string where;
+  bool routed = false;  // RoutedFFN: input 1 is routes float [..., E]
+  int64_t chunk = 0;    // RoutedFFN: tokens per chunk (0: all)
   bool gated = false;
   int activation = ES_ACT_NONE;
   bool constant = false;
   FfnWeights weights;
   const es_kernel_table* table = es_kernels();
 
-  explicit FfnKernel(const OrtKernelInfo* info) {
-    where = "GatheredFFN node '" + node_name(info) + "'";
+  FfnKernel(const OrtKernelInfo* info, bool routed_op) : routed(routed_op) {
+    where = std::string(routed ? "RoutedFFN" : "GatheredFFN") + " node '" + node_name(info) + "'";
+    if (routed) {
+      chunk = attr_int_or(info, "chunk", 0);
+      if (chunk < 0) throw NodeError("attribute chunk must be >= 0");
+    }
     const int64_t g = attr_int_or(info, "gated", 0);
     if (g != 0 && g != 1) throw NodeError("attribute gated must be 0 or 1");
     gated = g == 1;
@@ -61,8 +74,10 @@ struct FfnKernel {
     std::vector<int64_t> s;
     if (input_type(info, 0, &t, &s) && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw NodeError(std::string("X (input 0) must be float, got ") + dtype_name(t));
-    if (input_type(info, 1, &t, &s) && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
+    if (!routed && input_type(info, 1, &t, &s) && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
       throw NodeError(std::string("experts (input 1) must be int32, got ") + dtype_name(t));
+    if (routed && input_type(info, 1, &t, &s) && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      throw NodeError(std::string("routes (input 1) must be float, got ") + dtype_name(t));
     TensorView views[8];
     bool all = true;
     for (size_t i = 2; i < 8; ++i) all = constant_input(info, i, &views[i]) && all;
@@ -96,6 +111,7 @@ struct FfnKernel {
     const TensorView& x = in[0];
     if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.empty() || x.shape.back() != w.d)
       throw NodeError("X must be float [..., D=" + std::to_string(w.d) + "], got " + shape_str(x.shape));
+    if (routed) return compute_routed(ctx, in[0], in[1], w);
     const TensorView& ex = in[1];
     if (ex.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || ex.shape.size() != 1)
       throw NodeError("experts must be a 1-D int32 tensor, got " + std::string(dtype_name(ex.type)) + " " +
@@ -130,6 +146,55 @@ struct FfnKernel {
     a.experts = experts;
     a.y = y.GetTensorMutableData<float>();
     run(ctx, a);
+  }
+
+  // RoutedFFN: per chunk, the experts with a nonzero route for some token, then the gathered
+  // FFN over that chunk with h scaled by the routes.
+  void compute_routed(Ort::KernelContext& ctx, const TensorView& x, const TensorView& r, const FfnWeights& w) {
+    int64_t t = 1;  // product of the leading dims
+    for (size_t i = 0; i + 1 < x.shape.size(); ++i) t *= x.shape[i];
+    int64_t rt = 1;
+    for (size_t i = 0; i + 1 < r.shape.size(); ++i) rt *= r.shape[i];
+    if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || r.shape.empty() || r.shape.back() != w.e || rt != t)
+      throw NodeError("routes must be float [..., E=" + std::to_string(w.e) + "] with one row per token of X (" +
+                      std::to_string(t) + "), got " + shape_str(r.shape));
+    std::vector<int64_t> yshape(x.shape);
+    yshape.back() = w.d_out;
+    auto y = ctx.GetOutput(0, yshape);
+    if (t == 0) return;
+    const float* routes = r.as<float>();
+    const int64_t step = chunk > 0 ? chunk : t;
+    std::vector<int32_t> active;
+    active.reserve((size_t)w.e);
+    for (int64_t c0 = 0; c0 < t; c0 += step) {
+      const int64_t c1 = std::min(t, c0 + step);
+      active.clear();
+      for (int64_t e = 0; e < w.e; ++e)
+        for (int64_t k = c0; k < c1; ++k)
+          if (routes[k * w.e + e] != 0.0f) {
+            active.push_back((int32_t)e);
+            break;
+          }
+      es_gffn_args a{};
+      a.x = x.as<float>() + c0 * w.d;
+      a.t = c1 - c0;
+      a.d = w.d;
+      a.d_out = w.d_out;
+      a.s = w.s;
+      a.e_total = w.e;
+      a.n_active = (int64_t)active.size();
+      a.activation = activation;
+      a.w_up = w.w_up;
+      a.w_gate = w.w_gate;
+      a.w_down = w.w_down;
+      a.b_up = w.b_up;
+      a.b_gate = w.b_gate;
+      a.b_down = w.b_down;
+      a.experts = active.data();
+      a.scales = routes + c0 * w.e;
+      a.y = y.GetTensorMutableData<float>() + c0 * w.d_out;
+      run(ctx, a);
+    }
   }
 
   void run(Ort::KernelContext& ctx, const es_gffn_args& a) {
@@ -167,13 +232,16 @@ struct FfnKernel {
 };
 
 struct FfnOp : Ort::CustomOpBase<FfnOp, FfnKernel, true> {
+  bool routed;
+  explicit FfnOp(bool routed_op) : routed(routed_op) {}
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     FfnKernel* k = nullptr;
-    OrtStatusPtr st = guarded("GatheredFFN node '" + node_name(info) + "'", [&] { k = new FfnKernel(info); });
+    OrtStatusPtr st = guarded(std::string(GetName()) + " node '" + node_name(info) + "'",
+                              [&] { k = new FfnKernel(info, routed); });
     *kernel = k;
     return st;
   }
-  const char* GetName() const { return "GatheredFFN"; }
+  const char* GetName() const { return routed ? "RoutedFFN" : "GatheredFFN"; }
   size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   size_t GetOutputTypeCount() const { return 1; }
@@ -183,7 +251,12 @@ struct FfnOp : Ort::CustomOpBase<FfnOp, FfnKernel, true> {
 }  // namespace
 
 const OrtCustomOp* gathered_ffn_op() {
-  static FfnOp op;
+  static FfnOp op(false);
+  return &op;
+}
+
+const OrtCustomOp* routed_ffn_op() {
+  static FfnOp op(true);
   return &op;
 }
 

@@ -18,6 +18,7 @@ extern "C" ES_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* o
       es_ort::block_sparse_matmul_op(),
       es_ort::block_sparse_conv_op(),
       es_ort::gathered_ffn_op(),
+      es_ort::routed_ffn_op(),
   };
   for (const OrtCustomOp* op : ops) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) {

@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
     } else if (h[0] == 2) {
       es_gffn_args a;
       a.t = h[1], a.d = h[2], a.d_out = h[3], a.s = h[4], a.e_total = h[5], a.n_active = h[6];
-      a.activation = h[7], a._pad = 0;
+      a.activation = h[7], a._pad = 0, a.scales = NULL;
       const int gated = h[8];
       const int64_t e = a.e_total;
       float* x = floats(a.t * a.d);
