@@ -43,7 +43,7 @@ def _emit(data, as_json: bool, text: str):
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--target", "-t", help="Target name (see `edgesparse targets`).")
+@click.option("--target", "-t", metavar="NAME[:key=value,...]", help="Target, with options (see `edgesparse targets`).")
 @click.option("--pass", "-p", "pass_specs", multiple=True, metavar="NAME[:key=value,...]", help="A pass to run; repeat for more.")
 @click.option("--recipe", type=click.Path(path_type=Path), help="TOML file holding any of these options.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Package folder to write (a .zip is written beside it).")
@@ -56,7 +56,7 @@ def _emit(data, as_json: bool, text: str):
 def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, force, as_json):
     """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
     from .pipeline import BuildRequest, build as run_build
-    from .recipe import load_recipe, parse_pass
+    from .recipe import load_recipe, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
@@ -67,8 +67,9 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
     for required in ("model", "target", "output"):
         if not settings.get(required):
             raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
+    target_name, target_options = parse_target(settings["target"])
     request = BuildRequest(
-        model=str(settings["model"]), target=settings["target"], output=Path(settings["output"]),
+        model=str(settings["model"]), target=target_name, target_options=target_options, output=Path(settings["output"]),
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None, force=force,
@@ -219,5 +220,8 @@ def targets(as_json):
     from .plugins import registry
 
     described = [t.describe() for t in registry().targets.values()]
-    lines = [f"{d['name']}: {d['summary']} [backends: {', '.join(d['backends'])}]" for d in described]
+    lines = []
+    for d in described:
+        lines.append(f"{d['name']}: {d['summary']} [backends: {', '.join(d['backends'])}]")
+        lines += [f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}" for o in d["options"]]
     _emit(described, as_json, "\n".join(lines) or "no targets installed")

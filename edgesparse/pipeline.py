@@ -32,6 +32,7 @@ class BuildRequest:
     model: str
     target: str
     output: Path
+    target_options: dict = field(default_factory=dict)
     passes: list[tuple[str, dict]] = field(default_factory=list)
     backend: str | None = None
     tolerance: float = 1e-4
@@ -45,7 +46,7 @@ class BuildRequest:
 def build(request: BuildRequest, registry=None) -> dict:
     """Run the pipeline and publish the package; return its manifest."""
     registry = registry or default_registry()
-    target = registry.get("targets", request.target)
+    target = registry.get("targets", request.target).configure(request.target_options)
     backend = _backend_for(registry, target, request.backend)
     passes = [registry.get("passes", name)(**options) for name, options in request.passes]
     for p in passes:

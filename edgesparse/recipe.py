@@ -12,6 +12,8 @@ flags can:
     sparsity = 0.75
     block = 16
 
+A target with options is a table: `target = { name = "jetson", arches = ["sm_87", "sm_90"] }`
+(the command line spells it `--target jetson:arches=sm_87;sm_90`).
 Relative paths in a recipe are relative to the recipe's folder. Flags given on the command line
 win over the recipe; `--pass` flags replace the recipe's passes.
 """
@@ -25,19 +27,30 @@ from .errors import EdgesparseError
 KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "passes", "name"}
 
 
-def parse_pass(text: str) -> tuple[str, dict]:
+def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
     """'magnitude:sparsity=0.75,block=16' -> ('magnitude', {'sparsity': '0.75', 'block': '16'}).
-    Values stay strings here; the pass's declared option types convert them."""
+    Values stay strings here; the pass's (or target's) declared option types convert them."""
     name, _, rest = text.partition(":")
     if not name:
-        raise EdgesparseError(f"--pass needs a name: {text!r}")
+        raise EdgesparseError(f"{flag} needs a name: {text!r}")
     options = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise EdgesparseError(f"--pass option must be key=value: {item!r} in {text!r}")
+            raise EdgesparseError(f"{flag} option must be key=value: {item!r} in {text!r}")
         options[key.strip()] = value.strip()
     return name.strip(), options
+
+
+def parse_target(value) -> tuple[str, dict]:
+    """A target as the command line ('jetson:arches=sm_87;sm_90') or a recipe (that string, or a
+    table with a name) gives it -> (name, options)."""
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise EdgesparseError("a target table needs a name")
+        options = dict(value)
+        return str(options.pop("name")), options
+    return parse_pass(str(value), "--target")
 
 
 def load_recipe(path: Path) -> dict:

@@ -2,12 +2,16 @@
 package there to verify it (natively, under an emulator, in a browser...)."""
 from __future__ import annotations
 
+import copy
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+
+from .errors import EdgesparseError
+from .passes import Option
 
 
 @dataclass
@@ -27,6 +31,26 @@ class Target:
     backends: ClassVar[tuple[str, ...]] = ("ort",)  # the first is the default
     machine: ClassVar[str] = ""  # platform.machine() of the devices the package runs on
     isa: ClassVar[str] = ""      # instruction set the kernels' dispatch table is keyed by
+    # Typed settings a user gives as `--target NAME:key=value,...` (or a recipe's target table),
+    # e.g. the GPU architectures to build for. Read them from `self.config`.
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.__dict__.get("_config") or {o.name: o.default for o in self.options}
+
+    def configure(self, values: dict[str, Any]) -> "Target":
+        """A copy of this target with `values` (strings from the command line, or TOML values)
+        checked against `options` and applied. The registered instance is never changed."""
+        declared = {o.name: o for o in self.options}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise EdgesparseError(f"target '{self.name}' has no option '{unknown[0]}' "
+                                  f"(options: {', '.join(declared) or 'none'})")
+        configured = copy.copy(self)
+        configured._config = {n: (o.parse(values[n], f"target {self.name}") if n in values else o.default)
+                              for n, o in declared.items()}
+        return configured
 
     def toolchain(self):
         """The `edgesparse.kernels.Toolchain` that compiles kernel libraries for this target."""
@@ -66,4 +90,7 @@ class Target:
             "backends": list(self.backends),
             "machine": self.machine,
             "isa": self.isa,
+            "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                        for o in self.options],
+            "config": self.config,
         }

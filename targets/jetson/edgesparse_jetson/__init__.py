@@ -18,7 +18,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from edgesparse import EdgesparseError, RunResult, Target, hookimpl
+from edgesparse import EdgesparseError, Option, RunResult, Target, hookimpl
 
 __version__ = "0.1.0"
 
@@ -50,11 +50,24 @@ class Jetson(Target):
     backends = ("tvm",)
     machine = "aarch64"
     isa = "sm_87"
+    options = (
+        Option("arches", tuple, (), f"GPU architectures to build cubins for (default ${ARCHES_ENV} or sm_87)"),
+        Option("nvcc", str, "", "nvcc to use (default $EDGESPARSE_NVCC, nvcc on PATH, /usr/local/cuda/bin/nvcc)"),
+        Option("host", str, "", f"host CPU of the module: aarch64 (Jetson) or x86_64 (a PC GPU); default ${HOST_ENV} or aarch64"),
+    )
 
     def __init__(self, arches=None, nvcc: str | None = None, host: str | None = None):
         self._arches = tuple(arches) if arches else None
         self._nvcc = nvcc
         self._host = host
+
+    def configure(self, values):
+        configured = super().configure(values)
+        c = configured.config
+        configured._arches = c["arches"] or self._arches
+        configured._nvcc = c["nvcc"] or self._nvcc
+        configured._host = c["host"] or self._host
+        return configured
 
     # -- configuration -----------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
+from edgesparse import EdgesparseError
 from edgesparse_tvm import cuda
 from edgesparse_tvm.testing import mlp_model, require_tools
 
@@ -134,3 +135,13 @@ def test_operator_tvm_cannot_import_suggests_ort(mlp, tmp_path):
     onnx.save(mlp_model(activation="Celu"), str(model))
     out = tmp_path / "pkg"
     _assert_clean_failure(build(mlp, out, model=model), out, "'Celu'", "--backend ort")
+
+
+def test_target_options_select_architectures_and_refuse_bad_ones():
+    from edgesparse_jetson import Jetson
+
+    assert Jetson().configure({"arches": "sm_87;sm_90"}).arches == ("sm_87", "sm_90")
+    with pytest.raises(EdgesparseError, match="sm_72"):
+        Jetson().configure({"arches": "sm_72"}).arches
+    with pytest.raises(EdgesparseError, match="nvcc not found"):
+        Jetson().configure({"nvcc": "/nonexistent/nvcc"}).nvcc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesparse import EdgesparseError, RunResult, Target, hookimpl, runtime
+from edgesparse import EdgesparseError, Option, RunResult, Target, hookimpl, runtime
 
 from . import emulator, ort_aarch64, runner, toolchains
 
@@ -29,9 +29,19 @@ class Snapdragon(Target):
     backends = ("ort",)
     machine = "aarch64"
     isa = "neon"
+    options = (
+        Option("ndk", str, "", "Android NDK folder: build for Android (bionic). Default $ANDROID_NDK_HOME; "
+                               "neither: Debian's aarch64 g++ (glibc: Linux boards)"),
+        Option("api", int, 0, "Android API level for NDK builds. Default $EDGESPARSE_ANDROID_API or "
+                              f"{toolchains.DEFAULT_ANDROID_API}",
+               check=lambda v: None if v == 0 or 21 <= v <= 99 else "must be an Android API level (21 or above)"),
+    )
+
+    def _ndk(self) -> Path | None:
+        return Path(self.config["ndk"]) if self.config["ndk"] else toolchains.ndk_home()
 
     def toolchain(self):
-        return toolchains.selected()
+        return toolchains.selected(self._ndk(), self.config["api"] or None)
 
     def check_environment(self) -> None:
         missing = toolchains.missing_debian_tools()
@@ -40,9 +50,9 @@ class Snapdragon(Target):
             raise EdgesparseError(
                 f"the snapdragon target needs {', '.join(what for what, _ in missing)}: install Debian packages "
                 f"{packages} (apt-get install {packages}, or {toolchains.SETUP_COMMAND})")
-        home = toolchains.ndk_home()
+        home = self._ndk()
         if home:
-            toolchains.check_ndk(home)
+            toolchains.check_ndk(home, self.config["api"] or None)
         emulator.check_namespace()
 
     def describe(self) -> dict:

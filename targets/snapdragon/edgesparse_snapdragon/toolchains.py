@@ -59,10 +59,11 @@ def ndk(ndk_dir: Path, api: int | None = None) -> Toolchain:
                      (*ARCH_FLAGS, "-static-libstdc++"), ("neon",))
 
 
-def selected() -> Toolchain:
-    """The toolchain that compiles what ships: the NDK's when ANDROID_NDK_HOME is set."""
-    home = ndk_home()
-    return ndk(home) if home else debian()
+def selected(ndk_dir: Path | None = None, api: int | None = None) -> Toolchain:
+    """The toolchain that compiles what ships: the NDK's when one is given (the target's `ndk`
+    option) or ANDROID_NDK_HOME is set, else Debian's aarch64 g++."""
+    home = ndk_dir or ndk_home()
+    return ndk(home, api) if home else debian()
 
 
 def missing_debian_tools() -> list[tuple[str, str]]:
@@ -79,8 +80,8 @@ def check_ndk(ndk_dir: Path, api: int | None = None) -> None:
     api = api or android_api()
     compiler = ndk_compiler(ndk_dir, api)
     if not ndk_dir.is_dir():
-        raise EdgesparseError(f"ANDROID_NDK_HOME={ndk_dir} is not a directory")
+        raise EdgesparseError(f"Android NDK (ANDROID_NDK_HOME or ndk=) {ndk_dir} is not a directory")
     if not os.access(compiler, os.X_OK):
         raise EdgesparseError(
-            f"ANDROID_NDK_HOME={ndk_dir} has no {compiler.relative_to(ndk_dir)} (an NDK r23 or later for "
+            f"Android NDK (ANDROID_NDK_HOME or ndk=) {ndk_dir} has no {compiler.relative_to(ndk_dir)} (an NDK r23 or later for "
             f"{NDK_HOST} with API level {api}; set EDGESPARSE_ANDROID_API to pick another)")

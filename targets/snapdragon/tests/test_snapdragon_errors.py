@@ -90,3 +90,19 @@ def test_tensor_file_round_trip(tmp_path):
         tensorfile.read(tmp_path / "cut.esbt")
     with pytest.raises(EdgesparseError, match="cannot be passed"):
         tensorfile.write(tmp_path / "s.esbt", [("s", np.array(["a"]))])
+
+
+def test_ndk_option_without_the_ndk_compiler(mlp_onnx, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ANDROID_NDK_HOME"}
+    result = cli("build", mlp_onnx, "--target", f"snapdragon:ndk={tmp_path},api=30", "--pass", "magnitude",
+                 "-o", tmp_path / "pkg", check=False, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "aarch64-linux-android30-clang++" in lines[0], lines
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_api_option_is_checked():
+    with pytest.raises(EdgesparseError, match="must be an Android API level"):
+        Snapdragon().configure({"api": "7"})
+    assert Snapdragon().configure({"ndk": "/opt/ndk", "api": "33"}).toolchain().name == "aarch64-linux-android33"
