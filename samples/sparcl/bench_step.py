@@ -46,9 +46,13 @@ def main():
         "dense DER++": dict(method="derpp"),
         "SparCL block16 75%": dict(method="sparcl", pattern="block", block=16, sparsity=0.75),
         "SparCL block16 90%": dict(method="sparcl", pattern="block", block=16, sparsity=0.9),
+        "SparCL block4 75%": dict(method="sparcl", pattern="block", block=4, sparsity=0.75),
+        "SparCL block4 90%": dict(method="sparcl", pattern="block", block=4, sparsity=0.9),
         "SparCL unstructured 90% (masked dense)": dict(method="sparcl", pattern="unstructured", sparsity=0.9),
     }
-    results = {"cpu": platform.processor() or platform.machine(), "width": args.width, "by_threads": {}}
+    results = {"cpu": platform.processor() or platform.machine(), "width": args.width, "rounds": args.rounds,
+               "steps_per_block": args.steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "by_threads": {}}
     for threads in args.threads or [1]:
         torch.set_num_threads(threads)
         trainers = {name: make(stream, args.width, **o) for name, o in configs.items()}
@@ -76,7 +80,8 @@ def main():
         for name in names:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
             rows[name] = {"wall_ms": 1e3 * w, "cpu_ms": 1e3 * c, "wall_speedup_vs_dense": base / w,
-                          "wall_ms_quartiles": [1e3 * q for q in statistics.quantiles(wall[name], n=4)]}
+                          "wall_ms_quartiles": [1e3 * q for q in statistics.quantiles(wall[name], n=4)],
+                          "steps_measured": len(wall[name])}
             print(f"threads={threads} {name:40s} wall {1e3 * w:7.1f} ms/step (x{base / w:.2f})  cpu {1e3 * c:7.1f} ms")
         results["by_threads"][str(threads)] = rows
     if args.json:

@@ -38,6 +38,10 @@ CONFIGS = {
     "sparcl-unstructured-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "unstructured"]),
     "sparcl-block8-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "block", "--block", "8"]),
     "sparcl-block4-s90": ("patterns", ["--sparsity", "0.9", "--pattern", "block", "--block", "4"]),
+    "sparcl-block4-s75": ("patterns", ["--sparsity", "0.75", "--pattern", "block", "--block", "4"]),
+    # DDR in a 3-epoch task drops 30% of the data after one presentation: does it cost accuracy?
+    "sparcl-block16-s90-noddr": ("tuning", ["--sparsity", "0.9", "--pattern", "block", "--block", "16", "--no-ddr"]),
+    "sparcl-block4-s90-noddr": ("tuning", ["--sparsity", "0.9", "--pattern", "block", "--block", "4", "--no-ddr"]),
     # DGM is the only component that acts differently at 75% and 90% (80% gradient sparsity)
     "sparcl-block16-s75-nodgm": ("ablation", ["--sparsity", "0.75", "--pattern", "block", "--block", "16",
                                               "--no-dgm"]),
@@ -52,7 +56,10 @@ def run_one(name: str, seed: int) -> Path:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # cwd: not the repository root, so that a PYTHONPATH snapshot of the code (taken while
+        # others edit the working tree) wins over ./edgesparse
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=RUNS,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {log}"
     print(f"{name} seed {seed}: {status} in {time.time() - begin:.0f} s", flush=True)
     return out
@@ -139,7 +146,7 @@ def _markdown(summary) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="main,patterns,ablation", help="groups: main, patterns, ablation")
+    ap.add_argument("--only", default="main,patterns,ablation,tuning", help="groups: main, patterns, ablation, tuning")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--summarize", action="store_true", help="only write the summary")
