@@ -1,9 +1,9 @@
 """ONNX (after edgesparse's passes) -> Relax IRModule.
 
 TVM's Relax ONNX frontend imports the standard operators. edgesparse's custom nodes are added to
-its converter table for the duration of one import: each BlockSparseMatMul becomes a `call_tir`
-of a hand-written TIR kernel (edgesparse_tvm.kernels) specialised for the layer's shape and for
-the device being compiled for. Anything the frontend cannot import is reported up front, by name,
+its converter table for the duration of one import: each BlockSparseMatMul, BlockSparseConv and
+GatheredFFN becomes `call_tir`s of hand-written TIR kernels (edgesparse_tvm.ops) specialised for
+the layer's shape and for the device being compiled for. Anything the frontend cannot import is reported up front, by name,
 with the ORT backend as the way out.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import onnx
 
 from edgesparse import EdgesparseError
 
-from . import kernels
+from . import ops
 
 DOMAIN = "com.edgesparse"
-SUPPORTED_CUSTOM = {"BlockSparseMatMul"}
+SUPPORTED_CUSTOM = set(ops.SUPPORTED)
 STANDARD_DOMAINS = ("", "ai.onnx")
 DIMS_ENV = "EDGESPARSE_TVM_DIMS"
 
@@ -94,64 +94,21 @@ class _Importer:
     """Holds the kernel choice (CPU or CUDA) and the kernels already added to the module."""
 
     def __init__(self, device: str):
-        self.device = device
-        self.kernels: dict[tuple, object] = {}
-        self.calls = 0
+        self.kernels = ops.Kernels(device)
 
-    def converter(self):
-        importer = self
+    @property
+    def calls(self) -> int:
+        return self.kernels.calls
+
+    def converters(self) -> dict:
         from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-        class BlockSparseMatMul(OnnxOpConverter):
-            @classmethod
-            def _impl_v1(cls, bb, inputs, attr, params):
-                return importer.block_sparse_matmul(bb, inputs, attr)
+        def converter(op: str):
+            lower, cache = ops.LOWER[op], self.kernels
+            return type(op, (OnnxOpConverter,), {
+                "_impl_v1": classmethod(lambda cls, bb, inputs, attr, params: lower(bb, inputs, attr, cache))})
 
-        return BlockSparseMatMul
-
-    def block_sparse_matmul(self, bb, inputs, attr):
-        from tvm import relax, tirx
-        from tvm.ir.expr import Constant
-
-        name = attr.get("tvm_custom", {}).get("name", "BlockSparseMatMul")
-        x, values, k_index, row_ptr = inputs[:4]
-        bias = inputs[4] if len(inputs) > 4 else None
-        for label, value in (("values", values), ("k_index", k_index), ("row_ptr", row_ptr)):
-            if not isinstance(value, Constant):
-                raise EdgesparseError(f"BlockSparseMatMul '{name}': {label} must be a constant initializer for the tvm backend")
-        if bias is not None and not isinstance(bias, Constant):
-            raise EdgesparseError(f"BlockSparseMatMul '{name}': bias must be a constant initializer for the tvm backend")
-        activation = attr.get("activation", "none")
-        activation = activation.decode() if isinstance(activation, bytes) else str(activation)
-        n = int(attr["N"])
-        ty = x.ty
-        if ty.dtype != "float32":
-            raise EdgesparseError(f"BlockSparseMatMul '{name}': input is {ty.dtype}, the kernels take float32")
-        shape = list(ty.shape.values)
-        if not isinstance(shape[-1], tirx.IntImm):
-            raise EdgesparseError(f"BlockSparseMatMul '{name}': the input feature dimension must be static")
-        k = int(shape[-1])
-        block = int(values.value.shape[1])
-        lead = shape[:-1]
-        m_expr = lead[0] if lead else tirx.IntImm("int64", 1)
-        for d in lead[1:]:
-            m_expr = m_expr * d
-        m_static = int(m_expr) if isinstance(m_expr, tirx.IntImm) else None
-        if isinstance(m_expr, tirx.IntImm):
-            m_expr = tirx.IntImm("int64", m_static)
-        key = (m_static, k, n, block, activation)
-        if key not in self.kernels:
-            make = kernels.cpu_kernel if self.device == "cpu" else kernels.cuda_kernel
-            func = make(m_static, k, n, block, activation).with_attr("edgesparse.op", "BlockSparseMatMul")
-            self.kernels[key] = bb.add_func(func, f"edgesparse_bsmm_{len(self.kernels)}")
-        x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
-        bias = bias if bias is not None else relax.const(np.zeros(n, np.float32))
-        y = bb.emit(relax.call_tir(self.kernels[key], [x2, values, k_index, row_ptr, bias],
-                                   relax.TensorType([m_expr, n], "float32")))
-        self.calls += 1
-        if len(shape) != 2:
-            y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, n])))
-        return y
+        return {op: converter(op) for op in ops.SUPPORTED}
 
 
 @contextlib.contextmanager
@@ -159,7 +116,7 @@ def _custom_converters(importer: _Importer):
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
-    extra = {"BlockSparseMatMul": importer.converter()}
+    extra = importer.converters()
     onnx_frontend._get_convert_map = lambda: {**original(), **extra}
     try:
         yield

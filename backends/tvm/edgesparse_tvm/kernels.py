@@ -50,6 +50,8 @@ def _epilogue(activation: str):
     def apply(v):
         if activation == "relu":
             return T.max(v, T.float32(0))
+        if activation == "relu6":
+            return T.min(T.max(v, T.float32(0)), T.float32(6))
         if activation == "gelu":  # erf form, as torch.nn.GELU()
             return T.float32(0.5) * v * (T.float32(1) + T.erf(v * T.float32(1 / math.sqrt(2.0))))
         if activation == "silu":

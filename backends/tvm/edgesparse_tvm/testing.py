@@ -72,3 +72,90 @@ def require_tools(*tools: str) -> None:
         elif shutil.which(tool) is None:
             hint = CROSS_SETUP if "aarch64" in tool else f"apt-get install {tool}"
             raise AssertionError(f"{tool} is missing; install it with: {hint}")
+
+
+def sparse_ops_model(seed=0, batch=2, tokens=3, d=48, experts=6, expert_size=8, d_out=32, n_active="n_active"):
+    """Every edgesparse operator in one graph, as the passes emit them, with real-valued random
+    weights: image [batch, 8, 12, 10] -> BlockSparseConv 3x3 pad 1 relu -> BlockSparseConv 3x3
+    stride 2 dilation 1, asymmetric pads, relu6, no bias -> BlockSparseConv 1x1 stride 2 silu ->
+    "img_out"; tokens [batch, tokens, d] with experts int32 [n_active] -> GatheredFFN (gated,
+    silu) -> GatheredFFN (plain, gelu) -> BlockSparseMatMul -> "tok_out". Returns (model,
+    inputs) with a selection that repeats an expert."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgesparse.kernels import (attach_functions, make_block_sparse_conv, make_block_sparse_matmul,
+                                    make_gathered_ffn, pack_block_sparse, pack_block_sparse_conv, pack_gathered_ffn)
+
+    rng = np.random.default_rng(seed)
+
+    def conv_weights(o, c, k, block):
+        w = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
+        keep = rng.random((-(-o // block), c)) < 0.4
+        return w * np.repeat(keep, block, axis=0)[:o, :, None, None]
+
+    nodes, inits = [], []
+    for name, x, y, o, c, k, block, kw in (
+            ("conv1", "img", "c1", 20, 8, 3, 8, dict(pads=(1, 1, 1, 1), activation="relu", bias=True)),
+            ("conv2", "c1", "c2", 16, 20, 3, 16, dict(strides=(2, 2), pads=(0, 1, 2, 1), activation="relu6")),
+            ("conv3", "c2", "img_out", 12, 16, 1, 4, dict(strides=(2, 2), activation="silu", bias=True))):
+        bias = (0.1 * rng.standard_normal(o)).astype(np.float32) if kw.pop("bias", False) else None
+        node, init = make_block_sparse_conv(x, y, pack_block_sparse_conv(conv_weights(o, c, k, block), block), o, (k, k),
+                                            name=name, bias=bias, **kw)
+        nodes.append(node)
+        inits += init
+    inter = experts * expert_size
+    for name, x, y, gated, act in (("ffn1", "tok", "f1", True, "silu"), ("ffn2", "f1", "f2", False, "gelu")):
+        w_up = (rng.standard_normal((inter, d)) / np.sqrt(d)).astype(np.float32)
+        w_down = (rng.standard_normal((d, inter)) / np.sqrt(inter)).astype(np.float32)
+        extra = dict(w_gate=(rng.standard_normal((inter, d)) / np.sqrt(d)).astype(np.float32),
+                     b_gate=rng.standard_normal(inter).astype(np.float32)) if gated else {}
+        packed = pack_gathered_ffn(w_up, w_down, expert_size, b_up=rng.standard_normal(inter).astype(np.float32),
+                                   b_down=(0.1 * rng.standard_normal(d)).astype(np.float32), **extra)
+        node, init = make_gathered_ffn(x, "experts", y, packed, name=name, activation=act)
+        nodes.append(node)
+        inits += init
+    w = (rng.standard_normal((d, d_out)) / np.sqrt(d)).astype(np.float32)
+    w *= np.repeat(rng.random((d, d_out // 16)) < 0.4, 16, axis=1)
+    node, init = make_block_sparse_matmul("f2", "tok_out", pack_block_sparse(w, 16), d_out, name="fc", activation="relu")
+    nodes.append(node)
+    inits += init
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "sparse_ops",
+        [helper.make_tensor_value_info("img", f, [batch, 8, 12, 10]), helper.make_tensor_value_info("tok", f, [batch, tokens, d]),
+         helper.make_tensor_value_info("experts", TensorProto.INT32, [n_active])],
+        [helper.make_tensor_value_info("img_out", f, [batch, 12, 3, 3]),
+         helper.make_tensor_value_info("tok_out", f, [batch, tokens, d_out])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    attach_functions(model)
+    onnx.checker.check_model(model)
+    inputs = {"img": rng.standard_normal((batch, 8, 12, 10)).astype(np.float32),
+              "tok": rng.standard_normal((batch, tokens, d)).astype(np.float32),
+              "experts": np.array([4, 1, 4], np.int32)}
+    return model, inputs
+
+
+def ort_with_kernels(model, inputs: dict) -> list[np.ndarray]:
+    """The model on ONNX Runtime with edgesparse's C++ kernels (one thread): the reference the TIR
+    kernels are checked against."""
+    import onnxruntime as ort
+
+    from edgesparse.kernels import X86_64, build_library
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.register_custom_ops_library(str(build_library(X86_64)))
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def relax_run(mod, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Compile a Relax module for this CPU and run it (TVM's VM, one call)."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    return [t.numpy() for t in (out if not hasattr(out, "numpy") else [out])]

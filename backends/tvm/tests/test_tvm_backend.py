@@ -118,14 +118,15 @@ def test_operator_tvm_cannot_import_is_named(tmp_path, registry):
 
 
 def test_edgesparse_op_without_tir_kernel_is_named():
+    """deltallm's DeltaAttention has only a C++ kernel for ORT: named, with the way out."""
     model = mlp_model()
-    model.graph.node.append(helper.make_node("BlockSparseConv", ["y"], ["z"], domain="com.edgesparse", name="conv"))
+    model.graph.node.append(helper.make_node("DeltaAttention", ["y"], ["z"], domain="com.edgesparse.deltallm", name="att"))
     model.graph.node.append(helper.make_node("Foo", ["z"], ["w"], domain="com.example", name="foo"))
     with pytest.raises(EdgesparseError) as info:
         frontend.import_model(model, "cpu")
     message = _one_line(info.value)
-    assert "'com.edgesparse::BlockSparseConv'" in message and "no TIR kernel" in message and "--backend ort" in message
-    assert frontend.unsupported_ops(model) == ["com.edgesparse::BlockSparseConv", "com.example::Foo"]
+    assert "'com.edgesparse.deltallm::DeltaAttention'" in message and "no TIR kernel" in message and "--backend ort" in message
+    assert frontend.unsupported_ops(model) == ["com.edgesparse.deltallm::DeltaAttention", "com.example::Foo"]
 
 
 def test_pinned_dims(monkeypatch):
