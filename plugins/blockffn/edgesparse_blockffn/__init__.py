@@ -1,0 +1,99 @@
+"""The `blockffn` pass: chunk-level activation sparsity for transformer FFNs (BlockFFN, papers.md
+section 2), for models that were trained dense.
+
+Torch stage: each FFN's intermediate neurons are grouped into E experts by co-activation on the
+calibration text, a ReLU + RMSNorm router is added and trained by layer-wise distillation from
+the dense FFN with the activation-locality and chunk-sparsification losses (FFN weights frozen).
+ONNX stage: each converted FFN becomes the router in standard ops plus one RoutedFFN node of the
+core kernel library, which computes per chunk of tokens only the experts some token of the chunk
+routes to. Reports TLS and CLS(1, 8, 32, 64) per layer and the FFN FLOPs executed.
+"""
+from __future__ import annotations
+
+import torch
+
+from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
+from edgesparse.kernels import DOMAIN
+
+from . import convert, rewrite
+
+__version__ = "0.1.0"
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonnegative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+class BlockFFN(Pass):
+    name = "blockffn"
+    summary = "BlockFFN: ReLU + RMSNorm routers over FFN experts, trained for chunk-level sparsity; RoutedFFN kernel"
+    options = (
+        Option("experts", int, 0, "experts per FFN (must divide the intermediate size); 0: intermediate size / 64",
+               check=_nonnegative),
+        Option("chunk", int, 8, "tokens per chunk: the kernel computes the union of the chunk's experts "
+               "(1: decode, 8-64: prefill / speculative drafts); also the chunk of the sparsity target and loss",
+               check=_positive),
+        Option("sparsity", float, 0.7, "target chunk-level sparsity CLS(chunk) on the calibration text",
+               check=in_range(0.0, 1.0, hi_open=True)),
+        Option("steps", int, 200, "router training steps per FFN (0: least-squares initialisation only)",
+               check=_nonnegative),
+        Option("lr", float, 3e-3, "router learning rate (Adam)", check=_positive),
+        Option("locality", float, 2e-3, "weight of the activation-locality loss", check=_nonnegative),
+        Option("time_budget", float, 0.0, "seconds of router training for all FFNs together (0: no limit)",
+               check=_nonnegative),
+        Option("state", str, "", "a conversion saved by samples/blockffn (routers and expert orders): "
+               "apply it instead of training"),
+        Option("seed", int, 0, "seed of the clustering and the training batches"),
+    )
+    needs = "calibration"
+    emits = (f"{DOMAIN}::{rewrite.OP}",)
+    targets = ("x86",)
+
+    def settings(self) -> convert.Settings:
+        return convert.Settings(experts=self.experts, chunk=self.chunk, sparsity=self.sparsity, steps=self.steps,
+                                lr=self.lr, locality=self.locality, time_budget_s=self.time_budget, seed=self.seed)
+
+    def transform_module(self, module, ctx):
+        torch.manual_seed(self.seed)
+        batches = ctx.calibration_inputs()
+        module.eval()
+        if self.state:
+            self.layers = convert.load(module, self.state)
+        else:
+            self.layers = convert.convert(module, batches, self.settings(), ctx.log)
+        routes = convert.measure(module, self.layers, batches)
+        per_layer = []
+        for layer, r in zip(self.layers, routes):
+            row = {"name": layer.site.name, "experts": int(r.shape[-1]), **convert.sparsity_report(r)}
+            if "trained" in layer.report:
+                row["relative_mse_teacher_forced"] = layer.report["trained"]["relative_mse"]
+                row["train_steps"] = layer.report.get("steps")
+            per_layer.append(row)
+        everything = torch.cat([r.reshape(-1, r.shape[-1]) for r in routes])
+        mean = lambda key: round(sum(row[key] for row in per_layer) / len(per_layer), 4)
+        ctx.report("sparsity", {"tls": mean("tls"), **{f"cls{s}": mean(f"cls{s}") for s in convert.CLS_SIZES},
+                                "tokens": int(everything.shape[0] // max(1, len(routes)))})
+        ctx.report("layers", per_layer)
+        ctx.report("ffn_flops", {f"chunk{s}": convert.ffn_flops(self.layers, routes, s) for s in convert.CLS_SIZES})
+        achieved = mean(f"cls{self.chunk}") if self.chunk in convert.CLS_SIZES else None
+        if achieved is not None and achieved < self.sparsity - 0.05:
+            ctx.warn(f"CLS({self.chunk}) on the calibration text is {achieved:.3f}, below the target {self.sparsity}: "
+                     "train longer (steps, time_budget) or give more calibration text")
+        return module
+
+    def rewrite_graph(self, model, ctx) -> None:
+        layers = getattr(self, "layers", None)
+        if not layers:
+            raise EdgesparseError("blockffn: the ONNX stage needs the torch stage of the same build (a model.py:build factory)")
+        names = rewrite.apply(model, layers, self.chunk)
+        ctx.log(f"[blockffn] {len(names)} FFNs -> router + {rewrite.OP} (chunk {self.chunk})")
+        ctx.report("nodes", names)
+
+
+@hookimpl
+def register_passes(register):
+    register(BlockFFN)
