@@ -151,11 +151,14 @@ def ort_with_kernels(model, inputs: dict) -> list[np.ndarray]:
     return session.run(None, inputs)
 
 
-def relax_run(mod, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Compile a Relax module for this CPU and run it (TVM's VM, one call)."""
+def relax_run(mod):
+    """Compile a Relax module for this CPU; returns run(list of numpy inputs) -> numpy outputs."""
     import tvm
     from tvm import relax
 
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
-    return [t.numpy() for t in (out if not hasattr(out, "numpy") else [out])]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+        return [t.numpy() for t in (out if not hasattr(out, "numpy") else [out])]
+    return run
