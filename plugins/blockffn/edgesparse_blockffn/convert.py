@@ -184,7 +184,7 @@ def train_router(site: FfnSite, router: block.Router, x: torch.Tensor, h: torch.
         weight = min(100.0, max(1e-4, weight * (1.1 if sparsity < s.sparsity else 1 / 1.1)))
         done = step + 1
         if step % 20 == 0 or step == s.steps - 1:
-            history.append({"step": step, "distil": round(float(distil), 4), "cls": round(sparsity, 4),
+            history.append({"step": step, "distil": round(float(distil.detach()), 4), "cls": round(sparsity, 4),
                             "weight": round(weight, 5)})
     return {"steps": done, "history": history}
 
