@@ -162,3 +162,29 @@ def relax_run(mod):
         out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
         return [t.numpy() for t in (out if not hasattr(out, "numpy") else [out])]
     return run
+
+
+def cnn_model(seed=0):
+    """x[batch, 32, 16, 16] -> Conv 3x3 32->64 pad 1 + Relu -> Conv 3x3 64->128 pad 1 stride 2 +
+    Relu -> depthwise Conv 3x3 (group 128, stays dense) -> y[batch, 128, 8, 8]. With the jetson
+    target's conv rule (>= 64K weights) conv2 (74K) goes sparse and conv1 (18K) stays dense, so
+    the CUDA module holds a TIR conv kernel next to dlight-scheduled dense convolutions."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)
+    inits = [numpy_helper.from_array(w(64, 32, 3, 3), "k1"), numpy_helper.from_array(w(128, 64, 3, 3), "k2"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(128)).astype(np.float32), "b2"),
+             numpy_helper.from_array(w(128, 1, 3, 3), "dw")]
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["a"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+             helper.make_node("Conv", ["b", "k2", "b2"], ["c"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["d"], name="relu2"),
+             helper.make_node("Conv", ["d", "dw"], ["y"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=128)]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 128, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model

@@ -18,6 +18,8 @@ import platform
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from edgesparse import EdgesparseError, Option, RunResult, Target, hookimpl
 
 __version__ = "0.1.0"
@@ -125,15 +127,21 @@ class Jetson(Target):
             raise EdgesparseError("the jetson target needs g++ to link the build-host verification module (apt-get install g++)")
 
     def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
-        """GPU rule (not measured on Orin yet): the CUDA kernel reads each kept weight block once
-        per token tile, so at decode-like token counts its time follows the bytes it reads, while
-        a dense GEMV reads all of them. Prune from 50% block sparsity on layers big enough not to
-        be bound by launch latency (H200 reference: 768x3072 ran ~1.3x at any sparsity, bound by
-        launches; 4096x11008 ran 3.6x at 75% with a naive kernel)."""
-        if op != "BlockSparseMatMul":
-            return False
-        k, n = int(shape.get("K", 0)), int(shape.get("N", 0))
-        return sparsity >= 0.5 and k * n >= 256 * 1024
+        """GPU rule (a prior, not measured on Orin yet; benchmarks/gpu measures both kernels).
+        BlockSparseMatMul: the CUDA kernel reads each kept weight block once per token tile, so at
+        decode-like token counts its time follows the bytes it reads, while a dense GEMV reads all
+        of them. Prune from 50% block sparsity on layers big enough not to be bound by launch
+        latency (H200 reference: 768x3072 ran ~1.3x at any sparsity, bound by launches; 4096x11008
+        ran 3.6x at 75% with a naive kernel). BlockSparseConv: compute-bound, and the direct CUDA
+        kernel has none of cuDNN's data reuse, so only from 75% on layers of >= 64K weights."""
+        if op == "BlockSparseMatMul":
+            k, n = int(shape.get("K", 0)), int(shape.get("N", 0))
+            return sparsity >= 0.5 and k * n >= 256 * 1024
+        if op == "BlockSparseConv":
+            kernel = shape.get("kernel", 1)
+            taps = int(np.prod(kernel)) if isinstance(kernel, (list, tuple)) else int(kernel) ** 2
+            return sparsity >= 0.75 and int(shape.get("C", 0)) * int(shape.get("O", 0)) * taps >= 64 * 1024
+        return False
 
     def run_package(self, package_dir: Path, inputs, threads: int = 1) -> RunResult:
         import edgesparse_tvm
