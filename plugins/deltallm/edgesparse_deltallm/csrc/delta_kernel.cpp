@@ -83,6 +83,30 @@ inline vi in_range(int64_t j0, int64_t lo, int64_t hi) {
   return (j >= splati((int32_t)lo)) & (j < splati((int32_t)hi));
 }
 
+// Appends the lanes set in m (key index j0 + lane, and that lane of x) to idx and dx; returns
+// how many. AVX-512 compresses in registers and stores whole vectors (the arrays have a vector
+// of slack; the memory form of vcompress is microcoded on some CPUs); elsewhere a bit walk.
+inline int compress(uint32_t m, int64_t j0, vf x, int32_t* idx, float* dx) {
+#if DL_WIDTH == 16 && defined(__AVX512F__)
+  const __mmask16 k = (__mmask16)m;
+  _mm512_storeu_si512(idx, _mm512_maskz_compress_epi32(k, (__m512i)(iota() + splati((int32_t)j0))));
+  _mm512_storeu_ps(dx, _mm512_maskz_compress_ps(k, (__m512)x));
+  return __builtin_popcount(m);
+#else
+  float lanes[W];
+  st(lanes, x);
+  int n = 0;
+  while (m) {
+    const int i = __builtin_ctz(m);
+    m &= m - 1;
+    idx[n] = (int32_t)(j0 + i);
+    dx[n] = lanes[i];
+    ++n;
+  }
+  return n;
+#endif
+}
+
 // exp(x), |relative error| < 2e-7 on [-87, 88]: x = n ln2 + r, exp(r) by a degree-6 polynomial.
 inline vf vexp(vf x) {
   x = x < splat(-87.f) ? splat(-87.f) : x;
@@ -219,7 +243,7 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
                Acc<NV>& U, float& zh, float& removed, float* kept, float* kept_up, int64_t& n_upd, int32_t* idx,
                float* dw) {
   const vf cv = splat(c), thrv = splat(thr), thr2 = splat(2.f * thr), zero = splat(0.f);
-  vf wmax = zero, kv = zero, kv2 = zero;
+  vf wmax = zero, kv = zero, kv2 = zero, dz = zero, rm = zero;
   int64_t n = 0;
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
     vf w;
@@ -238,32 +262,28 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
     kv += (valid & ~moved) ? dev : zero;
     if (first) kv2 += (valid & (dev < thr2)) ? dev : zero;  // what a threshold twice as high would leave
     wmax = vmax(wmax, valid ? (moved ? w : o) : zero);
-    uint32_t m = bits(moved);
+    const uint32_t m = bits(moved);
     if (!m) continue;
+    // the running sums' change in vector lanes (a scalar chain through zh would serialise)
+    const vf dm = moved ? diff : zero;
+    dz += dm;
+    rm -= dm < zero ? dm : zero;
     st(wh + j0, moved ? w : o);
-    while (m) {  // collect; the value rows are accumulated below, two independent chains
-      const int i = __builtin_ctz(m);
-      m &= m - 1;
-      idx[n] = (int32_t)(j0 + i);
-      dw[n] = diff[i];
-      ++n;
-    }
+    n += compress(m, j0, diff, idx + n, dw + n);  // the value rows are accumulated below
   }
   *kept = hsum(kv);
   if (first) *kept_up = hsum(kv2);
+  zh += hsum(dz);
+  removed += hsum(rm);
   Acc<NV> U2;
   U2.zero();
   int64_t i = 0;
-  for (; i + 1 < n; i += 2) {
+  for (; i + 1 < n; i += 2) {  // two independent accumulation chains
     U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
     U2.fma(dw[i + 1], v + (int64_t)idx[i + 1] * (NV * W));
   }
   if (i < n) U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
   for (int k = 0; k < NV; ++k) U.r[k] += U2.r[k];
-  for (i = 0; i < n; ++i) {
-    zh += dw[i];
-    removed -= dw[i] < 0.f ? dw[i] : 0.f;
-  }
   n_upd += n;
   return hmax(wmax);
 }
