@@ -196,39 +196,41 @@ def ffn_up_cuda(m: int | None, e: int, d: int, s: int, gated: bool, activation: 
         ex = T.meta_var(experts[a])
         sn = T.meta_var(chunk * SC + tx % SC)
         m0 = T.meta_var(tile * mt)
-        for t in T.unroll(mt):
-            up[t] = T.float32(0)
-            gate[t] = T.float32(0)
-        if 0 <= ex and ex < E:
-            for dq in range(T.ceildiv(D, DP)):
-                if dq * DP + tx // SC < D:
-                    for t in T.unroll(mt):
-                        up[t] = up[t] + x[T.min(m0 + t, M - 1), dq * DP + tx // SC] * w_up[ex, dq * DP + tx // SC, sn]
-                        if G:
-                            gate[t] = gate[t] + x[T.min(m0 + t, M - 1), dq * DP + tx // SC] * w_gate[ex, dq * DP + tx // SC, sn]
-        for t in T.unroll(mt):
-            red_up[tx // SC, t, tx % SC] = up[t]
-            if G:
-                red_gate[tx // SC, t, tx % SC] = gate[t]
-        T.tvm_storage_sync("shared")
-        for r in range(T.ceildiv(OUT, TH)):
-            if r * TH + tx < OUT:
-                if m0 + (r * TH + tx) // SC < M:
-                    total[0] = T.float32(0)
-                    total[1] = T.float32(0)
-                    for q in range(DP):
-                        total[0] = total[0] + red_up[q, (r * TH + tx) // SC, (r * TH + tx) % SC]
-                        if G:
-                            total[1] = total[1] + red_gate[q, (r * TH + tx) // SC, (r * TH + tx) % SC]
-                    if 0 <= ex and ex < E:
-                        if G:
-                            h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = act(
-                                total[1] + b_gate[ex, chunk * SC + (r * TH + tx) % SC]) * (total[0] + b_up[ex, chunk * SC + (r * TH + tx) % SC])
+        # TVM launches one CTA for an empty grid dimension (n_active or M = 0): nothing to do then
+        if a < n_active and m0 < M:
+            for t in T.unroll(mt):
+                up[t] = T.float32(0)
+                gate[t] = T.float32(0)
+            if 0 <= ex and ex < E:
+                for dq in range(T.ceildiv(D, DP)):
+                    if dq * DP + tx // SC < D:
+                        for t in T.unroll(mt):
+                            up[t] = up[t] + x[T.min(m0 + t, M - 1), dq * DP + tx // SC] * w_up[ex, dq * DP + tx // SC, sn]
+                            if G:
+                                gate[t] = gate[t] + x[T.min(m0 + t, M - 1), dq * DP + tx // SC] * w_gate[ex, dq * DP + tx // SC, sn]
+            for t in T.unroll(mt):
+                red_up[tx // SC, t, tx % SC] = up[t]
+                if G:
+                    red_gate[tx // SC, t, tx % SC] = gate[t]
+            T.tvm_storage_sync("shared")
+            for r in range(T.ceildiv(OUT, TH)):
+                if r * TH + tx < OUT:
+                    if m0 + (r * TH + tx) // SC < M:
+                        total[0] = T.float32(0)
+                        total[1] = T.float32(0)
+                        for q in range(DP):
+                            total[0] = total[0] + red_up[q, (r * TH + tx) // SC, (r * TH + tx) % SC]
+                            if G:
+                                total[1] = total[1] + red_gate[q, (r * TH + tx) // SC, (r * TH + tx) % SC]
+                        if 0 <= ex and ex < E:
+                            if G:
+                                h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = act(
+                                    total[1] + b_gate[ex, chunk * SC + (r * TH + tx) % SC]) * (total[0] + b_up[ex, chunk * SC + (r * TH + tx) % SC])
+                            else:
+                                h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = act(
+                                    total[0] + b_up[ex, chunk * SC + (r * TH + tx) % SC])
                         else:
-                            h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = act(
-                                total[0] + b_up[ex, chunk * SC + (r * TH + tx) % SC])
-                    else:
-                        h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = T.float32(0)
+                            h[m0 + (r * TH + tx) // SC, a * S + chunk * SC + (r * TH + tx) % SC] = T.float32(0)
 
     return ffn_up
 
@@ -258,23 +260,25 @@ def ffn_down_cuda(m: int | None, e: int, s: int, d_out: int, threads: int = CUDA
         total = T.alloc_buffer((1,), "float32", scope="local")
         col = T.meta_var(chunk * OC + tx % OC)
         m0 = T.meta_var(tile * mt)
-        for t in T.unroll(mt):
-            acc[t] = T.float32(0)
-        for rq in range(T.ceildiv(n_active * S, RP)):
-            if rq * RP + tx // OC < n_active * S:
-                if 0 <= experts[(rq * RP + tx // OC) // S] and experts[(rq * RP + tx // OC) // S] < E:
-                    for t in T.unroll(mt):
-                        acc[t] = acc[t] + h[T.min(m0 + t, M - 1), rq * RP + tx // OC] * w_down[
-                            experts[(rq * RP + tx // OC) // S], (rq * RP + tx // OC) % S, col]
-        for t in T.unroll(mt):
-            red[tx // OC, t, tx % OC] = acc[t]
-        T.tvm_storage_sync("shared")
-        for r in range(T.ceildiv(OUT, TH)):
-            if r * TH + tx < OUT:
-                if m0 + (r * TH + tx) // OC < M:
-                    total[0] = b_down[chunk * OC + (r * TH + tx) % OC]
-                    for q in range(RP):
-                        total[0] = total[0] + red[q, (r * TH + tx) // OC, (r * TH + tx) % OC]
-                    y[m0 + (r * TH + tx) // OC, chunk * OC + (r * TH + tx) % OC] = total[0]
+        # TVM launches one CTA for an empty grid dimension (n_active or M = 0): nothing to do then
+        if m0 < M:
+            for t in T.unroll(mt):
+                acc[t] = T.float32(0)
+            for rq in range(T.ceildiv(n_active * S, RP)):
+                if rq * RP + tx // OC < n_active * S:
+                    if 0 <= experts[(rq * RP + tx // OC) // S] and experts[(rq * RP + tx // OC) // S] < E:
+                        for t in T.unroll(mt):
+                            acc[t] = acc[t] + h[T.min(m0 + t, M - 1), rq * RP + tx // OC] * w_down[
+                                experts[(rq * RP + tx // OC) // S], (rq * RP + tx // OC) % S, col]
+            for t in T.unroll(mt):
+                red[tx // OC, t, tx % OC] = acc[t]
+            T.tvm_storage_sync("shared")
+            for r in range(T.ceildiv(OUT, TH)):
+                if r * TH + tx < OUT:
+                    if m0 + (r * TH + tx) // OC < M:
+                        total[0] = b_down[chunk * OC + (r * TH + tx) % OC]
+                        for q in range(RP):
+                            total[0] = total[0] + red[q, (r * TH + tx) // OC, (r * TH + tx) % OC]
+                        y[m0 + (r * TH + tx) // OC, chunk * OC + (r * TH + tx) % OC] = total[0]
 
     return ffn_down

@@ -59,7 +59,7 @@ def _static(dim, op, name, what):
     from tvm import tirx
 
     if not isinstance(dim, tirx.IntImm):
-        raise EdgesparseError(f"{op} '{name}': {what} must be static for the tvm backend")
+        raise EdgesparseError(f"{op} '{name}': {what} must be static for the tvm backend (pin symbolic input dims with EDGESPARSE_TVM_DIMS=name=size,...)")
     return int(dim)
 
 
