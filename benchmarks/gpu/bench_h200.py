@@ -9,6 +9,10 @@ prebuilt artifacts (see prepare.py). Builds nothing.
    fp16; max abs error vs an fp32 dense reference; interleaved rounds, medians, each side timed as
    a CUDA graph of back-to-back calls (launch overhead excluded for both) and as plain launches.
 3. bar: fp32 default kernel >= 3x cuBLAS at M=1 and >= 2.5x at M=8 on both shapes.
+4. every operator: a second jetson package (3 BlockSparseConv, 2 GatheredFFN, 1 BlockSparseMatMul)
+   on the GPU against its reference; the conv kernel vs cuDNN on ResNet-50 stage shapes at 75%
+   and the gathered FFN (LLaMA-7B size, 11 of 43 experts) vs the dense FFN on cuBLAS, each with
+   its max abs error (informational timings: no bar for these two).
 
 Writes $OUT/h200_results.json. `--cpu-check` runs the parts that need no GPU (used by the tests
 of this script on CPU machines).
@@ -65,6 +69,73 @@ def cubin_arches(path: Path) -> list[str]:
     return sorted(found)
 
 
+def plain_time(fn, calls):
+    """us per call of `calls` back-to-back launches (CUDA events)."""
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) * 1000.0 / calls
+
+
+def make_graph(fn, calls):
+    """A CUDA graph of `calls` calls of fn (warmed up on a side stream first)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def graph_time(graph, calls):
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) * 1000.0 / calls
+
+
+def interleaved(fns: dict, rounds: int, calls: int) -> dict:
+    """{name: {"plain": quantiles, "graph": quantiles or None}}: every function once per round."""
+    graphs = {}
+    for name, fn in fns.items():
+        try:
+            graphs[name] = make_graph(fn, calls)
+        except Exception as exc:  # capture not possible: plain timing only
+            graphs[name] = None
+            print(f"  graph capture failed for {name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}", flush=True)
+    plain = {n: [] for n in fns}
+    graph = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            plain[name].append(plain_time(fn, calls))
+            if graphs[name] is not None:
+                graph[name].append(graph_time(graphs[name], calls))
+    return {n: {"plain": quantiles(plain[n]), "graph": quantiles(graph[n]) if graph[n] else None} for n in fns}
+
+
+def speedup(times: dict, ours: str, theirs: str) -> tuple[float, str]:
+    """theirs / ours on CUDA-graph medians when both captured, else on plain launches."""
+    a, b = times[ours], times[theirs]
+    kind = "graph" if a["graph"] and b["graph"] else "plain"
+    return b[kind]["median_us"] / a[kind]["median_us"], kind
+
+
 def check_package(runner, package: Path, module: str, libdir: Path) -> dict:
     data = np.load(package / "verification.npz")
     inputs = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
@@ -85,8 +156,24 @@ def cpu_check(args, runner, blocksparse) -> dict:
     w = pruned_weight(4096, 11008, 16, 0)
     packed = blocksparse.pack_block_sparse(w, 16)
     pack_s = time.perf_counter() - t
+    ops = json.loads((art / "ops.json").read_text())["kernels"]
+    ops_blob = (art / "ops_sm90.so").read_bytes()
+    names = [k["name"] for k in ops] + [k["down"] for k in ops if "down" in k]
+    try:  # the bench's own conv packer against edgesparse's (needs the edgesparse package)
+        from edgesparse.kernels import pack_block_sparse_conv
+
+        wc = pruned_conv_weight(40, 24, 3, 16, seed=1)
+        mine, theirs = pack_conv(wc, 16), pack_block_sparse_conv(wc, 16)
+        packer_ok = all(np.array_equal(mine[k], theirs[k]) for k in theirs)
+    except ImportError:
+        packer_ok = None
     return {
         "package": check_package(runner, art / "package", f"cpu_{platform.machine()}", art / "runtime"),
+        "package_ops": check_package(runner, art / "package_ops", f"cpu_{platform.machine()}", art / "runtime"),
+        "package_ops_cubins": cubin_arches(art / "package_ops" / "tvm" / "cuda_x86_64.so"),
+        "op_symbols_missing": [n for n in names if f"__tvm_ffi_{n}".encode() not in ops_blob],
+        "op_cubins": cubin_arches(art / "ops_sm90.so"),
+        "conv_packer_matches_edgesparse": packer_ok,
         "kernel_symbols_missing": missing,
         "kernel_cubins": cubin_arches(art / "kernels_sm90.so"),
         "package_cubins": cubin_arches(art / "package" / "tvm" / "cuda_x86_64.so"),
@@ -112,6 +199,11 @@ def gpu_run(args, runner, blocksparse) -> dict:
     except Exception as exc:
         result["package"] = {"passed": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"}
     print(f"package on GPU: {result['package']}", flush=True)
+    try:
+        result["package_ops"] = check_package(runner, art / "package_ops", "cuda_x86_64", art / "runtime")
+    except Exception as exc:
+        result["package_ops"] = {"passed": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"}
+    print(f"package with every operator on GPU: {result['package_ops']}", flush=True)
 
     kmod = tvm_ffi.load_module(str(art / "kernels_sm90.so"))
     table = json.loads((art / "kernels.json").read_text())["kernels"]
@@ -119,36 +211,6 @@ def gpu_run(args, runner, blocksparse) -> dict:
 
     def stream_ctx():
         return tvm_ffi.use_raw_stream(tdev, torch.cuda.current_stream().cuda_stream)
-
-    def plain_time(fn, calls):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1000.0 / calls
-
-    def make_graph(fn, calls):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        return graph
-
-    def graph_time(graph, calls):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1000.0 / calls
 
     records = []
     shapes = sorted({(k["K"], k["N"]) for k in table})
@@ -197,26 +259,11 @@ def gpu_run(args, runner, blocksparse) -> dict:
                 errors["cublas"] = float((y_blas.float() - ref).abs().max())
                 for v in variants:
                     errors[v["name"]] = float((ys[v["name"]].float() - ref).abs().max())
-                graphs = {}
-                for name, fn in fns.items():
-                    try:
-                        graphs[name] = make_graph(fn, args.calls)
-                    except Exception as exc:  # capture not possible: plain timing only
-                        graphs[name] = None
-                        print(f"  graph capture failed for {name}: {str(exc).splitlines()[0][:200]}", flush=True)
-                plain = {n: [] for n in fns}
-                graph = {n: [] for n in fns}
-                for _ in range(args.rounds):  # interleaved: every side once per round
-                    for name, fn in fns.items():
-                        plain[name].append(plain_time(fn, args.calls))
-                        if graphs[name] is not None:
-                            graph[name].append(graph_time(graphs[name], args.calls))
-                blas_p = quantiles(plain["cublas"])
-                blas_g = quantiles(graph["cublas"]) if graph["cublas"] else None
+                times = interleaved(fns, args.rounds, args.calls)
+                blas_p, blas_g = times["cublas"]["plain"], times["cublas"]["graph"]
                 for v in variants:
                     name = v["name"]
-                    kp = quantiles(plain[name])
-                    kg = quantiles(graph[name]) if graph[name] else None
+                    kp, kg = times[name]["plain"], times[name]["graph"]
                     use_graph = kg is not None and blas_g is not None
                     k_med = kg["median_us"] if use_graph else kp["median_us"]
                     b_med = blas_g["median_us"] if use_graph else blas_p["median_us"]
@@ -244,7 +291,126 @@ def gpu_run(args, runner, blocksparse) -> dict:
             if d is not None:
                 bar.append({"K": K, "N": N, "M": M, "need": need, "speedup": d["speedup"], "passed": d["speedup"] >= need and d["error_ok"]})
     result["bar"] = {"checks": bar, "passed": bool(bar) and all(b["passed"] for b in bar)}
+    try:  # informational: conv and gathered-FFN kernels vs cuDNN / cuBLAS
+        result["ops"] = ops_run(args, stream_ctx)
+    except Exception as exc:
+        result["ops"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"}
+        print(f"op kernels failed: {result['ops']['error']}", flush=True)
     return result
+
+
+def pack_conv(w: np.ndarray, block: int) -> dict:
+    """BlockSparseConv packing (as edgesparse.kernels.pack_block_sparse_conv, which needs the
+    edgesparse package; --cpu-check compares the two)."""
+    o, c, kh, kw = w.shape
+    nb = -(-o // block)
+    padded = np.zeros((nb * block, c, kh * kw), np.float32)
+    padded[:o] = w.reshape(o, c, kh * kw)
+    groups = padded.reshape(nb, block, c, kh * kw).transpose(0, 2, 3, 1)
+    keep = np.any(groups != 0, axis=(2, 3))
+    rows, cs = np.nonzero(keep)
+    row_ptr = np.zeros(nb + 1, np.int32)
+    np.cumsum(keep.sum(axis=1), out=row_ptr[1:])
+    return {"values": np.ascontiguousarray(groups[rows, cs]).reshape(-1, kh * kw, block),
+            "c_index": cs.astype(np.int32), "row_ptr": row_ptr}
+
+
+def pruned_conv_weight(o: int, c: int, k: int, block: int, seed: int) -> np.ndarray:
+    """W [O, C, k, k] with exactly SPARSITY of its (block output channels x 1 input channel) groups zero."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
+    nb = -(-o // block)
+    keep = np.zeros(nb * c, bool)
+    keep[rng.permutation(nb * c)[: int(round((1 - SPARSITY) * nb * c))]] = True
+    return w * np.repeat(keep.reshape(nb, c), block, axis=0)[:o, :, None, None]
+
+
+def ops_run(args, stream_ctx) -> dict:
+    """BlockSparseConv vs cuDNN (F.conv2d on the dense pruned weights, same padded input, TF32
+    off) and GatheredFFN vs the dense FFN on cuBLAS; max abs error vs the dense fp32 result."""
+    import torch
+    import torch.nn.functional as F
+    import tvm_ffi
+
+    dev = torch.device("cuda:0")
+    art = args.artifacts
+    kmod = tvm_ffi.load_module(str(art / "ops_sm90.so"))
+    table = json.loads((art / "ops.json").read_text())["kernels"]
+    wrap = lambda *ts: [tvm_ffi.from_dlpack(t) for t in ts]
+    records = []
+    for i, case in enumerate(k for k in table if k["op"] == "BlockSparseConv"):
+        w = pruned_conv_weight(case["O"], case["C"], case["k"], case["block"], seed=100 + i)
+        packed = pack_conv(w, case["block"])
+        x = torch.randn(case["N"], case["C"], case["HP"], case["WP"], device=dev)
+        wt = torch.from_numpy(w).to(dev)
+        vals, cidx, rptr = (torch.from_numpy(packed[n]).to(dev) for n in ("values", "c_index", "row_ptr"))
+        bias = torch.zeros(case["O"], device=dev)
+        ref = torch.relu(F.conv2d(x, wt, stride=case["stride"]))
+        y = torch.empty_like(ref)
+        f, a = kmod[case["name"]], wrap(x, vals, cidx, rptr, bias, y)
+
+        def ours(f=f, a=a):
+            with stream_ctx():
+                f(*a)
+        fns = {"cudnn": lambda: F.conv2d(x, wt, stride=case["stride"]), "tir": ours}
+        ours()
+        torch.cuda.synchronize()
+        error = float((y - ref).abs().max())
+        tol = 2e-3 * max(1.0, float(ref.abs().max()))
+        times = interleaved(fns, args.rounds, args.calls)
+        ratio, kind = speedup(times, "tir", "cudnn")
+        records.append({**case, "sparsity": SPARSITY, "max_abs_error": error, "tolerance": tol, "error_ok": error <= tol,
+                        "times": times, "timing": kind, "speedup_vs_cudnn": ratio})
+        print(f"  conv {case['name']}: {ratio:.2f}x cuDNN ({kind}), err {error:.2e}", flush=True)
+
+    ffn = [k for k in table if k["op"] == "GatheredFFN"]
+    if ffn:
+        c = ffn[0]
+        e, d, s, d_out = c["E"], c["D"], c["S"], c["D_out"]
+        gen = torch.Generator(device=dev).manual_seed(7)
+        rand = lambda *shape, scale=1.0: torch.randn(*shape, device=dev, generator=gen) * scale
+        w_up, w_gate = rand(e, d, s, scale=d ** -0.5), rand(e, d, s, scale=d ** -0.5)
+        w_down = rand(e, s, d_out, scale=(e * s) ** -0.5)
+        b_up, b_gate, b_down = rand(e, s, scale=0.1), rand(e, s, scale=0.1), rand(d_out, scale=0.1)
+        experts = torch.randperm(e, device=dev, generator=gen)[: c["active"]].to(torch.int32)
+        sel = experts.long()
+        # the dense FFN a user runs without edgesparse: all I neurons, three cuBLAS matmuls
+        wu_full, wg_full = (t.permute(1, 0, 2).reshape(d, e * s).contiguous() for t in (w_up, w_gate))
+        wd_full = w_down.reshape(e * s, d_out).contiguous()
+        bu_full, bg_full = b_up.reshape(-1), b_gate.reshape(-1)
+        act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}.get(c["activation"], lambda v: v)
+        for case in ffn:
+            m = case["M"]
+            x = rand(m, d)
+            h = torch.empty(m, len(sel) * s, device=dev)
+            y = torch.empty(m, d_out, device=dev)
+            up, down = kmod[case["name"]], kmod[case["down"]]
+            a_up, a_down = wrap(x, experts, w_up, w_gate, b_up, b_gate, h), wrap(h, experts, w_down, b_down, y)
+
+            def ours(up=up, down=down, a_up=a_up, a_down=a_down):
+                with stream_ctx():
+                    up(*a_up)
+                    down(*a_down)
+
+            def dense():
+                return (act(x @ wg_full + bg_full) * (x @ wu_full + bu_full)) @ wd_full + b_down
+
+            hs = act(torch.einsum("md,ads->mas", x, w_gate[sel]) + b_gate[sel]) * (torch.einsum("md,ads->mas", x, w_up[sel]) + b_up[sel])
+            ref = torch.einsum("mas,aso->mo", hs, w_down[sel]) + b_down
+            ours()
+            torch.cuda.synchronize()
+            error = float((y - ref).abs().max())
+            tol = 2e-3 * max(1.0, float(ref.abs().max()))
+            times = interleaved({"dense": dense, "tir": ours}, args.rounds, args.calls)
+            ratio, kind = speedup(times, "tir", "dense")
+            weight_bytes = 3 * len(sel) * d * s * 4
+            t_us = times["tir"][kind]["median_us"]
+            records.append({**case, "max_abs_error": error, "tolerance": tol, "error_ok": error <= tol, "times": times,
+                            "timing": kind, "speedup_vs_dense_ffn": ratio, "active_fraction": len(sel) / e,
+                            "weight_GBps": weight_bytes / (t_us * 1e-6) / 1e9})
+            print(f"  gathered FFN M={m}: {ratio:.2f}x the dense FFN ({kind}), {weight_bytes / (t_us * 1e-6) / 1e9:.0f} GB/s, "
+                  f"err {error:.2e}", flush=True)
+    return {"records": records, "correct": bool(records) and all(r["error_ok"] for r in records)}
 
 
 def main():
@@ -266,7 +432,7 @@ def main():
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "kernels"}, indent=1))
     print(f"wrote {out}")
-    if not args.cpu_check and not result["package"]["passed"]:
+    if not args.cpu_check and not (result["package"]["passed"] and result["package_ops"]["passed"]):
         sys.exit(3)
 
 

@@ -10,6 +10,11 @@ artifacts/
   kernels.json        what each kernel is (shape, dtype, threads, unroll, default or not)
   package/            an edgesparse package built by the jetson target for host x86_64 with cubins
                       for sm_87 and sm_90 (a pruned FFN with a dense layer left for dlight)
+  ops_sm90.so         the CUDA BlockSparseConv and GatheredFFN kernels (edgesparse_tvm.kernels_conv,
+  ops.json            kernels_ffn) for ResNet-style convolutions and an LLM-size gated FFN
+  package_ops/        a jetson package (host x86_64, sm_87 + sm_90) of a graph holding every edgesparse
+                      operator (3 BlockSparseConv, 2 GatheredFFN, a BlockSparseMatMul), verified here on
+                      the CPU module against ONNX Runtime's dense equivalent
   runtime/            libtvm_runtime.so, libtvm_runtime_cuda.so (+ cudart/libcudart.so.13 as a fallback)
   wheels/             apache-tvm-ffi wheels for CPython 3.10-3.13 (the GPU machine's Python is unknown)
 
@@ -38,6 +43,12 @@ THREADS = (128, 256, 512)
 UNROLLS = (4, 8)
 BLOCK = 16
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+# BlockSparseConv cases (batch 1, padding k // 2 applied to the input beforehand, 16-channel groups):
+# (C, O, H, W, k, stride): ResNet-50 stage shapes
+CONV_CASES = ((64, 64, 56, 56, 3, 1), (128, 128, 28, 28, 3, 1), (256, 256, 14, 14, 3, 1), (256, 1024, 14, 14, 1, 1))
+# GatheredFFN: LLaMA-7B FFN (D 4096, I 11008 = 43 experts of 256 neurons, gated SiLU), 11 experts
+# active (26% of the neurons), M = 1 and 8 tokens
+FFN_CASE = {"D": 4096, "I": 11008, "S": 256, "active": 11, "tokens": (1, 8), "activation": "silu"}
 
 
 def kernel_name(dtype, m, k, n, threads, unroll, vec, tile):
@@ -82,6 +93,53 @@ def build_kernels():
     (ART / "kernels.json").write_text(json.dumps({"kernels": table, "cuda": info["cuda"],
                                                   "activation": "none", "bias": "zeros"}, indent=1))
     print(f"kernels: {len(funcs)} -> {ART / 'kernels_sm90.so'} ({info['cuda']})")
+
+
+def build_op_kernels():
+    import tvm
+    from edgesparse_tvm import ModuleSpec, kernels_conv, kernels_ffn
+    from edgesparse_tvm.build import compile_ir, export
+
+    funcs, table = {}, []
+    for c, o, h, w, k, stride in CONV_CASES:
+        hp, wp = h + 2 * (k // 2), w + 2 * (k // 2)
+        name = f"conv_c{c}_o{o}_h{hp}_w{wp}_k{k}_s{stride}"
+        funcs[name] = kernels_conv.conv_cuda_kernel(1, c, hp, wp, o, (k, k), BLOCK, (stride, stride), (1, 1), "relu")
+        table.append({"name": name, "op": "BlockSparseConv", "N": 1, "C": c, "O": o, "H": h, "W": w, "HP": hp, "WP": wp,
+                      "k": k, "stride": stride, "block": BLOCK, "activation": "relu"})
+    f = FFN_CASE
+    e = f["I"] // f["S"]
+    for m in f["tokens"]:
+        up, down = f"ffn_up_m{m}", f"ffn_down_m{m}"
+        funcs[up] = kernels_ffn.ffn_up_cuda(m, e, f["D"], f["S"], True, f["activation"])
+        funcs[down] = kernels_ffn.ffn_down_cuda(m, e, f["S"], f["D"])
+        table.append({"name": up, "down": down, "op": "GatheredFFN", "M": m, "D": f["D"], "E": e, "S": f["S"],
+                      "D_out": f["D"], "active": f["active"], "gated": True, "activation": f["activation"]})
+    funcs = {n: fn.with_attr("global_symbol", n) for n, fn in funcs.items()}
+    spec = ModuleSpec("ops_sm90", "cuda", "x86_64", mcpu="x86-64-v3", arches=("sm_90",))
+    executable, _ = compile_ir(tvm.IRModule(funcs), spec)
+    info = export(executable, spec, ART / "ops_sm90.so")
+    (ART / "ops.json").write_text(json.dumps({"kernels": table, "cuda": info["cuda"]}, indent=1))
+    print(f"op kernels: {len(funcs)} -> {ART / 'ops_sm90.so'} ({info['cuda']})")
+
+
+def build_ops_package():
+    """Every edgesparse operator in one graph through the jetson target (no pass: the graph is
+    already sparse), with the inputs the reference was computed on."""
+    import onnx
+    from edgesparse_tvm.testing import sparse_ops_model
+
+    model, inputs = sparse_ops_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, data, out = Path(tmp) / "ops.onnx", Path(tmp) / "inputs.npz", Path(tmp) / "package_ops"
+        onnx.save(model, str(src))
+        np.savez(data, **inputs)
+        env = {**os.environ, "EDGESPARSE_JETSON_HOST": "x86_64", "EDGESPARSE_JETSON_ARCHES": "sm_87,sm_90"}
+        subprocess.run([sys.executable, "-m", "edgesparse", "build", str(src), "--target", "jetson", "--inputs", str(data),
+                        "-o", str(out)], check=True, env=env)
+        shutil.rmtree(ART / "package_ops", ignore_errors=True)
+        shutil.copytree(out, ART / "package_ops")
+    print(f"package with every operator -> {ART / 'package_ops'}")
 
 
 def ffn_model(d=768, hidden=3072, seed=0):
@@ -151,6 +209,8 @@ if __name__ == "__main__":
     ART.mkdir(parents=True, exist_ok=True)
     copy_runtime()
     build_kernels()
+    build_op_kernels()
     build_package()
+    build_ops_package()
     size = sum(p.stat().st_size for p in ART.rglob("*") if p.is_file())
     print(f"artifacts: {size / 1e6:.1f} MB")

@@ -8,7 +8,8 @@
 #
 # Needs only TVM's runtime: libtvm_runtime.so, libtvm_runtime_cuda.so (artifacts/runtime/) and the
 # apache-tvm-ffi wheel matching this Python (artifacts/wheels/, unpacked to a temp folder, no pip).
-# Results: $OUT/h200_results.json (OUT defaults to ./gpu-results). Expected wall time: ~1-2 min.
+# Results: $OUT/h200_results.json (OUT defaults to ./gpu-results). Expected wall time: ~2-3 min
+# (BlockSparseMatMul sweep, two packages on the GPU, conv and gathered-FFN kernels); capped at 540 s.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ART="${ARTIFACTS:-$HERE/artifacts}"

@@ -127,6 +127,12 @@ def sparse_ops_model(seed=0, batch=2, tokens=3, d=48, experts=6, expert_size=8, 
          helper.make_tensor_value_info("experts", TensorProto.INT32, [n_active])],
         [helper.make_tensor_value_info("img_out", f, [batch, 12, 3, 3]),
          helper.make_tensor_value_info("tok_out", f, [batch, tokens, d_out])], inits)
+    # shapes of the intermediates (ONNX shape inference stops at custom ops; the core's dense
+    # reference needs each conv's input channel count)
+    graph.value_info.extend([helper.make_tensor_value_info("c1", f, [batch, 20, 12, 10]),
+                             helper.make_tensor_value_info("c2", f, [batch, 16, 6, 5]),
+                             helper.make_tensor_value_info("f1", f, [batch, tokens, d]),
+                             helper.make_tensor_value_info("f2", f, [batch, tokens, d])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     attach_functions(model)
