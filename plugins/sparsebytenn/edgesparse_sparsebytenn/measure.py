@@ -12,9 +12,15 @@ which is why one-node speedups of 1.1-1.4x at 30 % sparsity turned into 1.0x for
 in context they land on the sparse side, where they belong. A layer stays sparse when the
 context model gets at least MARGIN faster. Results are cached per (shape, sparsity, block,
 threads) for the build.
+
+On a shared machine set EDGESPARSE_TIMING_LOCK to a lock file (e.g. /tmp/edgesparse-timing.lock):
+each measurement (well under a second) then holds it, so builds never time while a benchmark runs.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
 
 import numpy as np
@@ -108,7 +114,22 @@ class Measurer:
 
         sd, ss = session(dense), session(sparse, self.library())
         feed = {"X": x}
-        return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
+        with _timing_lock():
+            return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
+
+
+@contextlib.contextmanager
+def _timing_lock():
+    path = os.environ.get("EDGESPARSE_TIMING_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _interleaved(a, b, budget_s: float) -> tuple[float, float]:
