@@ -1,0 +1,131 @@
+"""The two ONNX graphs of CoreInfer for a Llama-style decoder, exported from the model's weights
+with standard ops only (Sort/TopK/Gather/ScatterElements for the selection):
+
+prefill: input_ids [B, T] -> logits [B, T, V], present_keys / present_values [L, B, Hkv, T, hd],
+         core_neurons int64 [Ls, B, k] (the sliced layers' core neurons, picked from the prompt),
+         core_gate_up float [Ls, B, D, 2k] and core_down float [Ls, B, k, D] (those neurons'
+         weights in MatMul layout: the slicing happens once per prompt, inside the prefill)
+decode:  input_ids [B, 1], past_keys / past_values [L, B, Hkv, P, hd], core_gate_up, core_down
+         -> logits [B, 1, V], present_keys / present_values [L, B, Hkv, P + 1, hd]
+
+Decode's sliced FFNs are two plain GEMVs per layer on the weights the prefill produced
+(k = keep x I), so the decode reads keep x the FFN weights per token, with no copy or transpose. Layers outside `neuron_layers` keep their
+dense FFN. The batch holds sequences of equal length (no padding mask in the graphs; the torch
+engine handles ragged batches).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import selection
+from .engine import llama_parts
+from .settings import Settings
+
+
+class _Base(torch.nn.Module):
+    def __init__(self, model, settings: Settings):
+        super().__init__()
+        self.model = model
+        self.inner, self.layers = llama_parts(model)
+        cfg = model.config
+        self.settings = settings.check(len(self.layers))
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.inter = cfg.intermediate_size
+        self.keep = max(1, int(round(settings.keep * self.inter)))
+        self.sliced = [i for i in range(len(self.layers)) if settings.prunes_neurons(i) and self.keep < self.inter]
+
+    def _qkv(self, layer, x, positions):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.inner.rotary_emb(x, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(self, layer, q, keys, values, causal):
+        b, _, t, _ = q.shape
+        rep = self.heads // self.kv_heads
+        kk = keys[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+        vv = values[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
+        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class PrefillGraph(_Base):
+    def forward(self, input_ids):
+        b, t = input_ids.shape
+        positions = torch.arange(t).unsqueeze(0).expand(b, t)
+        valid = torch.ones(b, t, dtype=torch.bool)
+        h = self.inner.embed_tokens(input_ids)
+        keys, values, neurons, gate_ups, downs = [], [], [], [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            keys.append(k)
+            values.append(v)
+            h = h + self._attend(layer, q, k, v, causal=True)
+            mlp = layer.mlp
+            act = mlp.act_fn(mlp.gate_proj(layer.post_attention_layernorm(h))) * mlp.up_proj(layer.post_attention_layernorm(h))
+            h = h + mlp.down_proj(act)
+            if i in self.sliced:
+                core = selection.token_core_neurons(act, self.settings.rho)
+                idx = selection.sentence_core_neurons(core, act, valid, self.keep)     # [B, k]
+                neurons.append(idx)
+                gate_ups.append(torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]], 1).transpose(1, 2))
+                downs.append(mlp.down_proj.weight.t()[idx])
+        logits = self.model.lm_head(self.inner.norm(h))
+        return (logits, torch.stack(keys), torch.stack(values), torch.stack(neurons),
+                torch.stack(gate_ups).contiguous(), torch.stack(downs))
+
+
+class DecodeGraph(_Base):
+    def forward(self, input_ids, past_keys, past_values, core_gate_up, core_down):
+        b, t = input_ids.shape
+        past = past_keys.shape[3]
+        positions = (torch.arange(t) + past).unsqueeze(0).expand(b, t)
+        h = self.inner.embed_tokens(input_ids)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            k = torch.cat([past_keys[i], k], 2)
+            v = torch.cat([past_values[i], v], 2)
+            keys.append(k)
+            values.append(v)
+            h = h + self._attend(layer, q, k, v, causal=False)   # t == 1: the new token sees everything
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            if i in self.sliced:
+                s = self.sliced.index(i)
+                gate, up = (x @ core_gate_up[s]).split(self.keep, -1)
+                h = h + (mlp.act_fn(gate) * up) @ core_down[s]
+            else:
+                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        logits = self.model.lm_head(self.inner.norm(h))
+        return logits, torch.stack(keys), torch.stack(values)
+
+
+def export(model, settings: Settings, prompt_ids: torch.Tensor):
+    """(prefill ModelProto, decode ModelProto) for `model`, exported with edgesparse's exporter."""
+    from edgesparse import TorchModel
+    from edgesparse.export import export_torch
+
+    prefill = PrefillGraph(model, settings).eval()
+    with torch.no_grad():
+        out = prefill(prompt_ids)
+    pre = export_torch(TorchModel(
+        module=prefill, example_inputs={"input_ids": prompt_ids},
+        output_names=["logits", "present_keys", "present_values", "core_neurons", "core_gate_up", "core_down"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}}))
+    decode = DecodeGraph(model, settings).eval()
+    dec = export_torch(TorchModel(
+        module=decode,
+        example_inputs={"input_ids": prompt_ids[:, -1:], "past_keys": out[1], "past_values": out[2],
+                        "core_gate_up": out[4], "core_down": out[5]},
+        output_names=["logits", "present_keys", "present_values"],
+        dynamic_axes={"input_ids": {0: "batch"}, "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
+                      "core_gate_up": {1: "batch"}, "core_down": {1: "batch"}}))
+    return pre, dec
