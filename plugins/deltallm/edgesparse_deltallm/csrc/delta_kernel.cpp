@@ -275,15 +275,17 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
   if (first) *kept_up = hsum(kv2);
   zh += hsum(dz);
   removed += hsum(rm);
-  Acc<NV> U2;
+  // two independent accumulation chains in locals (through the reference U the compiler
+  // would store and reload it every key: it cannot rule out aliasing with dw)
+  Acc<NV> U1 = U, U2;
   U2.zero();
   int64_t i = 0;
-  for (; i + 1 < n; i += 2) {  // two independent accumulation chains
-    U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
+  for (; i + 1 < n; i += 2) {
+    U1.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
     U2.fma(dw[i + 1], v + (int64_t)idx[i + 1] * (NV * W));
   }
-  if (i < n) U.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
-  for (int k = 0; k < NV; ++k) U.r[k] += U2.r[k];
+  if (i < n) U1.fma(dw[i], v + (int64_t)idx[i] * (NV * W));
+  for (int k = 0; k < NV; ++k) U.r[k] = U1.r[k] + U2.r[k];
   n_upd += n;
   return hmax(wmax);
 }
@@ -393,14 +395,7 @@ void head_impl(dl_head_args* a) {
           uint32_t m = bits(moved);
           if (!m) continue;
           st(qh + d0, moved ? x : o);
-          const vf scaled = diff * splat(scale);
-          while (m) {
-            const int i = __builtin_ctz(m);
-            m &= m - 1;
-            act[r][na] = (int)d0 + i;
-            dv[r][na] = scaled[i];
-            ++na;
-          }
+          na += compress(m, d0, diff * splat(scale), act[r] + na, dv[r] + na);  // na + W <= D: slack
         }
       }
       n_act[r] = na;
@@ -429,10 +424,13 @@ void head_impl(dl_head_args* a) {
       // keys that became far earlier in this chunk: incremental update from row-major K
       for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
         const float* kj = a->k + j * D;
-        float acc = sh[j];
-        for (int i = 0; i < na; ++i) acc += dv[r][i] * kj[act[r][i]];
-        sh[j] = acc;
-        m = acc > m ? acc : m;
+        float acc[4] = {sh[j], 0.f, 0.f, 0.f};  // four chains: the FMA latency, not the loads, bounds one
+        int i = 0;
+        for (; i + 4 <= na; i += 4)
+          for (int u = 0; u < 4; ++u) acc[u] += dv[r][i + u] * kj[act[r][i + u]];
+        for (; i < na; ++i) acc[0] += dv[r][i] * kj[act[r][i]];
+        sh[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        m = sh[j] > m ? sh[j] : m;
       }
       // keys that become far at this row: full dot with the transmitted query
       for (int64_t j = new_lo; j < fe_new; ++j) {
