@@ -20,6 +20,7 @@ class BuildContext:
         self._quiet = quiet
         self.reports: dict[str, dict] = {}
         self.warnings: list[str] = []
+        self.files: dict[str, bytes] = {}
         self._current = None
 
     # -- data -----------------------------------------------------------------
@@ -48,6 +49,14 @@ class BuildContext:
     def report(self, key: str, value) -> None:
         """Record a figure in the current pass's section of the manifest."""
         self.reports[self._current][key] = value
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Ship an extra file in the package (e.g. a second graph a pass needs at run time), at
+        `<pass name>/<name>`; it is checksummed in the manifest like every other file."""
+        parts = name.replace("\\", "/").split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise EdgesparseError(f"pass '{self._current}': bad package file name '{name}'")
+        self.files[f"{self._current}/{name}"] = bytes(data)
 
     def warn(self, message: str) -> None:
         text = f"{self._current}: {message}" if self._current else message

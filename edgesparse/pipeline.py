@@ -91,6 +91,9 @@ def build(request: BuildRequest, registry=None) -> dict:
     ctx.log(f"compiling for {target.name} with the {backend.name} backend")
     with package.staging_for(out) as staging:
         runtime = backend.compile(model, target, staging, libraries)
+        for name, data in ctx.files.items():  # extra files the passes ship (ctx.add_file)
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
         manifest = {
             "name": request.name or out.name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
