@@ -12,7 +12,7 @@ import numpy as np
 
 from edgesparse import EdgesparseError
 
-SUPPORTED = ("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN")
+SUPPORTED = ("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN", "RoutedFFN")
 
 
 class Kernels:
@@ -157,17 +157,19 @@ def block_sparse_conv(bb, inputs, attr, cache: Kernels):
     return y
 
 
-def gathered_ffn(bb, inputs, attr, cache: Kernels):
+def gathered_ffn(bb, inputs, attr, cache: Kernels, op: str = "GatheredFFN"):
+    """GatheredFFN (experts int32 [n_active]) and RoutedFFN (routes float [..., E], one row per
+    token): two call_tirs, up (h = the selected experts' activated neurons) then down."""
     from tvm import relax, tirx
 
     from . import kernels_ffn
 
-    op = "GatheredFFN"
+    routed = op == "RoutedFFN"
     name = _name(attr, op)
-    _only(op, name, attr, ("gated", "activation"), inputs, 8)
+    _only(op, name, attr, ("gated", "activation") + (("chunk",) if routed else ()), inputs, 8)
     if len(inputs) < 8 or any(v is None for v in inputs[:8]):
         raise EdgesparseError(f"{op} '{name}': needs all 8 inputs (docs/kernels.md)")
-    x, experts, w_up, w_gate, w_down, b_up, b_gate, b_down = inputs[:8]
+    x, selection, w_up, w_gate, w_down, b_up, b_gate, b_down = inputs[:8]
     _constants(op, name, {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate,
                           "b_down": b_down})
     gated = bool(int(attr.get("gated", 0)))
@@ -177,28 +179,41 @@ def gathered_ffn(bb, inputs, attr, cache: Kernels):
     x2, m_expr, m, lead, k = _rows(bb, x, op, name, "the model dimension D")
     if k != d:
         raise EdgesparseError(f"{op} '{name}': input has {k} features, w_up expects {d}")
-    if experts.ty.dtype != "int32":
-        raise EdgesparseError(f"{op} '{name}': experts must be int32, got {experts.ty.dtype}")
-    shape = getattr(experts.ty.shape, "values", None)
-    if shape is None or len(shape) != 1:
-        experts = bb.match_cast(experts, relax.TensorType([tirx.Var("n_active", "int64")], "int32"))
-    n_active = experts.ty.shape.values[0]
+    if routed:
+        # the routes' per-chunk union of the C++ kernel is replaced by a per-token-tile check in
+        # the TIR kernels: exact either way, so the `chunk` attribute needs no code here
+        if selection.ty.dtype != "float32":
+            raise EdgesparseError(f"{op} '{name}': routes must be float32, got {selection.ty.dtype}")
+        selection = bb.emit(relax.op.reshape(selection, relax.ShapeExpr([m_expr, e])))
+        slots = e
+    else:
+        if selection.ty.dtype != "int32":
+            raise EdgesparseError(f"{op} '{name}': experts must be int32, got {selection.ty.dtype}")
+        shape = getattr(selection.ty.shape, "values", None)
+        if shape is None or len(shape) != 1:
+            selection = bb.match_cast(selection, relax.TensorType([tirx.Var("n_active", "int64")], "int32"))
+        slots = selection.ty.shape.values[0]
     try:
         if cache.device == "cpu":
-            up = lambda: kernels_ffn.ffn_up_cpu(m, e, d, s, gated, activation)
-            down = lambda: kernels_ffn.ffn_down_cpu(m, e, s, d_out)
+            up = lambda: kernels_ffn.ffn_up_cpu(m, e, d, s, gated, activation, routed=routed)
+            down = lambda: kernels_ffn.ffn_down_cpu(m, e, s, d_out, routed=routed)
         else:
-            up = lambda: kernels_ffn.ffn_up_cuda(m, e, d, s, gated, activation)
-            down = lambda: kernels_ffn.ffn_down_cuda(m, e, s, d_out)
-        f_up = cache.get(bb, (op, "up", m, e, d, s, gated, activation), up, "gffn_up", op)
-        f_down = cache.get(bb, (op, "down", m, e, s, d_out), down, "gffn_down", op)
+            up = lambda: kernels_ffn.ffn_up_cuda(m, e, d, s, gated, activation, routed=routed)
+            down = lambda: kernels_ffn.ffn_down_cuda(m, e, s, d_out, routed=routed)
+        f_up = cache.get(bb, (op, "up", m, e, d, s, gated, activation), up, "ffn_up", op)
+        f_down = cache.get(bb, (op, "down", m, e, s, d_out), down, "ffn_down", op)
     except ValueError as exc:
         raise EdgesparseError(f"{op} '{name}': {exc}") from None
-    h = bb.emit(relax.call_tir(f_up, [x2, experts, w_up, w_gate, b_up, b_gate],
-                               relax.TensorType([m_expr, n_active * s], "float32")))
-    y = bb.emit(relax.call_tir(f_down, [h, experts, w_down, b_down], relax.TensorType([m_expr, d_out], "float32")))
+    h = bb.emit(relax.call_tir(f_up, [x2, selection, w_up, w_gate, b_up, b_gate],
+                               relax.TensorType([m_expr, slots * s], "float32")))
+    y = bb.emit(relax.call_tir(f_down, [h, selection, w_down, b_down], relax.TensorType([m_expr, d_out], "float32")))
     cache.calls += 1
     return _unrows(bb, y, lead, d_out)
 
 
-LOWER = {"BlockSparseMatMul": block_sparse_matmul, "BlockSparseConv": block_sparse_conv, "GatheredFFN": gathered_ffn}
+def routed_ffn(bb, inputs, attr, cache: Kernels):
+    return gathered_ffn(bb, inputs, attr, cache, op="RoutedFFN")
+
+
+LOWER = {"BlockSparseMatMul": block_sparse_matmul, "BlockSparseConv": block_sparse_conv, "GatheredFFN": gathered_ffn,
+         "RoutedFFN": routed_ffn}

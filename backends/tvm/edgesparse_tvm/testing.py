@@ -79,13 +79,15 @@ def sparse_ops_model(seed=0, batch=2, tokens=3, d=48, experts=6, expert_size=8, 
     weights: image [batch, 8, 12, 10] -> BlockSparseConv 3x3 pad 1 relu -> BlockSparseConv 3x3
     stride 2 dilation 1, asymmetric pads, relu6, no bias -> BlockSparseConv 1x1 stride 2 silu ->
     "img_out"; tokens [batch, tokens, d] with experts int32 [n_active] -> GatheredFFN (gated,
-    silu) -> GatheredFFN (plain, gelu) -> BlockSparseMatMul -> "tok_out". Returns (model,
+    silu) -> GatheredFFN (plain, gelu) -> RoutedFFN (gated, relu; its ReLU router in standard ops,
+    about a quarter of the routes nonzero, chunk 2) -> BlockSparseMatMul -> "tok_out". Returns (model,
     inputs) with a selection that repeats an expert."""
     import onnx
     from onnx import TensorProto, helper
 
     from edgesparse.kernels import (attach_functions, make_block_sparse_conv, make_block_sparse_matmul,
-                                    make_gathered_ffn, pack_block_sparse, pack_block_sparse_conv, pack_gathered_ffn)
+                                    make_gathered_ffn, make_routed_ffn, pack_block_sparse, pack_block_sparse_conv,
+                                    pack_gathered_ffn)
 
     rng = np.random.default_rng(seed)
 
@@ -115,9 +117,23 @@ def sparse_ops_model(seed=0, batch=2, tokens=3, d=48, experts=6, expert_size=8, 
         node, init = make_gathered_ffn(x, "experts", y, packed, name=name, activation=act)
         nodes.append(node)
         inits += init
+    from onnx import numpy_helper
+
+    w_router = (rng.standard_normal((d, experts)) / np.sqrt(d)).astype(np.float32)
+    inits += [numpy_helper.from_array(w_router, "router.w"), numpy_helper.from_array(np.float32([0.7]), "router.shift")]
+    nodes += [helper.make_node("MatMul", ["f2", "router.w"], ["r0"], name="router"),
+              helper.make_node("Sub", ["r0", "router.shift"], ["r1"], name="router_shift"),
+              helper.make_node("Relu", ["r1"], ["routes"], name="router_relu")]
+    packed = pack_gathered_ffn((rng.standard_normal((inter, d)) / np.sqrt(d)).astype(np.float32),
+                               (rng.standard_normal((d, inter)) / np.sqrt(inter)).astype(np.float32), expert_size,
+                               w_gate=(rng.standard_normal((inter, d)) / np.sqrt(d)).astype(np.float32),
+                               b_down=(0.5 * rng.standard_normal(d)).astype(np.float32))
+    node, init = make_routed_ffn("f2", "routes", "f3", packed, name="ffn3", activation="relu", chunk=2)
+    nodes.append(node)
+    inits += init
     w = (rng.standard_normal((d, d_out)) / np.sqrt(d)).astype(np.float32)
     w *= np.repeat(rng.random((d, d_out // 16)) < 0.4, 16, axis=1)
-    node, init = make_block_sparse_matmul("f2", "tok_out", pack_block_sparse(w, 16), d_out, name="fc", activation="relu")
+    node, init = make_block_sparse_matmul("f3", "tok_out", pack_block_sparse(w, 16), d_out, name="fc", activation="relu")
     nodes.append(node)
     inits += init
     f = TensorProto.FLOAT
@@ -132,7 +148,9 @@ def sparse_ops_model(seed=0, batch=2, tokens=3, d=48, experts=6, expert_size=8, 
     graph.value_info.extend([helper.make_tensor_value_info("c1", f, [batch, 20, 12, 10]),
                              helper.make_tensor_value_info("c2", f, [batch, 16, 6, 5]),
                              helper.make_tensor_value_info("f1", f, [batch, tokens, d]),
-                             helper.make_tensor_value_info("f2", f, [batch, tokens, d])])
+                             helper.make_tensor_value_info("f2", f, [batch, tokens, d]),
+                             helper.make_tensor_value_info("routes", f, [batch, tokens, experts]),
+                             helper.make_tensor_value_info("f3", f, [batch, tokens, d])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     attach_functions(model)

@@ -1,4 +1,4 @@
-"""BlockSparseConv and GatheredFFN on the tvm backend: the TIR kernels against ONNX Runtime running
+"""BlockSparseConv, GatheredFFN and RoutedFFN on the tvm backend: the TIR kernels against ONNX Runtime running
 edgesparse's C++ kernels (max abs error), edge cases of each kernel against numpy, the CUDA
 lowering of a graph with every operator compiled by nvcc into sm_87 and sm_90 cubins, what the
 importer refuses, and that loading the plugins does not import TVM."""
@@ -16,7 +16,7 @@ import tvm
 from edgesparse import EdgesparseError
 from edgesparse.kernels import pack_block_sparse_conv
 from edgesparse.kernels.conv import block_sparse_conv_reference
-from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, pack_gathered_ffn
+from edgesparse.kernels.gathered_ffn import gathered_ffn_reference, pack_gathered_ffn, routed_ffn_reference
 from edgesparse_tvm import ModuleSpec, compile_module, cuda, frontend, kernels_conv, kernels_ffn
 from edgesparse_tvm.testing import ort_with_kernels, relax_run, require_tools, sparse_ops_model
 
@@ -39,9 +39,9 @@ def cpu_module(ops_model):
 def test_every_operator_matches_ort_with_cpp_kernels(ops_model, cpu_module, experts):
     model, inputs = ops_model
     mod, calls, run = cpu_module
-    assert calls == 6  # 3 convs, 2 gathered FFNs, 1 matmul: all on TIR kernels
+    assert calls == 7  # 3 convs, 2 gathered FFNs, 1 routed FFN, 1 matmul: all on TIR kernels
     ops = {f.attrs["edgesparse.op"] for f in mod.functions.values() if f.attrs and "edgesparse.op" in f.attrs}
-    assert ops == {"BlockSparseConv", "GatheredFFN", "BlockSparseMatMul"}
+    assert ops == {"BlockSparseConv", "GatheredFFN", "RoutedFFN", "BlockSparseMatMul"}
     feeds = {**inputs, "experts": np.array(experts, np.int32)}
     want = ort_with_kernels(model, feeds)
     got = run([feeds[k] for k in ("img", "tok", "experts")])
@@ -101,6 +101,30 @@ def test_ffn_kernel_edge_cases(m, e, d, s, d_out, gated, act, selection):
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("m, gated, act", [(9, True, "silu"), (None, False, "gelu")])
+def test_routed_ffn_kernels_skip_silent_experts_exactly(m, gated, act):
+    """RoutedFFN: h scaled by the routes; an expert whose routes are zero for a whole token tile
+    (or for every token) is skipped, and the result is still the full routed FFN."""
+    rng = np.random.default_rng(5)
+    e, d, s, d_out = 6, 40, 12, 20
+    packed = pack_gathered_ffn(rng.standard_normal((e * s, d)), rng.standard_normal((d_out, e * s)), s,
+                               w_gate=rng.standard_normal((e * s, d)) if gated else None, b_up=rng.standard_normal(e * s),
+                               b_gate=rng.standard_normal(e * s) if gated else None, b_down=rng.standard_normal(d_out))
+    gate, b_gate = packed.get("w_gate", packed["w_up"]), packed.get("b_gate", packed["b_up"])
+    up = kernels_ffn.ffn_up_cpu(m, e, d, s, gated, act, routed=True)
+    down = kernels_ffn.ffn_down_cpu(m, e, s, d_out, routed=True)
+    tokens = m or 7
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    routes = np.maximum(rng.standard_normal((tokens, e)), 0).astype(np.float32)
+    routes[:4, 2] = 0   # silent for the first token tile
+    routes[:, 0] = 0    # silent everywhere
+    h = _run(up, (x, routes, packed["w_up"], gate, packed["b_up"], b_gate), (tokens, e * s))
+    assert not h[:, :s].any() and not h[:4, 2 * s:3 * s].any()
+    y = _run(down, (h, routes, packed["w_down"], packed["b_down"]), (tokens, d_out))
+    want = routed_ffn_reference(x, packed, routes, act)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 def test_ffn_expert_out_of_range_is_an_error_on_cpu():
     up = kernels_ffn.ffn_up_cpu(1, 2, 8, 4, False)
     zeros = lambda *shape: np.zeros(shape, np.float32)
@@ -115,7 +139,7 @@ def test_cuda_lowering_of_every_operator_has_sm87_and_sm90_cubins(ops_model, tmp
     model, _ = ops_model
     spec = ModuleSpec("cuda_x86_64", "cuda", "x86_64", mcpu="x86-64-v3", arches=("sm_87", "sm_90"))
     entry = compile_module(model, spec, tmp_path)
-    assert entry["sparse_kernel_calls"] == 6
+    assert entry["sparse_kernel_calls"] == 7
     assert set(cuda.cubins_in((tmp_path / entry["file"]).read_bytes())) == {"sm_87", "sm_90"}
     assert entry["cuda"]["cubins"]["sm_87"] > 10_000
 
