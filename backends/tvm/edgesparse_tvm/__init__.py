@@ -22,6 +22,7 @@ import numpy as np
 from edgesparse import Backend, EdgesparseError, RunResult, hookimpl
 
 from .build import ModuleSpec, check_spec, compile_module
+from .ops import ORT_HINT
 
 __version__ = "0.1.0"
 __all__ = ["ModuleSpec", "TvmBackend", "check_spec", "compile_module", "module_specs", "run_package"]
@@ -52,13 +53,20 @@ class TvmBackend(Backend):
         import tvm
         import tvm_ffi
 
-        domains = {lib.domain for lib in libraries}
-        if domains - {"com.edgesparse"}:
-            raise EdgesparseError(f"the tvm backend has no kernels for op domain '{sorted(domains - {'com.edgesparse'})[0]}'; build with --backend ort")
-        specs = module_specs(target)
-        for spec in specs:  # every toolchain is checked before the first (slow) compile
-            check_spec(spec)
-        modules = [compile_module(model, spec, staging) for spec in specs]
+        try:
+            domains = {lib.domain for lib in libraries}
+            if domains - {"com.edgesparse"}:
+                raise EdgesparseError(f"the tvm backend has no kernels for op domain '{sorted(domains - {'com.edgesparse'})[0]}'; {ORT_HINT}")
+            specs = module_specs(target)
+            for spec in specs:  # every toolchain is checked before the first (slow) compile
+                check_spec(spec)
+            modules = [compile_module(model, spec, staging) for spec in specs]
+        except EdgesparseError as exc:
+            if ORT_HINT not in str(exc) or "ort" in getattr(target, "backends", ("ort",)):
+                raise
+            # a TVM-only target (jetson): --backend ort would be refused, say where ORT runs instead
+            raise EdgesparseError(str(exc).replace(ORT_HINT, f"target '{target.name}' compiles through tvm only: build "
+                                                   "this model for a target with the ORT backend (e.g. --target x86)")) from None
         runner = staging / "tvm" / "run.py"
         shutil.copy2(RUNNER, runner)
         deploy = [m for m in modules if m["role"] == "deploy"]

@@ -18,6 +18,7 @@ import onnx
 from edgesparse import EdgesparseError
 
 from . import ops
+from .ops import ORT_HINT
 
 DOMAIN = "com.edgesparse"
 SUPPORTED_CUSTOM = set(ops.SUPPORTED)
@@ -163,7 +164,7 @@ def import_model(model: onnx.ModelProto, device: str):
     if missing:
         raise EdgesparseError(
             f"the tvm backend cannot import operator '{missing[0]}' (TVM's Relax ONNX frontend has no converter"
-            f"{' and edgesparse has no TIR kernel' if missing[0].startswith(DOMAIN) else ''}); build with --backend ort")
+            f"{' and edgesparse has no TIR kernel' if missing[0].startswith(DOMAIN) else ''}); {ORT_HINT}")
     model = _fold_shapes(_pin(model, pinned_dims()))
     importer = _Importer(device)
     failure = None
@@ -181,5 +182,5 @@ def import_model(model: onnx.ModelProto, device: str):
         symbolic = any(d.HasField("dim_param") or not d.HasField("dim_value")
                        for v in model.graph.input for d in v.type.tensor_type.shape.dim)
         hint = f"pin the symbolic input dims with {DIMS_ENV}=name=size,... or " if symbolic else ""
-        raise EdgesparseError(f"TVM's Relax ONNX frontend failed to import the model: {failure[:300]} ({hint}build with --backend ort)")
+        raise EdgesparseError(f"TVM's Relax ONNX frontend failed to import the model: {failure[:300]} ({hint}{ORT_HINT})")
     return mod, importer.calls

@@ -12,6 +12,7 @@ import numpy as np
 
 from edgesparse import EdgesparseError
 
+ORT_HINT = "build with --backend ort"  # the way out; TvmBackend rewords it for TVM-only targets
 SUPPORTED = ("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN", "RoutedFFN")
 
 
@@ -50,9 +51,9 @@ def _constants(op, name, inputs: dict):
 def _only(op, name, attr, known, inputs, n_inputs):
     extra = sorted(set(attr) - set(known) - {"tvm_custom"})
     if extra:
-        raise EdgesparseError(f"{op} '{name}': attribute '{extra[0]}' is not supported by the tvm backend's kernels; build with --backend ort")
+        raise EdgesparseError(f"{op} '{name}': attribute '{extra[0]}' is not supported by the tvm backend's kernels; {ORT_HINT}")
     if len(inputs) > n_inputs:
-        raise EdgesparseError(f"{op} '{name}': input {n_inputs} and later are not supported by the tvm backend's kernels; build with --backend ort")
+        raise EdgesparseError(f"{op} '{name}': input {n_inputs} and later are not supported by the tvm backend's kernels; {ORT_HINT}")
 
 
 def _static(dim, op, name, what):
