@@ -34,12 +34,12 @@ def perplexity(model, seqs) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=1500, help="seconds of router training, all layers")
+    ap.add_argument("--budget", type=float, default=0, help="seconds of router training, all layers")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--train-windows", type=int, default=64, help="windows of --length tokens of calibration text")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--train-windows", type=int, default=48, help="windows of --length tokens of calibration text")
     ap.add_argument("--eval-windows", type=int, default=12)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)

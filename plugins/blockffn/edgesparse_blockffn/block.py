@@ -1,8 +1,10 @@
 """BlockFFN in PyTorch: the router, the converted FFN modules, the two CLS-aware losses and the
 sparsity metrics (papers.md section 2).
 
-Router: r = RMSNorm(ReLU(W_r x)) * g, one entry per expert, no top-k: an expert is skipped for a
-token where its ReLU output is zero. The FFN's activated intermediate h (E experts of S
+Router: r = RMSNorm(ReLU(W_r x + b)) * g, one entry per expert, no top-k: an expert is skipped
+for a token where its ReLU output is zero. The bias b is our addition to the paper's router (which
+is pre-trained with the model): converting a dense model, it is the per-expert threshold that the
+sparsity controller moves. The FFN's activated intermediate h (E experts of S
 consecutive neurons) is multiplied expert-wise by r before the down projection.
 """
 from __future__ import annotations
@@ -19,10 +21,11 @@ class Router(nn.Module):
     def __init__(self, d: int, experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(experts, d))
+        self.bias = nn.Parameter(torch.zeros(experts))
         self.gain = nn.Parameter(torch.ones(experts))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def routes(self, z: torch.Tensor) -> torch.Tensor:
         a = torch.relu(z)

@@ -21,6 +21,8 @@ from . import block
 from .ffn import FfnSite, find_ffns, permute_neurons
 
 CLS_SIZES = (1, 8, 32, 64)
+CHUNK_WEIGHT = 0.05   # the paper's chunk-sparsification loss weight
+CONTROL_RATE = 0.1    # step of the sparsity controller per unit of CLS error
 
 
 @dataclass
@@ -142,12 +144,13 @@ def init_router(x: torch.Tensor, contrib: torch.Tensor, sparsity: float, chunk: 
         else:
             hi = tau
     tau = hi
-    xd = x.double()
+    xd = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.double)], 1)  # last column: the bias
     target = rel - tau
     w = torch.linalg.lstsq(xd.T @ xd + 1e-3 * torch.eye(xd.shape[1], dtype=xd.dtype), xd.T @ target).solution
     router = block.Router(x.shape[1], rel.shape[1])
     with torch.no_grad():
-        router.weight.copy_(w.T.float())
+        router.weight.copy_(w[:-1].T.float())
+        router.bias.copy_(w[-1].float())
         density = float((rel > tau).float().mean())
         router.gain.fill_(math.sqrt(max(density, 1e-3)))
     return router
@@ -163,7 +166,12 @@ def train_router(site: FfnSite, router: block.Router, x: torch.Tensor, h: torch.
     opt = torch.optim.Adam(router.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(s.seed)
     scale = float(y.pow(2).mean())
-    weight = 0.05  # chunk-sparsification weight, adapted towards the target sparsity
+    # The paper's chunk-sparsification weight (0.05) is kept fixed; the sparsity level is held at
+    # the target by a dual controller on mean(z): its weight mu rises while CLS(chunk) is below
+    # the target (logits pushed down) and falls below zero while above (logits pushed up), which
+    # also reaches experts whose ReLU is off for every token (no gradient from the other losses);
+    # it acts mostly through the router bias.
+    mu = 0.0
     n = x.shape[0]
     done = 0
     history = []
@@ -176,17 +184,33 @@ def train_router(site: FfnSite, router: block.Router, x: torch.Tensor, h: torch.
         pred = block.scale_experts(h[idx], r) @ w_down.T
         distil = (pred - y[idx]).pow(2).mean() / scale
         chunk_loss = block.chunk_sparsification_loss(r, s.chunk)
-        loss = distil + s.locality * block.locality_loss(z) + weight * chunk_loss
+        loss = distil + s.locality * block.locality_loss(z) + CHUNK_WEIGHT * chunk_loss + mu * z.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sparsity = block.cls(r.detach(), s.chunk)
-        weight = min(100.0, max(1e-4, weight * (1.1 if sparsity < s.sparsity else 1 / 1.1)))
+        mu += CONTROL_RATE * (s.sparsity - sparsity)
         done = step + 1
         if step % 20 == 0 or step == s.steps - 1:
             history.append({"step": step, "distil": round(float(distil.detach()), 4), "cls": round(sparsity, 4),
-                            "weight": round(weight, 5)})
+                            "mu": round(mu, 5)})
     return {"steps": done, "history": history}
+
+
+def calibrate_threshold(router: block.Router, x: torch.Tensor, sparsity: float, chunk: int) -> float:
+    """Shift every router bias by one offset so that CLS(chunk) on x is the target (bisection):
+    the controller during training only hovers around it. Returns the shift."""
+    with torch.no_grad():
+        z = router.logits(x)
+        lo, hi = -float(z.abs().max()) - 1, float(z.abs().max()) + 1
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if block.cls(torch.relu(z - mid), chunk) < sparsity:
+                lo = mid
+            else:
+                hi = mid
+        router.bias -= hi
+    return hi
 
 
 def evaluate_layer(site: FfnSite, router: block.Router, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> dict:
@@ -248,6 +272,7 @@ def convert(module, batches: list[dict], s: Settings, log=print) -> list[Layer]:
         layer_deadline = None if deadline is None else \
             time.monotonic() + (deadline - time.monotonic()) / (len(sites) - i)
         trained = train_router(site, router, x, h3, y3, s, layer_deadline)
+        calibrate_threshold(router, x, s.sparsity, s.chunk)
         after = evaluate_layer(site, router, x, h3, y3)
         layer = Layer(site, order, router, {"name": site.name, "experts": e, "expert_size": site.hidden // e,
                                             "windows": int(x.shape[0]), "window": window, "init": before,

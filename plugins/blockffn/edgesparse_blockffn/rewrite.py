@@ -29,12 +29,14 @@ def _find(layers: list, weight: np.ndarray, what: str, name: str):
 
 
 def _router_nodes(model: ir.Model, x: ir.Value, router, base: str) -> tuple[list[ir.Node], ir.Value]:
-    """routes = ReLU(x W_r^T) / sqrt(mean(ReLU(.)^2) + eps) * g"""
+    """routes = ReLU(x W_r^T + b) / sqrt(mean(ReLU(.)^2) + eps) * g"""
     w = graph.initializer(model, f"{base}.router_weight", router.weight.detach().numpy().T.astype(np.float32))
+    b = graph.initializer(model, f"{base}.router_bias", router.bias.detach().numpy().astype(np.float32))
     g = graph.initializer(model, f"{base}.router_gain", router.gain.detach().numpy().astype(np.float32))
     eps = graph.initializer(model, f"{base}.router_eps", np.array(EPS, np.float32))
     axes = graph.initializer(model, f"{base}.router_axes", np.array([-1], np.int64))
-    z = ir.node("MatMul", [x, w], name=f"{base}/router/MatMul")
+    mm = ir.node("MatMul", [x, w], name=f"{base}/router/MatMul")
+    z = ir.node("Add", [mm.outputs[0], b], name=f"{base}/router/Bias")
     a = ir.node("Relu", [z.outputs[0]], name=f"{base}/router/Relu")
     sq = ir.node("Mul", [a.outputs[0], a.outputs[0]], name=f"{base}/router/Square")
     ms = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{base}/router/ReduceMean")
@@ -42,7 +44,7 @@ def _router_nodes(model: ir.Model, x: ir.Value, router, base: str) -> tuple[list
     rms = ir.node("Sqrt", [add.outputs[0]], name=f"{base}/router/Sqrt")
     div = ir.node("Div", [a.outputs[0], rms.outputs[0]], name=f"{base}/router/Div")
     routes = ir.node("Mul", [div.outputs[0], g], name=f"{base}/router/Gain")
-    return [z, a, sq, ms, add, rms, div, routes], routes.outputs[0]
+    return [mm, z, a, sq, ms, add, rms, div, routes], routes.outputs[0]
 
 
 def apply(model: ir.Model, layers: list, chunk: int) -> list[str]:

@@ -38,7 +38,7 @@ def bert(seed=0):
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
-def factory(kind: str, seq: int = 64, batches: int = 6, seed: int = 0):
+def factory(kind: str, seq: int = 64, batches: int = 4, seed: int = 0):
     import torch
 
     from edgesparse import TorchModel

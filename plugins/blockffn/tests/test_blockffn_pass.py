@@ -43,7 +43,7 @@ def _package_outputs(pkg: Path, feeds: dict, threads=1):
 @pytest.mark.parametrize("kind,gated", [("llama", True), ("bert", False)])
 def test_build_matches_the_converted_torch_model(kind, gated, tmp_path):
     torch.set_num_threads(1)
-    manifest, source = _build(kind, tmp_path, experts=8, steps=40, chunk=8)
+    manifest, source = _build(kind, tmp_path, experts=8, steps=20, chunk=8)
     report = manifest["passes"][0]["report"]
     assert manifest["verification"]["passed"]
     assert manifest["verification"]["sparse_nodes_on_kernel"] == 2
