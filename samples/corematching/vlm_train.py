@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=10, help="save the projector every N steps (long runs on a shared machine)")
     ap.add_argument("--out", default="samples/corematching/results/vlm_train.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -64,16 +65,24 @@ def main():
         sched.step()
         first = (logits[:, 0].argmax(-1) == ans[:, 0]).float().mean().item()
         log.append({"step": step, "loss": round(loss.item(), 4), "first_token_acc": round(first, 3)})
+        if (step + 1) % args.save_every == 0:
+            save(model, args, log, pick, start)
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step} loss {np.mean([l['loss'] for l in log[-10:]]):.3f} first-token acc "
                   f"{np.mean([l['first_token_acc'] for l in log[-10:]]):.2f} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    save(model, args, log, pick, start)
+
+
+def save(model, args, log, pick, start):
     path = cache_dir() / V.PROJECTOR
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.projector.state_dict(), path)
+    torch.save(model.projector.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "date": datetime.date.today().isoformat(), "train_images": len(pick), "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "seed": args.seed, "seconds": round(time.time() - start), "frozen": ["EfficientNet-Lite0", "SmolLM2-135M"],
+        "date": datetime.date.today().isoformat(), "train_images": len(log) * args.batch, "steps_done": len(log),
+        "steps_planned": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "seconds": round(time.time() - start), "frozen": ["EfficientNet-Lite0", "SmolLM2-135M"],
         "trained": "projector (1280-576-576 MLP)", "log_every_10": log[::10] + [log[-1]]}, indent=1) + "\n")
 
 

@@ -129,3 +129,106 @@ def export(model, settings: Settings, prompt_ids: torch.Tensor):
         dynamic_axes={"input_ids": {0: "batch"}, "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
                       "core_gate_up": {1: "batch"}, "core_down": {1: "batch"}}))
     return pre, dec
+
+
+class MatchingPrefillGraph(_Base):
+    """CoreMatching prefill for one sequence given as embeddings (a VLM's prompt):
+
+    inputs_embeds [1, T, D], image_mask bool [1, T] (the positions the model declares as image
+    tokens) -> logits [1, V] (last token), next_position int64 [1], present_key_i / present_value_i
+    [1, Hkv, N_i, hd] per layer (N_i: the tokens layer i still holds), core_gate_up [Ls, 1, D, 2k],
+    core_down [Ls, 1, k, D].
+
+    After the FFN of every layer in token_layers, image tokens whose core-neuron overlap lies below
+    the elbow are removed (NonZero + Gather: later layers compute and cache only the kept ones).
+    An image_mask with no True value removes nothing (neuron-only).
+    """
+
+    def forward(self, inputs_embeds, image_mask):
+        t = inputs_embeds.shape[1]
+        positions = torch.arange(t).unsqueeze(0)
+        prunable = image_mask
+        h = inputs_embeds
+        caches, gate_ups, downs = [], [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            caches += [k, v]
+            h = h + self._attend(layer, q, k, v, causal=True)
+            mlp = layer.mlp
+            x = layer.post_attention_layernorm(h)
+            act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+            h = h + mlp.down_proj(act)
+            slice_here = i in self.sliced
+            if not (slice_here or self.settings.prunes_tokens(i)):
+                continue
+            valid = torch.ones_like(prunable)
+            core = selection.token_core_neurons(act, self.settings.rho)
+            idx = selection.sentence_core_neurons(core, act, valid, self.keep)
+            if slice_here:
+                gate_ups.append(torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]], 1).transpose(1, 2))
+                downs.append(mlp.down_proj.weight.t()[idx])
+            if self.settings.prunes_tokens(i):
+                keep = selection.elbow_keep(selection.token_scores(core, idx), prunable)
+                kept = keep[0].nonzero().squeeze(1)
+                h = h.index_select(1, kept)
+                positions = positions.index_select(1, kept)
+                prunable = prunable.index_select(1, kept)
+        logits = self.model.lm_head(self.inner.norm(h[:, -1]))
+        if not gate_ups:   # dense (keep = 1): empty placeholders keep one signature
+            d = inputs_embeds.shape[-1]
+            gate_ups, downs = [inputs_embeds.new_zeros(1, d, 0)], [inputs_embeds.new_zeros(1, 0, d)]
+        return (logits, torch.full((1,), t, dtype=torch.int64), *caches,
+                torch.stack(gate_ups).contiguous(), torch.stack(downs))
+
+
+class MatchingDecodeGraph(_Base):
+    """input_ids [1, 1], position int64 [1], past_key_i / past_value_i per layer, core_gate_up,
+    core_down -> logits [1, 1, V], present_key_i / present_value_i."""
+
+    def forward(self, input_ids, position, *rest):
+        n = len(self.layers)
+        pasts, core_gate_up, core_down = rest[:2 * n], rest[2 * n], rest[2 * n + 1]
+        positions = position.unsqueeze(0)
+        h = self.inner.embed_tokens(input_ids)
+        caches = []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            k = torch.cat([pasts[2 * i], k], 2)
+            v = torch.cat([pasts[2 * i + 1], v], 2)
+            caches += [k, v]
+            h = h + self._attend(layer, q, k, v, causal=False)
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            if i in self.sliced:
+                s = self.sliced.index(i)
+                gate, up = (x @ core_gate_up[s]).split(self.keep, -1)
+                h = h + (mlp.act_fn(gate) * up) @ core_down[s]
+            else:
+                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return (self.model.lm_head(self.inner.norm(h)), *caches)
+
+
+def export_matching(model, settings: Settings, embeds: torch.Tensor, image_mask: torch.Tensor):
+    """(prefill, decode) ModelProtos of CoreMatching for batch 1 (see MatchingPrefillGraph)."""
+    from edgesparse import TorchModel
+    from edgesparse.export import export_torch
+
+    n = len(llama_parts(model)[1])
+    cache_names = [f"{kind}_{i}" for i in range(n) for kind in ("key", "value")]
+    prefill = MatchingPrefillGraph(model, settings).eval()
+    with torch.no_grad():
+        out = prefill(embeds, image_mask)
+    pre = export_torch(TorchModel(
+        module=prefill, example_inputs={"inputs_embeds": embeds, "image_mask": image_mask},
+        output_names=["logits", "next_position", *[f"present_{c}" for c in cache_names], "core_gate_up", "core_down"],
+        dynamic_axes={"inputs_embeds": {1: "sequence"}, "image_mask": {1: "sequence"}}))
+    decode = MatchingDecodeGraph(model, settings).eval()
+    caches = out[2:2 + 2 * n]
+    dec = export_torch(TorchModel(
+        module=decode,
+        example_inputs={"input_ids": torch.tensor([[1]]), "position": out[1],
+                        **{f"past_{c}": x for c, x in zip(cache_names, caches)},
+                        "core_gate_up": out[-2], "core_down": out[-1]},
+        output_names=["logits", *[f"present_{c}" for c in cache_names]],
+        dynamic_axes={f"past_{c}": {2: f"past_{c}"} for c in cache_names}))
+    return pre, dec

@@ -1,0 +1,67 @@
+"""Build-time checks of the CoreInfer graphs: ORT against the torch reference engine, and what
+CoreInfer costs in accuracy and saves in FLOPs on the calibration text."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .settings import Settings
+
+
+def _session(proto, threads):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def against_engine(lm, settings: Settings, prefill, decode, ids: torch.Tensor, steps: int, threads: int) -> dict:
+    """Prefill a calibration prompt and greedily decode `steps` tokens in ORT and in the engine."""
+    pre, dec = _session(prefill, threads), _session(decode, threads)
+    logits, keys, values, neurons, gate_up, down = pre.run(None, {"input_ids": ids.numpy()})
+    engine = Engine(lm, settings)
+    state, ref = engine.prefill(lm.model.embed_tokens(ids), keep_logits=True)
+    errors = [float(np.abs(logits - ref.numpy()).max())]
+    chosen = [n for n in state.neurons if n is not None]
+    same_neurons = all(np.array_equal(neurons[i], n.numpy()) for i, n in enumerate(chosen))
+    token = logits[:, -1:].argmax(-1).astype(np.int64)
+    for _ in range(steps):
+        logits, keys, values = dec.run(None, {"input_ids": token, "past_keys": keys, "past_values": values,
+                                               "core_gate_up": gate_up, "core_down": down})
+        ref = engine.decode(state, torch.tensor(token))
+        errors.append(float(np.abs(logits - ref.numpy()).max()))
+        token = logits[:, -1:].argmax(-1).astype(np.int64)
+    return {"max_abs_error": max(errors), "max_abs_logit": float(np.abs(ref.numpy()).max()),
+            "same_core_neurons": bool(same_neurons), "decode_steps": steps, "prompt_tokens": int(ids.shape[1])}
+
+
+@torch.no_grad()
+def calibration_quality(lm, settings: Settings, prompts: list[torch.Tensor]) -> dict:
+    """Each prompt's first half picks the core neurons, its second half is scored in decode mode."""
+    dense, core = Engine(lm, Settings(keep=1.0)), Engine(lm, settings)
+    nll = {"dense": 0.0, "core": 0.0}
+    count = 0
+    report = None
+    for ids in prompts:
+        half = ids.shape[1] // 2
+        if half < 2:
+            continue
+        head, tail = ids[:, :half], ids[:, half:]
+        states = {}
+        for name, engine in (("dense", dense), ("core", core)):
+            state, last = engine.prefill(lm.model.embed_tokens(head))
+            out = torch.cat([last[:, None], engine.decode(state, tail[:, :-1])], 1)
+            nll[name] += float(torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tail.reshape(-1), reduction="sum"))
+            states[name] = state
+        count += tail.numel()
+        report = core.report(states["core"], states["dense"])
+    return {"tokens_scored": count,
+            "perplexity_dense": round(math.exp(nll["dense"] / count), 4),
+            "perplexity_coreinfer": round(math.exp(nll["core"] / count), 4),
+            "decode_flops_reduction": report["flops_reduction"]["decode"],
+            "layers": [{k: r[k] for k in ("layer", "neurons_kept", "decode_macs_vs_dense")} for r in report["layers"]]}
