@@ -112,9 +112,20 @@ def test_operator_tvm_cannot_import_is_named(tmp_path, registry):
         pipeline.build(pipeline.BuildRequest(model=str(tmp_path / "celu.onnx"), target="x86-tvm", output=tmp_path / "out",
                                              quiet=True, passes=[("magnitude", {"sparsity": 0.75})]), registry=registry)
     message = _one_line(info.value)
-    assert "'Celu'" in message and "--backend ort" in message
+    # x86-tvm lists only the tvm backend, so the way out names a target that has ORT
+    assert "'Celu'" in message and "target 'x86-tvm' compiles through tvm only" in message and "ORT backend" in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.zip").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["celu.onnx"]  # no staging folder left behind
+
+
+def test_way_out_is_the_ort_backend_where_the_target_has_one(tmp_path):
+    from edgesparse_tvm import TvmBackend
+
+    target = x86_tvm_target()
+    target.backends = ("tvm", "ort")
+    with pytest.raises(EdgesparseError) as info:
+        TvmBackend().compile(mlp_model(activation="Celu"), target, tmp_path, [])
+    assert _one_line(info.value).endswith("; build with --backend ort")
 
 
 def test_edgesparse_op_without_tir_kernel_is_named():
