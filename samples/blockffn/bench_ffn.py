@@ -45,7 +45,8 @@ def dense_model(wg, wu, wd, t):
 
 def routed_model(packed, t, chunk, router=None):
     """router=None: routes are an input; else (weight [D, E], gain [E]) computed in the graph as the
-    blockffn rewrite emits them."""
+    blockffn rewrite emits them (ORT fuses MatMul + Add into Gemm and the RMSNorm into
+    SimplifiedLayerNormalization)."""
     node, inits = make_routed_ffn("X", "R", "Y", packed, name="ffn", activation="silu", chunk=chunk)
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t, D])]
     nodes = [node]
@@ -55,9 +56,11 @@ def routed_model(packed, t, chunk, router=None):
         w, g = router
         inits += [numpy_helper.from_array(w, "wr"), numpy_helper.from_array(g, "gr"),
                   numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "axes")]
-        nodes = [helper.make_node("MatMul", ["X", "wr"], ["z"]), helper.make_node("Relu", ["z"], ["a"]),
-                 helper.make_node("Mul", ["a", "a"], ["sq"]),
+                  numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                  numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                  numpy_helper.from_array(np.zeros(E, np.float32), "br")]
+        nodes = [helper.make_node("MatMul", ["X", "wr"], ["mm"]), helper.make_node("Add", ["mm", "br"], ["z"]),
+                 helper.make_node("Relu", ["z"], ["a"]), helper.make_node("Pow", ["a", "two"], ["sq"]),
                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
                  helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
                  helper.make_node("Div", ["a", "rms"], ["n"]), helper.make_node("Mul", ["n", "gr"], ["R"])] + nodes

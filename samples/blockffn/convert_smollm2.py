@@ -38,9 +38,10 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--train-windows", type=int, default=48, help="windows of --length tokens of calibration text")
-    ap.add_argument("--eval-windows", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--train-windows", type=int, default=32, help="windows of --length tokens of calibration text")
+    ap.add_argument("--batch-windows", type=int, default=16, help="windows of 64 tokens per training step")
+    ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
@@ -57,7 +58,7 @@ def main():
     print(f"dense perplexity {dense_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
 
     settings = convert.Settings(experts=args.experts, chunk=args.chunk, sparsity=args.sparsity, steps=args.steps,
-                                time_budget_s=args.budget)
+                                time_budget_s=args.budget, batch_windows=args.batch_windows)
     batches = [{"input_ids": w[None]} for w in train]
     t0 = time.time()
     start_cpu = time.process_time()

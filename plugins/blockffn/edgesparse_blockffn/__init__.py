@@ -68,15 +68,14 @@ class BlockFFN(Pass):
         routes = convert.measure(module, self.layers, batches)
         per_layer = []
         for layer, r in zip(self.layers, routes):
-            row = {"name": layer.site.name, "experts": int(r.shape[-1]), **convert.sparsity_report(r)}
+            row = {"name": layer.site.name, "experts": int(layer.router.weight.shape[0]), **convert.sparsity_report(r)}
             if "trained" in layer.report:
                 row["relative_mse_teacher_forced"] = layer.report["trained"]["relative_mse"]
                 row["train_steps"] = layer.report.get("steps")
             per_layer.append(row)
-        everything = torch.cat([r.reshape(-1, r.shape[-1]) for r in routes])
         mean = lambda key: round(sum(row[key] for row in per_layer) / len(per_layer), 4)
         ctx.report("sparsity", {"tls": mean("tls"), **{f"cls{s}": mean(f"cls{s}") for s in convert.CLS_SIZES},
-                                "tokens": int(everything.shape[0] // max(1, len(routes)))})
+                                "tokens": sum(q.shape[0] for q in routes[0])})
         ctx.report("layers", per_layer)
         ctx.report("ffn_flops", {f"chunk{s}": convert.ffn_flops(self.layers, routes, s) for s in convert.CLS_SIZES})
         achieved = mean(f"cls{self.chunk}") if self.chunk in convert.CLS_SIZES else None

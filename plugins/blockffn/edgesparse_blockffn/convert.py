@@ -91,7 +91,7 @@ def ffn_hidden(site: FfnSite, x: torch.Tensor) -> torch.Tensor:
         return block.ACTIVATIONS[site.activation](up)
 
 
-def cluster_neurons(h: torch.Tensor, experts: int, seed: int, iterations: int = 12) -> torch.Tensor:
+def cluster_neurons(h: torch.Tensor, experts: int, seed: int, iterations: int = 8) -> torch.Tensor:
     """Order of the I neurons such that each slice of S = I / experts holds neurons that are
     active on the same tokens: balanced k-means on the neurons' |activation| patterns (cosine),
     each cluster filled to exactly S neurons greedily by similarity."""
@@ -102,21 +102,21 @@ def cluster_neurons(h: torch.Tensor, experts: int, seed: int, iterations: int = 
     v = v / (v.norm(dim=1, keepdim=True) + 1e-12)                            # [I, tokens]
     gen = torch.Generator().manual_seed(seed)
     centroids = v[torch.randperm(n_neurons, generator=gen)[:experts]]
-    assign = torch.zeros(n_neurons, dtype=torch.long)
     for _ in range(iterations):
         sim = v @ centroids.T                                                    # [I, E]
         order = torch.argsort(sim.flatten(), descending=True)
-        assign.fill_(-1)
+        owner = [-1] * n_neurons
         room = [size] * experts
         left = n_neurons
         for flat in order.tolist():
             i, e = divmod(flat, experts)
-            if assign[i] < 0 and room[e]:
-                assign[i] = e
+            if owner[i] < 0 and room[e]:
+                owner[i] = e
                 room[e] -= 1
                 left -= 1
                 if not left:
                     break
+        assign = torch.tensor(owner)
         centroids = torch.stack([v[assign == e].mean(0) for e in range(experts)])
         centroids = centroids / (centroids.norm(dim=1, keepdim=True) + 1e-12)
     return torch.argsort(assign * n_neurons + torch.arange(n_neurons), stable=True)
@@ -221,8 +221,17 @@ def evaluate_layer(site: FfnSite, router: block.Router, x: torch.Tensor, h: torc
     return {"relative_mse": round(err, 5), **sparsity_report(r)}
 
 
-def sparsity_report(r: torch.Tensor) -> dict:
-    return {"tls": round(block.tls(r), 4), **{f"cls{s}": round(block.cls(r, s), 4) for s in CLS_SIZES}}
+def sparsity_report(r) -> dict:
+    """TLS and CLS(s) of router outputs: one [B, T, E] tensor, or a list of [T, E] sequences of
+    any lengths (chunks never cross sequences; every chunk counts once)."""
+    seqs = list(r.reshape(-1, r.shape[-2], r.shape[-1]).unbind(0)) if torch.is_tensor(r) else list(r)
+    tls = 1 - sum(int((q != 0).sum()) for q in seqs) / max(1, sum(q.numel() for q in seqs))
+    out = {"tls": round(tls, 4)}
+    for s in CLS_SIZES:
+        chunks = sum(-(-q.shape[0] // s) for q in seqs)
+        active = sum((1 - block.cls(q[None], s)) * -(-q.shape[0] // s) for q in seqs)
+        out[f"cls{s}"] = round(1 - active / max(1, chunks), 4)
+    return out
 
 
 # -- whole conversion ---------------------------------------------------------------------------------
@@ -312,7 +321,8 @@ def load(module, path) -> list[Layer]:
         raise EdgesparseError(f"blockffn: cannot read the conversion file {path}: {exc}") from None
     sites = find_ffns(module)
     saved = state.get("layers", []) if isinstance(state, dict) else []
-    if [s["name"] for s in saved] != [s.name for s in sites]:
+    same = lambda a, b: a.endswith(b) or b.endswith(a)  # the model may be wrapped (lm.model... vs model...)
+    if len(saved) != len(sites) or not all(same(e["name"], site.name) for e, site in zip(saved, sites)):
         raise EdgesparseError(f"blockffn: {path} was made for another model ({len(saved)} FFNs saved, "
                               f"{len(sites)} in this model)")
     layers = []
@@ -326,8 +336,9 @@ def load(module, path) -> list[Layer]:
     return layers
 
 
-def measure(module, layers: list[Layer], batches: list[dict]) -> list[torch.Tensor]:
-    """Router outputs [sequences, T, E] per layer when the converted model runs the batches."""
+def measure(module, layers: list[Layer], batches: list[dict]) -> list[list[torch.Tensor]]:
+    """Router outputs per layer when the converted model runs the batches: one [T, E] tensor per
+    sequence (positions where a batch's attention_mask is 0 are left out)."""
     blocks = [_block_of(module, l) for l in layers]
     records: list[list[torch.Tensor]] = [[] for _ in layers]
     for b, rec in zip(blocks, records):
@@ -340,9 +351,13 @@ def measure(module, layers: list[Layer], batches: list[dict]) -> list[torch.Tens
             b.record = None
     out = []
     for rec in records:
-        seqs = [r.reshape(-1, r.shape[-2], r.shape[-1]) for r in rec]
-        t = min(q.shape[1] for q in seqs)
-        out.append(torch.cat([q[:, :t] for q in seqs]))
+        seqs = []
+        for r, batch in zip(rec, batches):
+            mask = batch.get("attention_mask")
+            for i, q in enumerate(r.reshape(-1, r.shape[-2], r.shape[-1]).unbind(0)):
+                keep = None if mask is None or np.shape(mask)[-1] != q.shape[0] else torch.as_tensor(mask[i]) != 0
+                seqs.append(q if keep is None else q[keep])
+        out.append(seqs)
     return out
 
 
@@ -359,9 +374,9 @@ def ffn_flops(layers: list[Layer], routes: list[torch.Tensor], chunk: int) -> di
     dense = executed = 0.0
     for layer, r in zip(layers, routes):
         site = layer.site
-        d, inter, e = site.up.in_features, site.hidden, r.shape[-1]
+        d, inter, e = site.up.in_features, site.hidden, layer.router.weight.shape[0]
         full = 2.0 * d * inter * (2 if site.gated else 1) + 2.0 * inter * site.down.out_features
         dense += full
-        executed += 2.0 * d * e + (1 - block.cls(r, chunk)) * full
+        executed += 2.0 * d * e + (1 - sparsity_report(r)[f"cls{chunk}"]) * full
     return {"dense_per_token": dense, "executed_per_token": executed, "chunk": chunk,
             "fraction": round(executed / dense, 4) if dense else None}

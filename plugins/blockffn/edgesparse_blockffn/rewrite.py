@@ -35,10 +35,12 @@ def _router_nodes(model: ir.Model, x: ir.Value, router, base: str) -> tuple[list
     g = graph.initializer(model, f"{base}.router_gain", router.gain.detach().numpy().astype(np.float32))
     eps = graph.initializer(model, f"{base}.router_eps", np.array(EPS, np.float32))
     axes = graph.initializer(model, f"{base}.router_axes", np.array([-1], np.int64))
+    two = graph.initializer(model, f"{base}.router_two", np.array(2.0, np.float32))
     mm = ir.node("MatMul", [x, w], name=f"{base}/router/MatMul")
     z = ir.node("Add", [mm.outputs[0], b], name=f"{base}/router/Bias")
     a = ir.node("Relu", [z.outputs[0]], name=f"{base}/router/Relu")
-    sq = ir.node("Mul", [a.outputs[0], a.outputs[0]], name=f"{base}/router/Square")
+    # Pow/ReduceMean/Add/Sqrt/Div/Mul is the pattern ORT fuses into SimplifiedLayerNormalization
+    sq = ir.node("Pow", [a.outputs[0], two], name=f"{base}/router/Square")
     ms = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{base}/router/ReduceMean")
     add = ir.node("Add", [ms.outputs[0], eps], name=f"{base}/router/AddEps")
     rms = ir.node("Sqrt", [add.outputs[0]], name=f"{base}/router/Sqrt")
