@@ -101,20 +101,21 @@ def test_extreme_score_collapse_stays_finite(library):
     assert np.abs(y).max() <= np.abs(v).max() + 1e-4  # still a convex combination of values
 
 
-@pytest.mark.parametrize("carry", [0, 1])
-def test_prefill_then_decode_equals_one_call(library, carry):
+@pytest.mark.parametrize("carry, split", [(0, 50), (1, 50), (1, 10)])
+def test_prefill_then_decode_equals_one_call(library, carry, split):
+    # split 10: decode outgrows the room the carried transposed keys were allocated with
     q, k, v = smooth_qkv(6, n=90)
     th = {"tq": np.full(1, 0.5, np.float32), "tv": np.full(1, 3e-3, np.float32)}
     whole = session(op_model(0.125, 16, 2), library).run(None, {"q": q, "k": k, "v": v, **th})[0]
     s = session(op_model(0.125, 16, 2, carry=carry, state=not carry), library)
     part = lambda a, b: {"q": q[:, :, a:b], "k": k[:, :, :b], "v": v[:, :, :b], **th}  # noqa: E731
-    feed = part(0, 50)
+    feed = part(0, split)
     if not carry:
         feed["s"] = np.zeros((1, 9, 0), np.float32)
     ys, state = [], None
     y, state, _ = s.run(None, feed)
     ys.append(y)
-    for t in range(50, 90):
+    for t in range(split, 90):
         feed = part(t, t + 1)
         if not carry:
             feed["s"] = state

@@ -18,6 +18,7 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -105,6 +106,11 @@ struct Kernel {
   std::vector<float> kept;        // [B, H, hdr + 2 * n_kept]
   std::vector<float> kept_print;  // per (b, kv head): first and last key rows
   int64_t kept_b = -1, kept_h = -1, kept_n = -1, kept_d = -1;
+  // carry = 1: the keys of the last call, transposed ([B * Hkv, D, kt_cap]); a call that
+  // continues the sequence transposes only its new keys (decode would otherwise re-transpose
+  // the whole cache per token, which cost more than the attention itself)
+  std::vector<float> kt_kept, kmax_kept;
+  int64_t kt_cap = 0, kt_n = -1, kt_groups = -1;
 
   explicit Kernel(const OrtKernelInfo* info) {
     where = "DeltaAttention node '" + node_name(info) + "'";
@@ -227,8 +233,32 @@ struct Kernel {
     }
 
     const int64_t vw = tb->vector_floats;
-    const int64_t np = (N + vw - 1) / vw * vw + vw;  // one spare vector for aligned tails
-    std::vector<float> kt((size_t)(B * HKV * D * np)), kmax((size_t)(B * HKV * D));
+    int64_t np = (N + vw - 1) / vw * vw + vw;  // one spare vector for aligned tails
+    std::vector<float> kt_local, kmax_local;
+    float* kt = nullptr;
+    float* kmax = nullptr;
+    int64_t kt_from = 0;  // keys [kt_from, N) still to transpose
+    if (use_kept) {
+      const int64_t groups = B * HKV;
+      const bool extend = state_in == kept.data() && kt_n == N - T && kt_groups == groups && kt_cap >= np;
+      if (!extend) {  // room for the tokens that decode will append
+        kt_n = -1;
+        kt_cap = np + (N / 2 + 63) / vw * vw;
+        kt_kept.assign((size_t)(groups * D * kt_cap), 0.f);
+        kmax_kept.assign((size_t)(groups * D), 0.f);
+        kt_groups = groups;
+      } else {
+        kt_from = N - T;
+      }
+      np = kt_cap;
+      kt = kt_kept.data();
+      kmax = kmax_kept.data();
+    } else {
+      kt_local.resize((size_t)(B * HKV * D * np));
+      kmax_local.resize((size_t)(B * HKV * D));
+      kt = kt_local.data();
+      kmax = kmax_local.data();
+    }
     const int64_t per_head = dl_scratch_floats(np, D);
     std::vector<float> scratch((size_t)(B * H * per_head));
     std::vector<dl_head_args> args((size_t)(B * H));
@@ -245,8 +275,8 @@ struct Kernel {
         a.theta_q = thq.data() + h * D;
         a.theta_v = thv[(size_t)h];
         a.q = q.data + i * T * D;
-        a.kt = kt.data() + g * D * np;
-        a.kmax = kmax.data() + g * D;
+        a.kt = kt + g * D * np;
+        a.kmax = kmax + g * D;
         a.n_pad = np;
         a.k = k.data + g * N * D;
         a.v = v.data + g * N * D;
@@ -261,13 +291,25 @@ struct Kernel {
       const float* k;
       float* kt;
       float* kmax;
-      int64_t n, d, np;
+      int64_t n, d, np, from;
       dl_head_args* args;
-    } job{tb, k.data, kt.data(), kmax.data(), N, D, np, args.data()};
+    } job{tb, k.data, kt, kmax, N, D, np, kt_from, args.data()};
     auto transpose = [](void* p, size_t i) {
       Job* j = static_cast<Job*>(p);
-      j->table->transpose(j->k + (int64_t)i * j->n * j->d, j->n, j->d, j->np, j->kt + (int64_t)i * j->d * j->np,
-                          j->kmax + (int64_t)i * j->d);
+      const float* k = j->k + (int64_t)i * j->n * j->d;
+      float* kt = j->kt + (int64_t)i * j->d * j->np;
+      float* kmax = j->kmax + (int64_t)i * j->d;
+      if (j->from == 0) {
+        j->table->transpose(k, j->n, j->d, j->np, kt, kmax);
+        return;
+      }
+      for (int64_t c = 0; c < j->d; ++c) {  // append the new keys; the columns after them stay zero
+        float* row = kt + c * j->np;
+        for (int64_t r = j->from; r < j->n; ++r) {
+          row[r] = k[r * j->d + c];
+          kmax[c] = std::fabs(row[r]) > kmax[c] ? std::fabs(row[r]) : kmax[c];
+        }
+      }
     };
     auto heads = [](void* p, size_t i) {
       Job* j = static_cast<Job*>(p);
@@ -286,6 +328,7 @@ struct Kernel {
       kept_h = H;
       kept_n = N;
       kept_d = D;
+      kt_n = N;
     }
   }
 
