@@ -103,18 +103,25 @@ def build_op_kernels():
     funcs, table = {}, []
     for c, o, h, w, k, stride in CONV_CASES:
         hp, wp = h + 2 * (k // 2), w + 2 * (k // 2)
-        name = f"conv_c{c}_o{o}_h{hp}_w{wp}_k{k}_s{stride}"
-        funcs[name] = kernels_conv.conv_cuda_kernel(1, c, hp, wp, o, (k, k), BLOCK, (stride, stride), (1, 1), "relu")
-        table.append({"name": name, "op": "BlockSparseConv", "N": 1, "C": c, "O": o, "H": h, "W": w, "HP": hp, "WP": wp,
-                      "k": k, "stride": stride, "block": BLOCK, "activation": "relu"})
+        for threads in (kernels_conv.CUDA_THREADS, 256):  # the default first, then one alternative
+            name = f"conv_c{c}_o{o}_h{hp}_w{wp}_k{k}_s{stride}_t{threads}"
+            funcs[name] = kernels_conv.conv_cuda_kernel(1, c, hp, wp, o, (k, k), BLOCK, (stride, stride), (1, 1), "relu",
+                                                        threads=threads)
+            table.append({"name": name, "op": "BlockSparseConv", "N": 1, "C": c, "O": o, "H": h, "W": w, "HP": hp, "WP": wp,
+                          "k": k, "stride": stride, "block": BLOCK, "activation": "relu", "threads": threads,
+                          "default": threads == kernels_conv.CUDA_THREADS})
     f = FFN_CASE
     e = f["I"] // f["S"]
     for m in f["tokens"]:
-        up, down = f"ffn_up_m{m}", f"ffn_down_m{m}"
-        funcs[up] = kernels_ffn.ffn_up_cuda(m, e, f["D"], f["S"], True, f["activation"])
-        funcs[down] = kernels_ffn.ffn_down_cuda(m, e, f["S"], f["D"])
-        table.append({"name": up, "down": down, "op": "GatheredFFN", "M": m, "D": f["D"], "E": e, "S": f["S"],
-                      "D_out": f["D"], "active": f["active"], "gated": True, "activation": f["activation"]})
+        # more threads per CTA split D further (more loads in flight when few CTAs run); the
+        # partial-sum buffers must stay under 48 KB of static shared memory: 1024 only at M = 1
+        for threads in (kernels_ffn.CUDA_THREADS, 512) + ((1024,) if m == 1 else ()):
+            up, down = f"ffn_up_m{m}_t{threads}", f"ffn_down_m{m}_t{threads}"
+            funcs[up] = kernels_ffn.ffn_up_cuda(m, e, f["D"], f["S"], True, f["activation"], threads=threads)
+            funcs[down] = kernels_ffn.ffn_down_cuda(m, e, f["S"], f["D"], threads=threads)
+            table.append({"name": up, "down": down, "op": "GatheredFFN", "M": m, "D": f["D"], "E": e, "S": f["S"],
+                          "D_out": f["D"], "active": f["active"], "gated": True, "activation": f["activation"],
+                          "threads": threads, "default": threads == kernels_ffn.CUDA_THREADS})
     funcs = {n: fn.with_attr("global_symbol", n) for n, fn in funcs.items()}
     spec = ModuleSpec("ops_sm90", "cuda", "x86_64", mcpu="x86-64-v3", arches=("sm_90",))
     executable, _ = compile_ir(tvm.IRModule(funcs), spec)
