@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 
-import numpy as np
 import onnx
 
 from edgesparse import EdgesparseError
