@@ -62,6 +62,8 @@ def main(ctx, debug):
               help="run block-sparse layers on the sparse kernels (else masked dense)")
 @click.option("--mask-every", type=int, default=0, help="epochs between mask updates (0: the paper's schedule, scaled)")
 @click.option("--ddr-fraction", type=float, default=0.3, show_default=True)
+@click.option("--ddr-epochs", default=None,
+              help="comma-separated epochs that start with a data removal (default: the paper's schedule, scaled)")
 @click.option("--gradient-sparsity", type=float, default=0.8, show_default=True)
 @click.option("--dgm-refresh", type=int, default=30, show_default=True, help="batches between gradient-mask refreshes")
 @click.option("--importance-lambda", type=float, default=0.5, show_default=True)
@@ -78,7 +80,7 @@ def main(ctx, debug):
 @click.option("--threads", type=int, default=None, help="CPU threads (torch and the kernels)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train(out, method, sparsity, pattern, block, epochs, batch_size, buffer_size, lr, alpha, beta, tdm, ddr, dgm, kernels,
-          mask_every, ddr_fraction, gradient_sparsity, dgm_refresh, importance_lambda, mask_old_classes,
+          mask_every, ddr_fraction, ddr_epochs, gradient_sparsity, dgm_refresh, importance_lambda, mask_old_classes,
           prune_first_last, prune_1x1, tasks, train_per_task, test_per_task, width, seed, threads, quiet):
     """Train a small ResNet on Split Fashion-MNIST, task after task, checkpointing into OUT."""
     import torch
@@ -89,6 +91,7 @@ def train(out, method, sparsity, pattern, block, epochs, batch_size, buffer_size
                              alpha=alpha, beta=beta, mask_old_classes=mask_old_classes, sparsity=sparsity,
                              pattern=pattern, block=int(block), tdm=tdm, ddr=ddr, dgm=dgm, kernels=kernels,
                              importance_lambda=importance_lambda, mask_every=mask_every, ddr_fraction=ddr_fraction,
+                             ddr_epochs=_epochs_list(ddr_epochs),
                              gradient_sparsity=gradient_sparsity, dgm_refresh=dgm_refresh,
                              prune_first_last=prune_first_last, prune_1x1=prune_1x1, seed=seed)
     if threads is not None:
@@ -130,6 +133,15 @@ def update_step(run, output, batch, force):
     written = export_update_step(model, masks, output, batch=batch, num_classes=info["num_classes"],
                                  example_shape=info["example_shape"], force=force)
     click.echo(f"wrote {written}")
+
+
+def _epochs_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(e) for e in text.split(",") if e.strip())
+    except ValueError:
+        raise EdgesparseError(f"--ddr-epochs {text!r}: expected comma-separated epoch numbers, e.g. 2,4") from None
 
 
 def _print_summary(s: dict) -> None:

@@ -20,7 +20,10 @@ SparCL on top, each component switchable:
 
 The paper's schedules are for 50 epochs per task (mask update every 5 epochs with bounds
 (s, s-d) before epoch 5, (s+d, s) until epoch 45, (s, s) after, d = 0.01 at s = 0.75; data
-removal at epochs 5, 10, 15, 20); `Schedule.for_epochs` scales them to the epochs given.
+removal at epochs 5, 10, 15, 20); `Schedule.for_epochs` scales them to the epochs given. A
+removal needs forgetting statistics, i.e. at least two presentations of the task's data, so the
+scaled removals start at epoch 2: a task of fewer than 5 epochs removes nothing (removing after a
+single presentation cost accuracy in the 3-epoch evidence runs).
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class ContinualConfig:
     importance_lambda: float = 0.5
     mask_every: int = 0             # epochs between mask updates; 0: the paper's schedule scaled
     ddr_fraction: float = 0.3
+    ddr_epochs: tuple[int, ...] | None = None  # epochs that start with a removal; None: the paper's, scaled
     gradient_sparsity: float = 0.8
     dgm_refresh: int = 30
     prune_first_last: bool = False  # the first layer and the classifier stay dense by default
@@ -103,6 +107,10 @@ class ContinualConfig:
             bad("mask_every", "must be >= 0")
         if self.dgm_refresh < 1:
             bad("dgm_refresh", "must be at least 1")
+        if self.ddr_epochs is not None:
+            self.ddr_epochs = tuple(int(e) for e in self.ddr_epochs)
+            if any(not 1 <= e < self.epochs for e in self.ddr_epochs) or len(set(self.ddr_epochs)) != len(self.ddr_epochs):
+                bad("ddr_epochs", f"must be distinct epochs in 1..{self.epochs - 1} (epoch 0 has no statistics yet)")
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,15 +127,14 @@ class Schedule:
     ddr_epochs: tuple[int, ...]
 
     @staticmethod
-    def for_epochs(epochs: int, mask_every: int = 0) -> "Schedule":
+    def for_epochs(epochs: int, mask_every: int = 0, ddr_epochs: tuple[int, ...] | None = None) -> "Schedule":
         every = mask_every or max(1, (5 * epochs) // 50)
         phase1 = max(1, (5 * epochs) // 50)
         phase2 = max(phase1, (45 * epochs) // 50)
         until = (20 * epochs) // 50
-        ddr = tuple(e for e in range(1, epochs) if e % every == 0 and e <= until)
-        if not ddr and epochs >= 2:
-            ddr = (1,)
-        return Schedule(epochs, every, phase1, phase2, ddr)
+        if ddr_epochs is None:  # forgetting events need two presentations: no removal before epoch 2
+            ddr_epochs = tuple(e for e in range(2, epochs) if e % every == 0 and e <= until)
+        return Schedule(epochs, every, phase1, phase2, tuple(sorted(ddr_epochs)))
 
     def updates_mask(self, epoch: int) -> bool:
         return epoch % self.mask_every == 0
@@ -224,7 +231,7 @@ class ContinualTrainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.eval_batch = eval_batch
-        self.schedule = Schedule.for_epochs(config.epochs, config.mask_every)
+        self.schedule = Schedule.for_epochs(config.epochs, config.mask_every, config.ddr_epochs)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.layers = _find_layers(model, stream.x_train[:1])
         if not self.layers:
@@ -307,6 +314,9 @@ class ContinualTrainer:
         start_task = self._resume()
         if start_task == 0 and self.config.method == "sparcl":
             self._init_masks()
+        if self.config.method == "sparcl" and self.config.ddr and not self.schedule.ddr_epochs:
+            self.log(f"DDR removes nothing: a task of {self.config.epochs} epochs has no removal epoch (removals start "
+                     "at epoch 2, after two presentations; set ddr_epochs to force one)")
         for t in range(start_task, len(self.stream.tasks)):
             cpu = time.process_time()
             seconds, steps, examples, removed = self._train_task(t)

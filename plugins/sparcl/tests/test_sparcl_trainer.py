@@ -9,7 +9,8 @@ from edgesparse import EdgesparseError
 from edgesparse_sparcl.models import SmallResNet
 from edgesparse_sparcl.trainer import CHECKPOINT, RESULTS, ContinualConfig, ContinualTrainer, Schedule, forgetting
 
-TINY = dict(epochs=2, batch_size=16, buffer_size=32, sparsity=0.9, pattern="block", block=8, lr=0.05)
+# two epochs are too few for the scaled DDR schedule, so the tiny runs ask for a removal at epoch 1
+TINY = dict(epochs=2, batch_size=16, buffer_size=32, sparsity=0.9, pattern="block", block=8, lr=0.05, ddr_epochs=(1,))
 
 
 def _trainer(stream, out=None, **options):
@@ -25,8 +26,16 @@ def test_paper_schedule_and_its_scaling():
     assert paper.bounds(5, 0.75) == pytest.approx((0.76, 0.75))
     assert paper.bounds(45, 0.75) == (0.75, 0.75)
     short = Schedule.for_epochs(5)
-    assert short.mask_every == 1 and short.ddr_epochs == (1, 2)
+    assert short.mask_every == 1 and short.ddr_epochs == (2,)  # removals need two presentations
     assert short.bounds(4, 0.9) == (0.9, 0.9)
+    assert Schedule.for_epochs(10).ddr_epochs == (2, 3, 4)
+    assert Schedule.for_epochs(3).ddr_epochs == ()
+    assert Schedule.for_epochs(3, ddr_epochs=(2, 1)).ddr_epochs == (1, 2)
+
+
+def test_ddr_epochs_outside_the_task_are_refused(fmnist_two_tasks):
+    with pytest.raises(EdgesparseError, match=r"option ddr_epochs=\(2,\): must be distinct epochs in 1..1"):
+        _trainer(fmnist_two_tasks, ddr_epochs=(2,))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,7 @@ def test_tiny_sparcl_run_on_kernels(reference):
 
 
 def test_sparcl_counts_fewer_flops_than_dense(fmnist_two_tasks, reference):
-    dense = _trainer(fmnist_two_tasks, method="derpp", epochs=1).run()
+    dense = _trainer(fmnist_two_tasks, method="derpp", epochs=1, ddr_epochs=None).run()
     sparcl = reference[1]
     dense["train_flops"]["total"] *= 2  # two epochs per task in the reference run
     assert dense["per_task"]["removed"] == [0, 0]
@@ -67,7 +76,7 @@ def test_sparcl_counts_fewer_flops_than_dense(fmnist_two_tasks, reference):
 
 def test_dgm_limits_weight_gradients(fmnist_two_tasks):
     trainer = _trainer(fmnist_two_tasks, sparsity=0.5, gradient_sparsity=0.9, dgm_refresh=1000, epochs=1,
-                       tdm=False, ddr=False)
+                       tdm=False, ddr=False, ddr_epochs=None)
     trainer.run()
     for layer in trainer.pruned_layers():
         units = layer._dgm_units
@@ -125,9 +134,9 @@ def test_resume_after_interruption_keeps_finished_task(fmnist_two_tasks, referen
 
 def test_resume_with_other_options_is_refused(fmnist_two_tasks, tmp_path):
     out = tmp_path / "run"
-    _trainer(fmnist_two_tasks, out, epochs=1).run()
+    _trainer(fmnist_two_tasks, out, epochs=1, ddr_epochs=None).run()
     with pytest.raises(EdgesparseError, match="started with sparsity=0.9, this run asks for sparsity=0.75"):
-        _trainer(fmnist_two_tasks, out, epochs=1, sparsity=0.75).run()
+        _trainer(fmnist_two_tasks, out, epochs=1, ddr_epochs=None, sparsity=0.75).run()
 
 
 def test_forgetting_metric():
@@ -141,7 +150,7 @@ def test_any_model_with_linear_layers(fmnist_two_tasks):
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                               torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    config = ContinualConfig(**{**TINY, "epochs": 1, "block": 4, "sparsity": 0.75})
+    config = ContinualConfig(**{**TINY, "epochs": 1, "ddr_epochs": None, "block": 4, "sparsity": 0.75})
     trainer = ContinualTrainer(mlp, fmnist_two_tasks, config, progress=False, log=lambda m: None)
     result = trainer.run()
     layers = {l["layer"]: l for l in result["layers"]}
