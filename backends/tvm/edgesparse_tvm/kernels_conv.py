@@ -124,7 +124,7 @@ def conv_cuda_kernel(n: int | None, c: int, hp: int, wp: int, o: int, kernel_sha
         y = T.match_buffer(y_h, (N, O, OH, OW), "float32")
         tile = T.launch_thread("blockIdx.x", T.ceildiv(OH * OW, TH))
         j = T.launch_thread("blockIdx.y", NB)
-        img = T.launch_thread("blockIdx.z", N)
+        img = T.launch_thread("blockIdx.z", T.max(N, 1))  # >= 1: keeps the img < N guard (N = 0)
         tx = T.launch_thread("threadIdx.x", TH)
         acc = T.alloc_buffer((B,), "float32", scope="local")
         xv = T.alloc_buffer((1,), "float32", scope="local")

@@ -229,9 +229,11 @@ def ffn_up_cuda(m: int | None, e: int, d: int, s: int, gated: bool, activation: 
         x = T.match_buffer(x_h, (M, D), "float32")
         experts = T.match_buffer(experts_h, sel.shape, sel.dtype)
         h = T.match_buffer(h_h, (M, NA * S), "float32")
-        a = T.launch_thread("blockIdx.x", NA)
+        # grid extents of at least 1 (what TVM launches anyway): with the exact extent TVM's
+        # simplifier would drop the `a < NA and m0 < M` guard below as always true
+        a = T.launch_thread("blockIdx.x", T.max(NA, 1))
         chunk = T.launch_thread("blockIdx.y", S // SC)
-        tile = T.launch_thread("blockIdx.z", T.ceildiv(M, mt))
+        tile = T.launch_thread("blockIdx.z", T.max(T.ceildiv(M, mt), 1))
         tx = T.launch_thread("threadIdx.x", TH)
         up = T.alloc_buffer((mt,), "float32", scope="local")
         gate = T.alloc_buffer((mt,), "float32", scope="local")
@@ -302,7 +304,7 @@ def ffn_down_cuda(m: int | None, e: int, s: int, d_out: int, routed: bool = Fals
         experts = T.match_buffer(experts_h, sel.shape, sel.dtype)
         y = T.match_buffer(y_h, (M, DO), "float32")
         chunk = T.launch_thread("blockIdx.x", DO // OC)
-        tile = T.launch_thread("blockIdx.y", T.ceildiv(M, mt))
+        tile = T.launch_thread("blockIdx.y", T.max(T.ceildiv(M, mt), 1))  # >= 1: keeps the m0 < M guard
         tx = T.launch_thread("threadIdx.x", TH)
         acc = T.alloc_buffer((mt,), "float32", scope="local")
         red = T.alloc_buffer((RP, mt, OC), "float32", scope="shared")
