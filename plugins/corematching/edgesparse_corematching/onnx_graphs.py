@@ -170,6 +170,10 @@ class MatchingPrefillGraph(_Base):
             if self.settings.prunes_tokens(i):
                 keep = selection.elbow_keep(selection.token_scores(core, idx), prunable)
                 kept = keep[0].nonzero().squeeze(1)
+                # for the exporter's shape reasoning: text tokens are never removed, so at least
+                # two tokens remain in any prompt with text around the image (no runtime effect)
+                torch._check(kept.shape[0] > 0)
+                torch._check(kept.shape[0] != 1)
                 h = h.index_select(1, kept)
                 positions = positions.index_select(1, kept)
                 prunable = prunable.index_select(1, kept)
