@@ -124,7 +124,8 @@ class DeltaLLM(Pass):
         if chosen.sparsity < 0.01 and not exact:
             ctx.warn(f"the thresholds skip nothing on the calibration inputs ({100 * chosen.sparsity:.1f}% attention "
                      "sparsity): raise theta_q / theta_v or let the pass calibrate them")
-        if self.target == "sparsity" and chosen.sparsity < self.sparsity and not exact:
+        searched = self.theta_q < 0 or self.theta_v < 0  # both thresholds given: no target was pursued
+        if self.target == "sparsity" and searched and chosen.sparsity < self.sparsity and not exact:
             ctx.warn(f"sparsity {chosen.sparsity:.3f} stays below the target {self.sparsity} on the calibration inputs")
         shift = self._verification_shift(cal, setting, theta_q, theta_v)
         if shift is not None and shift > 1e-4:
