@@ -51,11 +51,12 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float(-lp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
 
 
-def dense_attention_subgraphs(model: onnx.ModelProto, layers: list[int], ids: np.ndarray):
+def dense_attention_subgraphs(model: onnx.ModelProto, layers: list[int], ids: np.ndarray, run_feeds: dict | None = None):
     """For each layer, the nodes ORT runs for its attention in the exported model (from the
     query after RoPE and the cache-concatenated keys/values to the P.V MatMul) as a standalone
     graph with inputs q, k, v (mask and shape tensors frozen as constants at this length), plus
-    the real q, k, v of one forward over `ids`. Returns [(subgraph, {input: array}, info)]."""
+    the real q, k, v of one forward over `ids` (or of `run_feeds`, e.g. a decode step with its
+    cache). Returns [(subgraph, {input: array}, info)]."""
     import onnx_ir as ir
     from edgesparse_deltallm import rewrite
 
@@ -80,7 +81,7 @@ def dense_attention_subgraphs(model: onnx.ModelProto, layers: list[int], ids: np
         if name not in have:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
     sess = session(probe, threads=2)
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds(ids))))
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, run_feeds or feeds(ids))))
     del sess
     inits_by_name = {i.name: i for i in model.graph.initializer}
     result = []

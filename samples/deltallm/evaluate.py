@@ -26,12 +26,12 @@ import evalkit  # noqa: E402
 from common import wiki_tokens, windows  # noqa: E402
 
 
-def delta_model(original: onnx.ModelProto) -> onnx.ModelProto:
+def delta_model(original: onnx.ModelProto, carry: bool = False) -> onnx.ModelProto:
     import onnx_ir as ir
     from edgesparse_deltallm import rewrite
 
     m = ir.from_proto(onnx.shape_inference.infer_shapes(original))
-    rewrite.apply(m, window=32, sinks=0, carry=False)
+    rewrite.apply(m, window=32, sinks=0, carry=carry)
     proto = ir.to_proto(m)
     proto.opset_import.append(onnx.helper.make_opsetid(rewrite.DOMAIN, 1))
     return proto

@@ -38,7 +38,7 @@ def prompts(tok, count: int, length: int) -> list[tuple[str, np.ndarray]]:
             body = tok.decode(tok(text)["input_ids"][: length - 40])
             msgs = [{"role": "user", "content": f"{body}\n\nIn one sentence, what is this text about?"}]
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # BatchEncoding in recent transformers
             out.append((f"chat: {title}", np.asarray(ids, np.int64)))
     return out
 
