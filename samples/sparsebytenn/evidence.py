@@ -269,14 +269,15 @@ def eff_agreement(module, images, ref) -> dict:
 
 def eff_grid():
     dense, calib, images, ref = eff_setup()
-    configs = [(s, r, rec, "uniform") for s in SPARSITIES for r in (False, True) for rec in ("none", "distill")]
-    configs += [(s, True, "distill", "sensitivity") for s in (0.3, 0.5)]
+    recoveries = os.environ.get("SBNN_EFF_RECOVERIES", "none,distill").split(",")
+    configs = [(s, r, rec, "uniform") for s in SPARSITIES for r in (False, True) for rec in recoveries]
+    configs += [(s, True, rec, "sensitivity") for s in (0.3, 0.5) if s in SPARSITIES for rec in recoveries]
     for s, rearrange, recovery, allocation in configs:
         key = f"s{s:.1f}/rearrange={int(rearrange)}/recovery={recovery}/allocation={allocation}"
         if key in load("eff_grid"):
             continue
         m, summary = torch_stage(dense, calib, sparsity=s, dispatch="off", rearrange=rearrange, recovery=recovery,
-                                 recovery_steps=EFF_DISTILL_STEPS, lr=1e-4, allocation=allocation)
+                                 recovery_steps=EFF_DISTILL_STEPS, recovery_seconds=0, lr=1e-4, allocation=allocation)
         save("eff_grid", key, {**eff_agreement(m, images, ref), "sparsity": s, "rearrange": rearrange,
                                "recovery": recovery, "allocation": allocation, "views": len(images), **summary})
 

@@ -68,7 +68,8 @@ def eff_grid():
     rows = ["| sparsity | rearr. | recovery | allocation | top-1 agreement | dense top-1 in top-5 |", "|---|---|---|---|---|---|"]
     for key in sorted(g):
         r = g[key]
-        rows.append(f"| {r['sparsity']:.0%} | {'yes' if r['rearrange'] else 'no'} | {r['recovery']} | "
+        rec = r["recovery"]["mode"] + f" ({r['recovery']['steps']} steps)" if isinstance(r["recovery"], dict) else r["recovery"]
+        rows.append(f"| {r['sparsity']:.0%} | {'yes' if r['rearrange'] else 'no'} | {rec} | "
                     f"{r.get('allocation', 'uniform')} | {pct(r['agreement'])} | {pct(r.get('dense_top1_in_top5'))} |")
     return "\n".join(rows)
 
