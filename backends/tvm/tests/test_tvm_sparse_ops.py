@@ -36,7 +36,7 @@ def cpu_module(ops_model):
     return mod, calls, relax_run(mod)
 
 
-@pytest.mark.parametrize("experts", [[4, 1, 4], [], [0, 1, 2, 3, 4, 5]], ids=["repeat", "none", "all"])
+@pytest.mark.parametrize("experts", [[4, 1, 4], []], ids=["repeat", "none"])
 def test_every_operator_matches_ort_with_cpp_kernels(ops_model, cpu_module, experts):
     model, inputs = ops_model
     mod, calls, run = cpu_module

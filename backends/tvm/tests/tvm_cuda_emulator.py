@@ -73,6 +73,7 @@ class Emulated:
         module = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
         target = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host={"kind": "llvm"})
         source = tvm.compile(module, target=target).mod.imports[0].inspect_source()
+        self.source = source
         body = source[source.index('extern "C"'):]          # TVM's preamble includes cuda.h
         body = re.sub(r"__shared__ (alignas\(\d+\) )?", r"\1static ", body)  # one block runs at a time
         self.kernels = {}
