@@ -325,7 +325,15 @@ class SparseByteNN(Pass):
             else [i.out_channels, i.in_channels], "block": i.block, "sparsity": round(i.sparsity, 4),
             **({"kept_dense": i.reason} if i.sparsity == 0 else {}),
             **({"sensitivity": i.extra["sensitivity"]} if "sensitivity" in i.extra else {}),
+            **({"partial_group": _partial(i, self.remainder)} if i.sparsity > 0 and i.out_channels % i.block else {}),
         } for i in layers])
+        partial = [i.name for i in pruned if i.out_channels % i.block]
+        if partial:
+            how = ("pruned like full groups, zero-padded in the kernel" if self.remainder == "pad"
+                   else "left dense")
+            ctx.warn(f"{len(partial)} layer(s) have output channels that the group size does not divide "
+                     f"({', '.join(partial[:4])}{', ...' if len(partial) > 4 else ''}): their last, partial "
+                     f"groups are {how} (remainder={self.remainder})")
         ctx.report("target_sparsity", self.sparsity)
         ctx.report("achieved_sparsity_of_candidates", zeroed / cand_w if cand_w else 0.0)
         ctx.report("weight_sparsity_of_conv_linear", zeroed / total if total else 0.0)
@@ -353,6 +361,12 @@ class SparseByteNN(Pass):
         for entry in result["not_replaced"]:
             ctx.warn(f"{entry['layer']} stays a dense op in the package: {entry['reason']}")
         ctx.report("onnx", result)
+
+
+def _partial(info: LayerInfo, remainder: str) -> str:
+    rest = info.out_channels % info.block
+    how = "zero-padded to a full group and pruned like the others" if remainder == "pad" else "kept dense"
+    return f"last {rest} of {info.out_channels} output channels form a partial group of {info.block}: {how}"
 
 
 def _not_real_data(batches: list[dict]) -> str | None:

@@ -135,3 +135,19 @@ def test_dispatch_measure_needs_a_target_that_runs_here():
     model = nn.Sequential(nn.Conv2d(64, 64, 1)).eval()
     with pytest.raises(EdgesparseError, match="runs elsewhere"):
         run_torch_stage(model, _calib(), target=Elsewhere(), sparsity=0.5, dispatch="measure")
+
+
+@pytest.mark.parametrize("remainder", ["pad", "dense"])
+def test_group_that_does_not_divide_the_channels_is_reported(remainder):
+    """40 output channels, groups of 16: the last 8 channels are padded or kept dense, and the
+    report and a warning say which."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 40, 1), nn.ReLU(), nn.Conv2d(40, 64, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", remainder=remainder,
+                                  min_channels=8)
+    layer = {l["layer"]: l for l in ctx.reports["sparsebytenn"]["layers"]}["0"]
+    assert "last 8 of 40" in layer["partial_group"]
+    assert ("zero-padded" if remainder == "pad" else "kept dense") in layer["partial_group"]
+    assert any("group size does not divide" in w and f"remainder={remainder}" in w for w in ctx.warnings)
+    kept = patterns.weight_group_mask(out[0].weight.detach().numpy(), 16)
+    assert kept[-1].all() == (remainder == "dense")
