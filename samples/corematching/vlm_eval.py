@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--neuron-layers", default="1-28")
     ap.add_argument("--token-layers", default="1-1")
+    ap.add_argument("--variants", default="dense,tokens_only,neurons_only,corematching")
+    ap.add_argument("--split", default="test", choices=("test", "train"), help="train: for choosing settings, never for reporting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -73,7 +75,7 @@ def main():
     model = V.load()
     vision = V.load_vision()
     vmacs = vision_macs(vision)
-    images, labels = V.fashion_mnist("test")
+    images, labels = V.fashion_mnist(args.split)
     pick = np.random.default_rng(args.seed).choice(len(images), args.images, replace=False)
     start = time.time()
     feats = V.image_features(vision, images[pick])
@@ -84,6 +86,7 @@ def main():
         "neurons_only": Settings(keep=args.keep, neuron_layers=parse_span(args.neuron_layers)),
         "corematching": Settings(keep=args.keep, neuron_layers=parse_span(args.neuron_layers), token_layers=parse_span(args.token_layers)),
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",") or k == "dense"}
     engines = {k: Engine(model.lm, s) for k, s in variants.items()}
     correct = {k: 0 for k in variants}
     agree = {k: 0 for k in variants}
@@ -118,7 +121,7 @@ def main():
                      "gflops_per_image": round(2 * (total + side) / n / 1e9, 3)})
         print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"model": "EfficientNet-Lite0 (frozen) -> trained projector -> SmolLM2-135M-Instruct (frozen)",
-              "data": "Fashion-MNIST test images", "images": n, "seed": args.seed, "batch": args.batch,
+              "data": f"Fashion-MNIST {args.split} images", "images": n, "seed": args.seed, "batch": args.batch,
               "answer_tokens": args.answer, "keep": args.keep, "neuron_layers": args.neuron_layers,
               "token_layers": args.token_layers, "image_tokens": 49,
               "prompt_tokens": len(model.before) + 49 + len(model.after),

@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-steps", type=int, default=300,
+                    help="before the LM-loss steps: regress image tokens onto the class name's word embeddings (cheap, no LM)")
     ap.add_argument("--save-every", type=int, default=10, help="save the projector every N steps (long runs on a shared machine)")
     ap.add_argument("--out", default="samples/corematching/results/vlm_train.json")
     args = ap.parse_args()
@@ -38,12 +40,31 @@ def main():
     images, labels = V.fashion_mnist("train")
     pick = rng.choice(len(images), args.steps * args.batch, replace=False)
     start = time.time()
-    feats = V.image_features(V.load_vision(), images[pick])
+    cached = cache_dir() / "corematching-samples" / f"vlm_train_features_{args.seed}_{len(pick)}.pt"
+    if cached.exists():
+        feats = torch.load(cached)
+    else:
+        feats = V.image_features(V.load_vision(), images[pick])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(feats, cached)
     print(f"features of {len(pick)} images in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     model.projector.train()
+    emb = model.lm.model.embed_tokens
+    if args.init_steps:
+        # initialisation: each image token regressed onto the mean word embedding of its class name
+        targets = torch.stack([emb(torch.tensor(model.answers[c][:-1])).mean(0) for c in range(len(V.CLASSES))]).detach()
+        opt = torch.optim.Adam(model.projector.parameters(), lr=1e-3)
+        for step in range(args.init_steps):
+            i = torch.tensor(rng.choice(len(pick), 64))
+            j = torch.tensor(rng.choice(feats.shape[1], (64, 4)))
+            x = feats[i[:, None], j]                                     # 4 random tokens of 64 images
+            loss = ((model.projector(x) - targets[torch.tensor(labels[pick])[i]][:, None]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"init regression: mse {loss.item():.4f} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    emb = model.lm.model.embed_tokens
     log = []
     for step in range(args.steps):
         idx = slice(step * args.batch, (step + 1) * args.batch)
@@ -83,7 +104,7 @@ def save(model, args, log, pick, start):
         "date": datetime.date.today().isoformat(), "train_images": len(log) * args.batch, "steps_done": len(log),
         "steps_planned": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
         "seconds": round(time.time() - start), "frozen": ["EfficientNet-Lite0", "SmolLM2-135M"],
-        "trained": "projector (1280-576-576 MLP)", "log_every_10": log[::10] + [log[-1]]}, indent=1) + "\n")
+        "trained": "projector (1280-576-576 MLP)", "init_regression_steps": args.init_steps, "log_every_10": log[::10] + [log[-1]]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

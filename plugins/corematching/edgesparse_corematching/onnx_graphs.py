@@ -189,9 +189,17 @@ class MatchingDecodeGraph(_Base):
     """input_ids [1, 1], position int64 [1], past_key_i / past_value_i per layer, core_gate_up,
     core_down -> logits [1, 1, V], present_key_i / present_value_i."""
 
-    def forward(self, input_ids, position, *rest):
-        n = len(self.layers)
-        pasts, core_gate_up, core_down = rest[:2 * n], rest[2 * n], rest[2 * n + 1]
+    def __init__(self, model, settings: Settings):
+        super().__init__(model, settings)
+        # the exporter maps input names to named arguments: give forward one per cache tensor
+        names = [f"past_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
+        source = (f"def forward(self, input_ids, position, {', '.join(names)}, core_gate_up, core_down):\n"
+                  f"    return self.run(input_ids, position, [{', '.join(names)}], core_gate_up, core_down)\n")
+        scope = {}
+        exec(source, scope)
+        self.forward = scope["forward"].__get__(self)
+
+    def run(self, input_ids, position, pasts, core_gate_up, core_down):
         positions = position.unsqueeze(0)
         h = self.inner.embed_tokens(input_ids)
         caches = []
@@ -228,11 +236,30 @@ def export_matching(model, settings: Settings, embeds: torch.Tensor, image_mask:
         dynamic_axes={"inputs_embeds": {1: "sequence"}, "image_mask": {1: "sequence"}}))
     decode = MatchingDecodeGraph(model, settings).eval()
     caches = out[2:2 + 2 * n]
-    dec = export_torch(TorchModel(
-        module=decode,
-        example_inputs={"input_ids": torch.tensor([[1]]), "position": out[1],
-                        **{f"past_{c}": x for c, x in zip(cache_names, caches)},
-                        "core_gate_up": out[-2], "core_down": out[-1]},
-        output_names=["logits", *[f"present_{c}" for c in cache_names]],
-        dynamic_axes={f"past_{c}": {2: f"past_{c}"} for c in cache_names}))
+    example = {"input_ids": torch.tensor([[1]]), "position": out[1], **{f"past_{c}": x for c, x in zip(cache_names, caches)},
+               "core_gate_up": out[-2], "core_down": out[-1]}
+    # dynamic_shapes by argument name: the exporter's dynamic_axes conversion pairs a partial
+    # dynamic_axes dict with the inputs by position and fails here
+    dynamic = {name: ({2: torch.export.Dim.DYNAMIC} if name.startswith("past_") else None) for name in example}
+    dec = _export(decode, example, ["logits", *[f"present_{c}" for c in cache_names]], dynamic)
     return pre, dec
+
+
+def _export(module, example: dict, output_names: list[str], dynamic_shapes: dict):
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import onnx
+
+    from edgesparse import EdgesparseError
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model.onnx"
+        try:
+            torch.onnx.export(module, tuple(example.values()), str(path), input_names=list(example), output_names=output_names,
+                              dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, verbose=False)
+        except Exception as exc:
+            raise EdgesparseError(f"corematching: torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
+        return onnx.load(str(path))
