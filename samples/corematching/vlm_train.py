@@ -30,13 +30,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-steps", type=int, default=300,
                     help="before the LM-loss steps: regress image tokens onto the class name's word embeddings (cheap, no LM)")
+    ap.add_argument("--resume", action="store_true", help="continue from the saved projector (use another --seed: new images)")
     ap.add_argument("--save-every", type=int, default=10, help="save the projector every N steps (long runs on a shared machine)")
     ap.add_argument("--out", default="samples/corematching/results/vlm_train.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = V.load(projector_path=Path("/nonexistent"))
+    model = V.load(projector_path=None if args.resume else Path("/nonexistent"))
     images, labels = V.fashion_mnist("train")
     pick = rng.choice(len(images), args.steps * args.batch, replace=False)
     start = time.time()
@@ -50,7 +51,7 @@ def main():
     print(f"features of {len(pick)} images in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     model.projector.train()
     emb = model.lm.model.embed_tokens
-    if args.init_steps:
+    if args.init_steps and not args.resume:
         # initialisation: each image token regressed onto the mean word embedding of its class name
         targets = torch.stack([emb(torch.tensor(model.answers[c][:-1])).mean(0) for c in range(len(V.CLASSES))]).detach()
         opt = torch.optim.Adam(model.projector.parameters(), lr=1e-3)
@@ -104,7 +105,7 @@ def save(model, args, log, pick, start):
         "date": datetime.date.today().isoformat(), "train_images": len(log) * args.batch, "steps_done": len(log),
         "steps_planned": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
         "seconds": round(time.time() - start), "frozen": ["EfficientNet-Lite0", "SmolLM2-135M"],
-        "trained": "projector (1280-576-576 MLP)", "init_regression_steps": args.init_steps, "log_every_10": log[::10] + [log[-1]]}, indent=1) + "\n")
+        "trained": "projector (1280-576-576 MLP)", "init_regression_steps": args.init_steps, "resumed": args.resume, "log_every_10": log[::10] + [log[-1]]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
