@@ -51,8 +51,7 @@ def describe(node, arrays: dict, shapes: dict) -> dict:
         values, c_index, row_ptr = (arrays.get(n) for n in inputs[1:4])
         if values is None:
             return {"sparsity": None, "note": "weights are not constant"}
-        x_shape = shapes.get(inputs[0]) or []
-        cin = x_shape[1] if len(x_shape) > 1 and isinstance(x_shape[1], int) else int(c_index.max(initial=-1)) + 1
+        cin = _conv_in_channels(attrs, shapes.get(inputs[0]), c_index)
         total_blocks = (len(row_ptr) - 1) * cin
         return {"block": int(values.shape[-1]), "kept_blocks": int(len(c_index)),
                 "sparsity": 1.0 - len(c_index) / total_blocks if total_blocks else 0.0}
@@ -89,7 +88,7 @@ def densify(node, arrays: dict, shapes: dict):
     else:
         packed = dict(zip(("values", "c_index", "row_ptr"), weights))
         kh, kw = attrs["kernel_shape"]
-        cin = x_shape[1] if len(x_shape) > 1 and isinstance(x_shape[1], int) else int(packed["c_index"].max(initial=-1)) + 1
+        cin = _conv_in_channels(attrs, x_shape, packed["c_index"])
         weight = kernels.unpack_block_sparse_conv(packed, attrs["out_channels"], cin, (kh, kw))
         inits = [numpy_helper.from_array(weight, f"{name}.dense_weight")]
         conv_inputs = [inputs[0], inits[0].name] + ([inputs[4]] if len(inputs) > 4 and inputs[4] else [])
@@ -97,6 +96,17 @@ def densify(node, arrays: dict, shapes: dict):
         nodes = [helper.make_node("Conv", conv_inputs, [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]
     nodes += _activation(activation, nodes[-1].output[0], out, name)
     return nodes, inits
+
+
+def _conv_in_channels(attrs: dict, x_shape, c_index) -> int:
+    """C of a BlockSparseConv: its in_channels attribute, else the input's static shape, else (older
+    nodes without shape information) one past the highest kept channel, a lower bound."""
+    if "in_channels" in attrs:
+        value = attrs["in_channels"]
+        return int(value.i if hasattr(value, "i") else value)
+    if x_shape and len(x_shape) > 1 and isinstance(x_shape[1], int):
+        return x_shape[1]
+    return int(c_index.max(initial=-1)) + 1
 
 
 def _activation(kind: str, x: str, out: str, name: str) -> list:

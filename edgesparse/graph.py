@@ -185,7 +185,7 @@ def replace_with_block_sparse_conv(model: ir.Model, layer: Layer, weight: np.nda
     attrs = attributes(layer.node)
     if attrs.get("group", 1) != 1:
         raise ValueError("block-sparse Conv needs group = 1")
-    o, _, kh, kw = weight.shape
+    o, c, kh, kw = weight.shape
     packed = kernels.pack_block_sparse_conv(np.asarray(weight, np.float32), block)
     base = layer.name.replace("/", "_")
     inputs = [layer.input] + [initializer(model, f"{base}.{key}", packed[key]) for key in ("values", "c_index", "row_ptr")]
@@ -193,6 +193,7 @@ def replace_with_block_sparse_conv(model: ir.Model, layer: Layer, weight: np.nda
         inputs.append(initializer(model, f"{base}.bias", layer.bias.astype(np.float32)))
     geometry = {
         "out_channels": int(o),
+        "in_channels": int(c),  # the packed groups cannot tell it when the last channels are all pruned
         "kernel_shape": [int(kh), int(kw)],
         "strides": list(attrs.get("strides", [1, 1])),
         "pads": list(attrs.get("pads", [0, 0, 0, 0])),

@@ -107,8 +107,11 @@ def make_block_sparse_conv(
     bias: np.ndarray | None = None,
     activation: str = "none",
     prefix: str | None = None,
+    in_channels: int | None = None,
 ):
-    """Node + initializers (``<prefix>.values``, ``.c_index``, ``.row_ptr``, ``.bias``)."""
+    """Node + initializers (``<prefix>.values``, ``.c_index``, ``.row_ptr``, ``.bias``).
+    `in_channels` (optional, recommended) records C for tools that read the node without shape
+    information: the packed groups cannot tell it when the last input channels are all pruned."""
     import onnx
     from onnx import numpy_helper
 
@@ -135,6 +138,7 @@ def make_block_sparse_conv(
         "BlockSparseConv", inputs, [y], name=name, domain=DOMAIN, out_channels=int(out_channels),
         kernel_shape=[kh, kw], strides=[int(s) for s in strides], pads=[int(p) for p in pads],
         dilations=[int(d) for d in dilations], activation=activation,
+        **({} if in_channels is None else {"in_channels": int(in_channels)}),
     )  # fmt: skip
     return node, inits
 

@@ -184,7 +184,7 @@ def _block_sparse_conv(opset: int) -> onnx.FunctionProto:
     b.activation("_conv_out", ("relu", "relu6", "silu"), "Y")
     return helper.make_function(
         DOMAIN, "BlockSparseConv", ["X", "values", "c_index", "row_ptr", "bias"], ["Y"], b.nodes,
-        [helper.make_opsetid("", opset)], attributes=["out_channels", "kernel_shape", "strides", "pads", "dilations"],
+        [helper.make_opsetid("", opset)], attributes=["out_channels", "in_channels", "kernel_shape", "strides", "pads", "dilations"],
         attribute_protos=[_string_default("activation", "none")],
     )
 

@@ -192,3 +192,19 @@ def test_bias_given_as_empty_name(kernel_lib):
     for lib in (kernel_lib, None):
         got = session(model, lib).run(None, {"X": x})[0]
         assert_close(got, conv2d_reference(x, wt, None, (1, 1), (1, 1, 1, 1)), 27)
+
+
+def test_in_channels_attribute_survives_pruned_last_channels():
+    """Without shape information the packed groups cannot tell C when the last input channels are
+    all pruned; the node's in_channels attribute does, for densify (the dense reference) and describe."""
+    from onnx import numpy_helper
+
+    from edgesparse import builtin
+
+    w = np.random.default_rng(3).standard_normal((8, 6, 3, 3)).astype(np.float32)
+    w[:, 4:] = 0.0
+    node, inits = make_block_sparse_conv("X", "Y", pack_block_sparse_conv(w, 4), 8, (3, 3), name="c", in_channels=6)
+    arrays = {t.name: numpy_helper.to_array(t) for t in inits}
+    nodes, dense = builtin.densify(node, arrays, {})
+    np.testing.assert_array_equal(numpy_helper.to_array(dense[0]), w)
+    assert builtin.describe(node, arrays, {})["sparsity"] == pytest.approx(1 - 8 / 12)

@@ -120,7 +120,7 @@ def block_sparse_conv(bb, inputs, attr, cache: Kernels):
 
     op = "BlockSparseConv"
     name = _name(attr, op)
-    _only(op, name, attr, ("out_channels", "kernel_shape", "strides", "pads", "dilations", "activation", "group"), inputs, 5)
+    _only(op, name, attr, ("out_channels", "in_channels", "kernel_shape", "strides", "pads", "dilations", "activation", "group"), inputs, 5)
     if int(attr.get("group", 1)) != 1:
         raise EdgesparseError(f"{op} '{name}': group={attr['group']} is not supported (only 1, as the operator contract says)")
     x, values, c_index, row_ptr = inputs[:4]
