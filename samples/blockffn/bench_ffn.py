@@ -110,13 +110,16 @@ def time_interleaved(fns: dict, budget_s: float, rounds: int = 40) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per case")
+    ap.add_argument("--active", type=int, default=ACTIVE, help="experts active in the chunk (of 24)")
+    ap.add_argument("--out", default="bench_ffn.json")
     args = ap.parse_args()
+    active = args.active
     rng = np.random.default_rng(0)
     lib = build_library(X86_64)
     wg, wu = (rng.standard_normal((I, D)).astype(np.float32) / float(np.sqrt(D)) for _ in range(2))
     wd = rng.standard_normal((D, I)).astype(np.float32) / float(np.sqrt(I))
     packed = pack_gathered_ffn(wu, wd, I // E, w_gate=wg)
-    on = np.sort(rng.choice(E, ACTIVE, replace=False))
+    on = np.sort(rng.choice(E, active, replace=False))
     # router whose positive logits are exactly the chosen experts: feature 0 of X is a constant 1
     w_r = rng.standard_normal((D, E)).astype(np.float32) * 1e-3
     w_r[0] = np.where(np.isin(np.arange(E), on), 10.0, -10.0)
@@ -126,7 +129,7 @@ def main():
         x = rng.standard_normal((t, D)).astype(np.float32)
         x[:, 0] = 1.0
         routes = np.zeros((t, E), np.float32)
-        routes[:, on] = rng.uniform(0.5, 2.0, (t, ACTIVE)).astype(np.float32)
+        routes[:, on] = rng.uniform(0.5, 2.0, (t, active)).astype(np.float32)
         dense_fn, dense_out = runner(session(dense_model(wg, wu, wd, t)), {"X": x}, (t, D))
         op_fn, op_out = runner(session(routed_model(packed, t, t), lib), {"X": x, "R": routes}, (t, D))
         full_fn, full_out = runner(session(routed_model(packed, t, t, (w_r, gain)), lib), {"X": x}, (t, D))
@@ -135,12 +138,12 @@ def main():
         np.testing.assert_allclose(op_out, routed_ffn_reference(x, packed, routes, "silu"), rtol=1e-3, atol=1e-3)
         z = np.maximum(x @ w_r, 0)
         r_ref = z / np.sqrt((z ** 2).mean(-1, keepdims=True) + 1e-6) * gain
-        assert ((r_ref != 0).sum(0) > 0).sum() == ACTIVE
+        assert ((r_ref != 0).sum(0) > 0).sum() == active
         np.testing.assert_allclose(full_out, routed_ffn_reference(x, packed, r_ref, "silu"), rtol=1e-3, atol=1e-3)
         all_on = np.ones((t, E), np.float32)
         np.testing.assert_allclose(dense_out, routed_ffn_reference(x, packed, all_on, "silu"), rtol=1e-3, atol=1e-3)
         stats = time_interleaved({"dense": dense_fn, "routed_op": op_fn, "routed_with_router": full_fn}, args.budget)
-        row = {"tokens": t, "chunk": t, "active_experts": ACTIVE, "experts": E, "cls": round(1 - ACTIVE / E, 4), **{
+        row = {"tokens": t, "chunk": t, "active_experts": active, "experts": E, "cls": round(1 - active / E, 4), **{
             f"{n}_{k}": round(v, 4) for n, s in stats.items() for k, v in s.items() if k != "samples"},
             "samples": stats["dense"]["samples"]}
         row["speedup_op"] = round(stats["dense"]["median_ms"] / stats["routed_op"]["median_ms"], 2)
@@ -154,7 +157,7 @@ def main():
               "threads": 1, "isa": current_isa(), "onnxruntime": ort.__version__, "cpu": platform.processor(),
               "method": "one process, rotating interleaved order, io-binding, batches of runs >= 2 ms per sample",
               "rows": rows}
-    print(write_result("bench_ffn.json", result))
+    print(write_result(args.out, result))
 
 
 if __name__ == "__main__":

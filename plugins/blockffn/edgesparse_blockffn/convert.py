@@ -224,14 +224,21 @@ def evaluate_layer(site: FfnSite, router: block.Router, x: torch.Tensor, h: torc
 def sparsity_report(r) -> dict:
     """TLS and CLS(s) of router outputs: one [B, T, E] tensor, or a list of [T, E] sequences of
     any lengths (chunks never cross sequences; every chunk counts once)."""
-    seqs = list(r.reshape(-1, r.shape[-2], r.shape[-1]).unbind(0)) if torch.is_tensor(r) else list(r)
+    seqs = _sequences(r)
     tls = 1 - sum(int((q != 0).sum()) for q in seqs) / max(1, sum(q.numel() for q in seqs))
-    out = {"tls": round(tls, 4)}
-    for s in CLS_SIZES:
-        chunks = sum(-(-q.shape[0] // s) for q in seqs)
-        active = sum((1 - block.cls(q[None], s)) * -(-q.shape[0] // s) for q in seqs)
-        out[f"cls{s}"] = round(1 - active / max(1, chunks), 4)
-    return out
+    return {"tls": round(tls, 4), **{f"cls{s}": round(chunk_sparsity(seqs, s), 4) for s in CLS_SIZES}}
+
+
+def _sequences(r) -> list[torch.Tensor]:
+    return list(r.reshape(-1, r.shape[-2], r.shape[-1]).unbind(0)) if torch.is_tensor(r) else list(r)
+
+
+def chunk_sparsity(r, s: int) -> float:
+    """CLS(s) over sequences of any lengths ([B, T, E] or a list of [T, E]), every chunk counted once."""
+    seqs = _sequences(r)
+    chunks = sum(-(-q.shape[0] // s) for q in seqs)
+    active = sum((1 - block.cls(q[None], s)) * -(-q.shape[0] // s) for q in seqs)
+    return 1 - active / max(1, chunks)
 
 
 # -- whole conversion ---------------------------------------------------------------------------------

@@ -144,3 +144,25 @@ def test_state_file_of_another_model_is_refused(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh.module(ids), src.module(ids), atol=1e-5)
     assert len(loaded) == 2
+
+
+def test_ffns_below_break_even_stay_dense():
+    """At a target sparsity where RoutedFFN would lose to dense, the FFNs keep ORT's kernels and
+    the report says so (the pass's two stages, without packaging)."""
+    import onnx_ir as ir
+
+    from edgesparse.context import BuildContext
+    from edgesparse_blockffn import BREAK_EVEN_CLS, BlockFFN
+
+    torch.set_num_threads(1)
+    source = blockffn_models.factory("llama", batches=2)
+    ctx = BuildContext(None, None, calibration=[{k: np.asarray(v) for k, v in b.items()} for b in source.calibration()],
+                       quiet=True)
+    p = BlockFFN(experts=8, steps=5, chunk=8, sparsity=0.2)
+    ctx.begin_pass(p.name)
+    source.module = p.transform_module(source.module, ctx)
+    assert all(c < BREAK_EVEN_CLS for c in p.layer_cls), p.layer_cls
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 18}), ir_version=10)  # nothing gets rewritten
+    p.rewrite_graph(model, ctx)
+    assert ctx.reports["blockffn"]["nodes"] == [] and len(ctx.reports["blockffn"]["dense_layers"]) == 2
+    assert any("keep ORT's dense kernels" in w for w in ctx.warnings)
