@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=4, help="steps per block")
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--only", help="comma-separated names of configurations to time (dense is always timed)")
     ap.add_argument("--json")
     args = ap.parse_args()
     stream = split_fashion_mnist(tasks=((0, 1), (2, 3)), train_per_task=640, test_per_task=10)
@@ -50,6 +51,12 @@ def main():
         "SparCL block4 90%": dict(method="sparcl", pattern="block", block=4, sparsity=0.9),
         "SparCL unstructured 90% (masked dense)": dict(method="sparcl", pattern="unstructured", sparsity=0.9),
     }
+    if args.only:
+        wanted = {"dense DER++", *(n.strip() for n in args.only.split(","))}
+        unknown = wanted - set(configs)
+        if unknown:
+            raise SystemExit(f"error: unknown configuration {sorted(unknown)[0]!r} (known: {', '.join(configs)})")
+        configs = {n: o for n, o in configs.items() if n in wanted}
     results = {"cpu": platform.processor() or platform.machine(), "width": args.width, "rounds": args.rounds,
                "steps_per_block": args.steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "by_threads": {}}
