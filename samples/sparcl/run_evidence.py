@@ -132,9 +132,9 @@ def summarize() -> dict:
                 "wall_clock_speedup": _quartiles(pair(lambda r: r["train_seconds"])),
                 "cpu_time_speedup": _quartiles(pair(lambda r: r["train_cpu_seconds"])),
             }
-    step_bench = RESULTS / "step-t1.json"
+    benches = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("step-t*.json"))}
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "setup": " ".join(COMMON), "runs": rows,
-               "step_bench": json.loads(step_bench.read_text()) if step_bench.exists() else None}
+               "step_benches": benches}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (RESULTS / "summary.md").write_text(_markdown(summary))
@@ -178,26 +178,30 @@ def _markdown(summary) -> str:
         v = r.get("vs_dense")
         lines.append(f"| {LABELS.get(name, name)} | {len(r['seeds'])} | {f(r['class_il'])} | {f(r['task_il'])} | {f(r['forgetting'])} | "
                      f"{f(v['class_il_points']) if v and name != 'dense-derpp' else ''} |")
-    lines += ["", "Training cost. Ratios vs dense per seed pair: median [p25, p75]. CPU s is process time (robust "
-              "on the shared VM); wall s is inflated by other jobs.", "",
-              "| run | steps | train TFLOPs | CPU s | wall s | FLOPs lower | CPU time lower | wall-clock lower |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Training cost of the whole run (5 tasks). Ratios vs dense per seed pair: median [p25, p75]. CPU s "
+              "is the process time of the training loop at 1 thread (robust on the shared VM). Wall s is shown "
+              "but not compared: these runs went at different times at load averages from 4 to 40; the "
+              "wall-clock ratio is measured interleaved below.", "",
+              "| run | steps | train TFLOPs | CPU s | wall s | FLOPs lower | CPU time lower |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
         v = r.get("vs_dense") or {}
-        lines.append(f"| {LABELS.get(name, name)} | {r['steps']:.0f} | {r['train_tflops']['mean']:.3f} | {f(r['train_cpu_seconds'], 0)} | "
-                     f"{f(r['train_seconds'], 0)} | {q(v.get('flops_reduction'))} | {q(v.get('cpu_time_speedup'))} | "
-                     f"{q(v.get('wall_clock_speedup'))} |")
-    bench = summary.get("step_bench")
-    if bench:
-        lines += ["", f"One training step (32 new + 2 x 32 buffered images), interleaved in one process under the "
-                      f"timing lock, {bench.get('rounds')} rounds x {bench.get('steps_per_block')} steps "
-                      f"({bench.get('date', '')}): median ms [p25, p75].", "",
-                  "| threads | run | wall ms/step | CPU ms/step | wall vs dense |", "|---|---|---|---|---|"]
-        for threads, rows in bench["by_threads"].items():
-            for name, row in rows.items():
-                p25, p75 = row["wall_ms_quartiles"][0], row["wall_ms_quartiles"][2]
-                lines.append(f"| {threads} | {name} | {row['wall_ms']:.0f} [{p25:.0f}, {p75:.0f}] | {row['cpu_ms']:.0f} | "
-                             f"{row['wall_speedup_vs_dense']:.2f}x |")
+        lines.append(f"| {LABELS.get(name, name)} | {r['steps']:.0f} | {r['train_tflops']['mean']:.3f} | "
+                     f"{f(r['train_cpu_seconds'], 0)} | {f(r['train_seconds'], 0)} | {q(v.get('flops_reduction'))} | "
+                     f"{q(v.get('cpu_time_speedup'))} |")
+    if summary.get("step_benches"):
+        lines += ["", "One training step (32 new + 2 x 32 buffered images: forward, backward, SGD, mask upkeep), "
+                      "dense and sparse interleaved in one process under the timing lock "
+                      "(`bench_step.py`): median ms [p25, p75].", "",
+                  "| file (date, rounds x steps) | threads | run | wall ms/step | CPU ms/step | wall vs dense |",
+                  "|---|---|---|---|---|---|"]
+        for file, bench in summary["step_benches"].items():
+            what = f"{file} ({bench.get('date', '')}, {bench.get('rounds')} x {bench.get('steps_per_block')})"
+            for threads, rows in bench["by_threads"].items():
+                for name, row in rows.items():
+                    p25, p75 = row["wall_ms_quartiles"][0], row["wall_ms_quartiles"][2]
+                    lines.append(f"| {what} | {threads} | {name} | {row['wall_ms']:.0f} [{p25:.0f}, {p75:.0f}] | "
+                                 f"{row['cpu_ms']:.0f} | {row['wall_speedup_vs_dense']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
