@@ -16,7 +16,7 @@ import edgesparse
 from edgesparse_sparcl import load_run
 from edgesparse_sparcl.data import split_fashion_mnist
 
-DEFAULT_RUN = Path(__file__).parent / "runs" / "sparcl-block16-s90-seed0"
+DEFAULT_RUN = Path(__file__).parent / "runs" / "sparcl-block16-s90-noddr-seed0"
 
 
 def build() -> edgesparse.TorchModel:
