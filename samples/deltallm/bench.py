@@ -18,7 +18,8 @@ Every timing is recorded as wall time and as the calling thread's CPU time (ORT 
 session on the caller's thread), because the machine is shared: CPU time does not count the
 time other processes held the core.
 
-    python samples/deltallm/bench.py --thresholds samples/deltallm/results/accuracy.thresholds.npz
+    python samples/deltallm/bench.py --thresholds samples/deltallm/results/accuracy_s60_c512.thresholds.npz \
+        --contexts 512 --parts operator --out samples/deltallm/results/bench.json
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ decode separately.
 Prompts: the opening paragraphs of evaluation-split Wikipedia articles (continuation), and the
 same articles behind the model's chat template with a question about them.
 
-    python samples/deltallm/generate.py --thresholds samples/deltallm/results/accuracy.thresholds.npz
+    python samples/deltallm/generate.py --thresholds samples/deltallm/results/accuracy_s60_c512.thresholds.npz \
+        --threads 1 --out samples/deltallm/results/generation.json
 """
 from __future__ import annotations
 
