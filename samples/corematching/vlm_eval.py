@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--token-layers", default="1-1")
     ap.add_argument("--variants", default="dense,tokens_only,neurons_only,corematching")
     ap.add_argument("--split", default="test", choices=("test", "train"), help="train: for choosing settings, never for reporting")
+    ap.add_argument("--min-tokens", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,9 +83,10 @@ def main():
     proj_macs = feats.shape[1] * (1280 * 576 + 576 * 576)
     variants = {
         "dense": Settings(keep=1.0),
-        "tokens_only": Settings(keep=1.0, token_layers=parse_span(args.token_layers)),
+        "tokens_only": Settings(keep=args.keep, token_layers=parse_span(args.token_layers), slice_decode=False, min_tokens=args.min_tokens),
         "neurons_only": Settings(keep=args.keep, neuron_layers=parse_span(args.neuron_layers)),
-        "corematching": Settings(keep=args.keep, neuron_layers=parse_span(args.neuron_layers), token_layers=parse_span(args.token_layers)),
+        "corematching": Settings(keep=args.keep, neuron_layers=parse_span(args.neuron_layers), token_layers=parse_span(args.token_layers),
+                                 min_tokens=args.min_tokens),
     }
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",") or k == "dense"}
     engines = {k: Engine(model.lm, s) for k, s in variants.items()}

@@ -15,6 +15,7 @@ class Settings:
     token_layers: (first, last) layers after whose FFN non-core image tokens are removed, inclusive;
                   None: no token pruning (CoreInfer, neuron-only)
     min_tokens:   never keep fewer than this fraction of a sequence's prunable tokens at one layer
+    slice_decode: False: the core neurons only score tokens, every decode FFN stays dense
     """
 
     keep: float = 0.4
@@ -22,6 +23,7 @@ class Settings:
     neuron_layers: tuple[int, int] | None = None
     token_layers: tuple[int, int] | None = None
     min_tokens: float = 0.0
+    slice_decode: bool = True
 
     def check(self, layers: int) -> "Settings":
         if not 0.0 < self.keep <= 1.0:
@@ -40,6 +42,8 @@ class Settings:
         return self
 
     def prunes_neurons(self, layer: int) -> bool:
+        if not self.slice_decode:
+            return False
         return self.neuron_layers is None or self.neuron_layers[0] <= layer <= self.neuron_layers[1]
 
     def prunes_tokens(self, layer: int) -> bool:
