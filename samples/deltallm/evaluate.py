@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--alpha", type=float, default=None, help="fixed theta_q scale (skips its search)")
     ap.add_argument("--theta-v", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--thresholds", default=None, help=".thresholds.npz of an earlier run: evaluate it, no calibration")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -68,18 +69,27 @@ def main():
     original = evalkit.original()
     delta = delta_model(original)
     library = str(build_library())
-    cal_ids = windows(wiki_tokens(tok, "calibration"), args.calibration_context, args.calibration_batches)
-    batches = [evalkit.feeds(w) for w in cal_ids]
-    cal = calibrate.Calibrator(original, delta, batches, library, args.threads, lambda m: print(m, flush=True))
-    win = (args.window,) if args.window else tuple(int(w) for w in args.window_candidates.split(","))
-    theta_vs = (args.theta_v,) if args.theta_v is not None else tuple(float(x) for x in args.theta_v_candidates.split(","))
-    chosen, tried = cal.search(target=args.target, sparsity=args.sparsity, budget=args.budget, windows=win,
-                               sinks=args.sinks, theta_vs=theta_vs, alpha=args.alpha)
-    setting = chosen.setting
-    theta_q, theta_v = cal.thresholds(setting)
-    print(f"calibrated: {setting} sparsity {chosen.sparsity:.4f} error {chosen.error:+.4f} "
-          f"({len(tried)} evaluations, {time.time() - started:.0f} s)", flush=True)
-    del cal
+    if args.thresholds:  # a setting calibrated earlier (its .thresholds.npz)
+        th = np.load(args.thresholds)
+        theta_q, theta_v = list(th["theta_q"]), list(th["theta_v"])  # per layer, per head
+        setting = calibrate.Setting(int(th["window"]), int(th["sinks"]), None, float(np.max(th["theta_v"])))
+        calibration = {"thresholds_from": args.thresholds}
+    else:
+        cal_ids = windows(wiki_tokens(tok, "calibration"), args.calibration_context, args.calibration_batches)
+        batches = [evalkit.feeds(w) for w in cal_ids]
+        cal = calibrate.Calibrator(original, delta, batches, library, args.threads, lambda m: print(m, flush=True))
+        win = (args.window,) if args.window else tuple(int(w) for w in args.window_candidates.split(","))
+        theta_vs = (args.theta_v,) if args.theta_v is not None else tuple(float(x) for x in args.theta_v_candidates.split(","))
+        chosen, tried = cal.search(target=args.target, sparsity=args.sparsity, budget=args.budget, windows=win,
+                                   sinks=args.sinks, theta_vs=theta_vs, alpha=args.alpha)
+        setting = chosen.setting
+        theta_q, theta_v = cal.thresholds(setting)
+        print(f"calibrated: {setting} sparsity {chosen.sparsity:.4f} error {chosen.error:+.4f} "
+              f"({len(tried)} evaluations, {time.time() - started:.0f} s)", flush=True)
+        calibration = {"context": args.calibration_context, "batches": args.calibration_batches,
+                       "target": args.target, "sparsity_target": args.sparsity, "budget": args.budget,
+                       "chosen": chosen.row(), "evaluations": [e.row() for e in tried]}
+        del cal
 
     dense = evalkit.session(original, args.threads)
     probe = Probe(delta, library, args.threads, window=setting.window, sinks=setting.sinks)
@@ -110,9 +120,7 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32), ONNX dynamo export with KV cache",
         "text": "gensim test_data enwiki extract: calibration = every 10th article, evaluation = the others",
-        "calibration": {"context": args.calibration_context, "batches": args.calibration_batches,
-                        "target": args.target, "sparsity_target": args.sparsity, "budget": args.budget,
-                        "chosen": chosen.row(), "evaluations": [e.row() for e in tried]},
+        "calibration": calibration,
         "setting": {"window": setting.window, "sinks": setting.sinks, "theta_q_scale": setting.alpha,
                     "theta_v": setting.theta_v},
         "results": results,
@@ -121,6 +129,7 @@ def main():
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.out and not args.thresholds:
         np.savez(Path(args.out).with_suffix(".thresholds.npz"), theta_q=np.stack(theta_q), theta_v=np.stack(theta_v),
                  window=setting.window, sinks=setting.sinks)
 
