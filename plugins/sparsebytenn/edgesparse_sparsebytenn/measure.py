@@ -118,6 +118,33 @@ class Measurer:
             return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
 
 
+def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads: int, budget_s: float = 2.0) -> dict:
+    """The rewritten model against the dense one, whole, on one calibration batch: the check that
+    per-layer decisions add up (residual adds the dense convs fuse, ORT's per-node cost and the
+    layout reorders are only visible here)."""
+    import onnxruntime as ort
+
+    from edgesparse import kernels
+
+    kernels.attach_functions(sparse_proto)
+
+    def session(model, lib=None):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if lib:
+            so.register_custom_ops_library(str(lib))
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    sd, ss = session(dense_proto), session(sparse_proto, library)
+    with _timing_lock():
+        dense_ms, sparse_ms = _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), budget_s)
+    return {"dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 3),
+            "threads": threads, "batch": {k: list(v.shape) for k, v in feed.items()}}
+
+
 @contextlib.contextmanager
 def _timing_lock():
     path = os.environ.get("EDGESPARSE_TIMING_LOCK")

@@ -124,7 +124,9 @@ def test_dispatch_measure_times_the_layer_here():
     r = records[0]
     assert r["sparsity"] == 0.9 and r["block"] == 16 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
     layers = ctx.reports["sparsebytenn"]["layers"]
-    assert all((l["sparsity"] == 0.9) == (r["speedup"] >= 1.05) for l in layers if l["kind"] == "pointwise")
+    from edgesparse_sparsebytenn.measure import MARGIN
+
+    assert all((l["sparsity"] == 0.9) == (r["speedup"] >= MARGIN) for l in layers if l["kind"] == "pointwise")
 
 
 def test_dispatch_measure_needs_a_target_that_runs_here():
@@ -151,3 +153,27 @@ def test_group_that_does_not_divide_the_channels_is_reported(remainder):
     assert any("group size does not divide" in w and f"remainder={remainder}" in w for w in ctx.warnings)
     kept = patterns.weight_group_mask(out[0].weight.detach().numpy(), 16)
     assert kept[-1].all() == (remainder == "dense")
+
+
+@pytest.mark.parametrize("margin", [0.0, 1e6])
+def test_whole_model_check_keeps_or_drops_the_sparse_layers(monkeypatch, margin):
+    """dispatch=measure times the rewritten model whole against the dense one; when it is not
+    MARGIN faster, the graph stays dense, with a warning and the reason per layer."""
+    from sbnn_testing import export_and_rewrite
+
+    from edgesparse_sparsebytenn import measure
+
+    model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 128, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), sparsity=0.9, dispatch="measure")
+    monkeypatch.setattr(measure, "MARGIN", margin)
+    dense, sparse = export_and_rewrite(p, ctx, out, {"x": torch.zeros(1, 128, 14, 14)})
+    report = ctx.reports["sparsebytenn"]
+    check = report["whole_model_check"]
+    assert check["dense_ms"] > 0 and check["sparse_ms"] > 0 and check["kept_sparse"] == (margin == 0.0)
+    ops = [n.op_type for n in sparse.graph.node]
+    if margin == 0.0:
+        assert ops.count("BlockSparseConv") == 2 and len(report["onnx"]["replaced"]) == 2
+    else:
+        assert "BlockSparseConv" not in ops and ops.count("Conv") == 2
+        assert all("whole-model check" in r["reason"] for r in report["onnx"]["not_replaced"])
+        assert any("whole-model check" in w for w in ctx.warnings)
