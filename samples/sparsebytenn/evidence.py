@@ -313,41 +313,48 @@ def eff_packages():
 # -- plot -----------------------------------------------------------------------------------------
 
 def plot():
+    """Top-1 vs whole-model latency of the Fashion-MNIST CNN packages (`edgesparse bench`, batch 1).
+    Latency: results/cnn_bench.json. Top-1: the packages' own (cnn_packages.json) where built with
+    recovery, and the torch grid's (cnn_grid.json: same pruning, rearrangement, with and without
+    recovery) for every sparsity; a package's speed depends only on which groups it keeps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
-    for ax, name, metric, title, dense_metric in (
-        (axes[0], "cnn_packages", "top1", "FashionMobileNet (Fashion-MNIST test)", load("cnn_grid").get("dense", {}).get("top1")),
-        (axes[1], "eff_packages", "agreement", "EfficientNet-Lite0 (top-1 agreement)", 1.0),
-    ):
-        data = load(name)
-        for threads, marker in ((1, "o"), (2, "s")):
-            pts = []
-            dense_ms = []
-            for key, r in sorted(data.items()):
-                b = next((x for x in r["bench"] if x["threads"] == threads), None)
-                if b:
-                    pts.append((b["package"]["median_ms"], r[metric] * 100, key[1:]))
-                    dense_ms.append(b["dense"]["median_ms"])
+    bench, grid, pkgs = load("cnn_bench"), load("cnn_grid"), load("cnn_packages")
+    if not bench or "dense" not in grid:
+        print("plot: needs results/cnn_bench.json and the grid's dense entry")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    dense_top1 = grid["dense"]["top1"] * 100
+    for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
+        lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
+        dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
+        ax.plot([dense_ms], [dense_top1], marker="*", markersize=13, color=color, linestyle="none",
+                label=f"dense ONNX model, {threads} thread{'s' * (threads > 1)}")
+        for variant, marker, fill in (("rearrange=1/recovery=none", "o", "none"),
+                                      ("rearrange=1/recovery=train", "o", color)):
+            pts = sorted((lat[k]["package"]["median_ms"], grid[f"{k}/{variant}"]["top1"] * 100, k)
+                         for k in lat if f"{k}/{variant}" in grid)
             if not pts:
                 continue
-            xs, ys, labels = zip(*pts)
-            ax.plot(xs, ys, marker=marker, label=f"{threads} thread{'s' if threads > 1 else ''}")
-            for x, y, l in zip(xs, ys, labels):
-                ax.annotate(f"{float(l):.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-            if dense_metric is not None:
-                ax.plot([np.median(dense_ms)], [dense_metric * 100], marker="*", markersize=11, color="k", linestyle="none",
-                        label="dense" if threads == 1 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("latency per image, ms (ORT, median)", fontsize=8)
-        ax.set_ylabel("%", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            xs, ys, ks = zip(*pts)
+            ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8,
+                    label=f"{threads}T, " + ("recovery 100 steps" if variant.endswith("train") else "no recovery"))
+            for x, y, k in pts:
+                ax.annotate(f"{float(k[1:]):.0%}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
+        pk = [(lat[k]["package"]["median_ms"], r["top1"] * 100) for k, r in pkgs.items() if k in lat]
+        if pk:
+            ax.plot(*zip(*pk), marker="s", color=color, linestyle="none", markersize=6,
+                    label=f"{threads}T, built package (recovery {pkgs[next(iter(pkgs))].get('recovery', {}).get('steps', '?')} steps)")
+    ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
+    ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
+    ax.set_title("FashionMobileNet + sparsebytenn: accuracy vs latency (x86, AVX-512, loaded 2-vCPU VM)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=90)
+    fig.savefig(PLOT, dpi=100)
     print(f"wrote {PLOT}")
 
 

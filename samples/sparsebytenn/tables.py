@@ -61,6 +61,24 @@ def packages(name, metric):
     return "\n".join(rows)
 
 
+def bench():
+    """`edgesparse bench` of the CNN packages (results/cnn_bench.json)."""
+    b = load("cnn_bench")
+    if not b:
+        return ""
+    rows = ["| sparsity | package (options) | threads | dense ms [p25-p75] | package ms [p25-p75] | speedup |",
+            "|---|---|---|---|---|---|"]
+    for key in sorted(b):
+        r = b[key]
+        o = r["options"]
+        opts = f"{r['package']} (dispatch={o.get('dispatch')}, recovery={o.get('recovery')})"
+        for x in r["bench"]:
+            d, p = x["dense"], x["package"]
+            rows.append(f"| {key[1:]} | {opts} | {x['threads']} | {d['median_ms']:.3f} [{d['p25_ms']:.3f}-{d['p75_ms']:.3f}] "
+                        f"| {p['median_ms']:.3f} [{p['p25_ms']:.3f}-{p['p75_ms']:.3f}] | **{x['speedup']:.2f}x** |")
+    return "\n".join(rows)
+
+
 def eff_grid():
     g = load("eff_grid")
     if not g:
@@ -75,7 +93,7 @@ def eff_grid():
 
 
 if __name__ == "__main__":
-    for title, text in (("CNN grid", cnn_grid()), ("CNN ablations", ablations()),
+    for title, text in (("CNN grid", cnn_grid()), ("CNN ablations", ablations()), ("CNN bench", bench()),
                         ("CNN packages", packages("cnn_packages", "top1")), ("EfficientNet grid", eff_grid()),
                         ("EfficientNet packages", packages("eff_packages", "agreement"))):
         if text:
