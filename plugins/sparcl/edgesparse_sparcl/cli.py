@@ -45,7 +45,7 @@ def main(ctx, debug):
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="sparcl", show_default=True,
               help="sparcl, or derpp for dense DER++")
-@click.option("--sparsity", type=float, default=0.75, show_default=True, help="zero fraction of each pruned layer")
+@click.option("--sparsity", type=float, default=0.9, show_default=True, help="zero fraction of each pruned layer")
 @click.option("--pattern", type=click.Choice(["block", "unstructured"]), default="block", show_default=True,
               help="block: B output channels x 1 input channel (runs on the sparse kernels); unstructured: the paper's")
 @click.option("--block", type=click.Choice(["4", "8", "16"]), default="16", show_default=True)
