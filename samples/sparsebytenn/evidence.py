@@ -13,7 +13,8 @@ machines. Environment: SBNN_OUT (package folder, default out/sparsebytenn), SBNN
   own training loop, 100 steps of 128 images); every candidate layer pruned (dispatch=off) so the
   configurations are comparable.
 - cnn-ablations: group shapes (4/8/16 x 1), scores (l1/l2/activation), sensitivity allocation, and
-  the two ends of the granularity range (unstructured and whole-filter pruning of the same layers).
+  the two ends of the granularity range (unstructured and whole-filter pruning of the same layers);
+  SBNN_ABLATIONS (comma-separated names) runs a subset.
 - cnn-packages: full builds (dispatch=measure, rearrangement, recovery=train 200 steps) at each
   sparsity: package top-1 on the test set (ONNX Runtime), `edgesparse bench` at 1 and 2 threads.
 - eff-grid / eff-packages: the same for the real pretrained EfficientNet-Lite0; the metric is the
@@ -189,7 +190,8 @@ def cnn_ablations():
     from edgesparse_sparsebytenn import recover
 
     dense, calib, train, xt, yt = cnn_setup()
-    for s in (0.5, 0.7):
+    only = [n for n in os.environ.get("SBNN_ABLATIONS", "").split(",") if n]  # e.g. "pointwise 4x1,pointwise 8x1"
+    for s in SPARSITIES:
         runs = {
             "pointwise 4x1": {"block_pointwise": 4}, "pointwise 8x1": {"block_pointwise": 8},
             "pointwise 16x1": {"block_pointwise": 16},
@@ -199,11 +201,12 @@ def cnn_ablations():
         }
         for name, opts in runs.items():
             key = f"s{s:.1f}/{name}"
-            if key in load("cnn_ablations"):
+            if key in load("cnn_ablations") or only and name not in only:
                 continue
             m, summary = torch_stage(dense, calib, sparsity=s, dispatch="off", **opts)
             save("cnn_ablations", key, {"top1": cnn_acc(m, xt, yt), **summary})
-        _, summary = torch_stage(dense, calib, sparsity=s, dispatch="off")
+        if only:
+            continue
         layers = [n for n, mod in dense.named_modules()
                   if isinstance(mod, torch.nn.Conv2d) and mod.groups == 1 and mod.kernel_size == (1, 1)]
         for kind in ("unstructured", "filter"):
