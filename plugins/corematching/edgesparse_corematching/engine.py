@@ -126,7 +126,6 @@ class Engine:
         state = State([], [], [], lengths.clone())
         if self.settings.token_layers is not None and not bool(prunable.any()):
             state.notes.append("no image tokens in the prompt: token pruning skipped, neurons only")
-        original = positions
         h = embeds
         for i, layer in enumerate(self.layers):
             n_valid = int(valid.sum())
