@@ -10,10 +10,11 @@ from .context import BuildContext
 from .errors import EdgesparseError
 from .hookspecs import hookimpl
 from .passes import Option, Pass, in_range
+from .plugins import Command
 from .source import TorchModel
 from .targets import RunResult, Target
 
 __all__ = [
-    "Backend", "BuildContext", "EdgesparseError", "KernelLibrary", "Option", "Pass", "RunResult",
+    "Backend", "BuildContext", "Command", "EdgesparseError", "KernelLibrary", "Option", "Pass", "RunResult",
     "Target", "TorchModel", "hookimpl", "in_range", "__version__",
 ]

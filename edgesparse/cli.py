@@ -11,7 +11,33 @@ from .errors import EdgesparseError
 
 
 class Cli(click.Group):
-    """Turns every failure into one line on stderr and a non-zero exit; --debug shows tracebacks."""
+    """Turns every failure into one line on stderr and a non-zero exit; --debug shows tracebacks.
+    Plugins add subcommands through the `register_commands` hook, loaded only when they run."""
+
+    def list_commands(self, ctx):
+        from .plugins import registry
+
+        return sorted(set(super().list_commands(ctx)) | set(registry().commands))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        from .plugins import registry
+
+        spec = registry().commands.get(name)
+        return None if spec is None else _PluginCommand(spec)
+
+
+class _PluginCommand(click.Command):
+    """A plugin's subcommand: listed from its registration, imported only when it runs."""
+
+    def __init__(self, spec):
+        super().__init__(spec.name, help=spec.help, short_help=spec.help)
+        self.spec = spec
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self.spec.load().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):
         try:

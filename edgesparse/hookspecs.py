@@ -32,6 +32,12 @@ def register_backends(register):
 
 
 @hookspec
+def register_commands(register):
+    """Register `edgesparse` subcommands: `register(Command("name", "module:click_command", "help"))`.
+    The module is imported only when the subcommand runs, so plugins keep every other command fast."""
+
+
+@hookspec
 def register_kernels(register):
     """Register kernel libraries: `register(KernelLibrary(...))`. A kernel library provides custom
     operators in one ONNX domain, builds itself for a target's toolchain and describes the

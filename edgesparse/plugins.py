@@ -37,6 +37,7 @@ class Registry:
     targets: dict = field(default_factory=dict)
     backends: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)
+    commands: dict = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
 
     def get(self, kind: str, name: str):
@@ -67,6 +68,7 @@ _KINDS = (
     ("register_targets", "targets", "target"),
     ("register_backends", "backends", "backend"),
     ("register_kernels", "kernels", "kernel"),
+    ("register_commands", "commands", "command"),
 )
 _SINGULAR = {table: kind for _, table, kind in _KINDS}
 
@@ -119,6 +121,22 @@ def load_registry(extra_modules=()) -> Registry:
             except Exception as exc:
                 info.error = _describe(exc)
     return registry
+
+
+@dataclass(frozen=True)
+class Command:
+    """A plugin's `edgesparse NAME ...` subcommand: `target` is "module:attribute" of a click command,
+    imported when the subcommand runs."""
+
+    name: str
+    target: str
+    help: str = ""
+
+    def load(self):
+        import importlib
+
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 def _describe(exc: BaseException) -> str:

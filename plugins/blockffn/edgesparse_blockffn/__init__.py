@@ -10,12 +10,10 @@ routes to. Reports TLS and CLS(1, 8, 32, 64) per layer and the FFN FLOPs execute
 """
 from __future__ import annotations
 
-import torch
-
 from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
 from edgesparse.kernels import DOMAIN
 
-from . import convert, rewrite
+# torch, convert and rewrite are imported inside the methods: loading the plugin must stay light.
 
 __version__ = "0.1.0"
 
@@ -55,14 +53,20 @@ class BlockFFN(Pass):
         Option("seed", int, 0, "seed of the clustering and the training batches"),
     )
     needs = "calibration"
-    emits = (f"{DOMAIN}::{rewrite.OP}",)
+    emits = (f"{DOMAIN}::RoutedFFN",)
     targets = ("x86",)
 
     def settings(self) -> convert.Settings:
+        from . import convert
+
         return convert.Settings(experts=self.experts, chunk=self.chunk, sparsity=self.sparsity, steps=self.steps,
                                 lr=self.lr, locality=self.locality, time_budget_s=self.time_budget, seed=self.seed)
 
     def transform_module(self, module, ctx):
+        import torch
+
+        from . import convert
+
         torch.manual_seed(self.seed)
         batches = ctx.calibration_inputs()
         module.eval()
@@ -91,6 +95,8 @@ class BlockFFN(Pass):
         return module
 
     def rewrite_graph(self, model, ctx) -> None:
+        from . import rewrite
+
         layers = getattr(self, "layers", None)
         if not layers:
             raise EdgesparseError("blockffn: the ONNX stage needs the torch stage of the same build (a model.py:build factory)")

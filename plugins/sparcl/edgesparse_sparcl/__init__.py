@@ -3,17 +3,19 @@
 - `ContinualTrainer` / `ContinualConfig` (trainer.py): DER++ with SparCL's task-aware dynamic
   masking, dynamic data removal and dynamic gradient masking, each switchable; block-sparse layers
   train on C++ kernels (sparse.py, csrc/sparcl_train.cpp) forward and backward.
-- `edgesparse-continual` (cli.py): the command line, with checkpoints after every task and resume.
+- `edgesparse continual` (cli.py; also installed as `edgesparse-continual`): the command line, with
+  checkpoints after every task and resume.
 - the `sparcl` pass (rewrite.py): turns layers that are already block-sparse into edgesparse's
   BlockSparseConv / BlockSparseMatMul, keeping the learned masks.
 - `export_update_step` (ondevice.py): an ONNX update step with the masks for learning on the device.
 """
-from edgesparse import hookimpl
+from edgesparse import Command, hookimpl
 
 __version__ = "0.1.0"
 
-from .data import TaskStream, split_fashion_mnist  # noqa: E402
-from .trainer import ContinualConfig, ContinualTrainer, Schedule  # noqa: E402
+# torch is imported on first use of the Python API, not when edgesparse loads its plugins.
+_LAZY = {"TaskStream": "data", "split_fashion_mnist": "data", "ContinualConfig": "trainer",
+         "ContinualTrainer": "trainer", "Schedule": "trainer"}
 
 
 @hookimpl
@@ -23,7 +25,17 @@ def register_passes(register):
     register(Sparcl)
 
 
-def __getattr__(name):  # heavy helpers on demand
+@hookimpl
+def register_commands(register):
+    register(Command("continual", "edgesparse_sparcl.cli:main",
+                     "Sparse continual learning (SparCL on DER++): train, show, update-step."))
+
+
+def __getattr__(name):  # heavy parts on demand
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name in ("train_run", "load_run", "read_results"):
         from . import runs
 
