@@ -74,7 +74,9 @@ def main():
     c = core_prefill()
     token = np.array([[int(d_logits[0, -1].argmax())]], np.int64)
     d_feed = {"input_ids": token, "attention_mask": np.ones((1, args.prompt + 1), np.int64), "past_keys": d_k, "past_values": d_v}
-    c_feed = {"input_ids": token, "past_keys": c[1], "past_values": c[2], "core_gate_up": c[4], "core_down": c[5]}
+    weight_names = [o.name for o in pre.get_outputs()][4:]
+    c_weights = dict(zip(weight_names, c[4:]))
+    c_feed = {"input_ids": token, "past_keys": c[1], "past_values": c[2], **c_weights}
     prefill_agree = int(c[0][0, -1].argmax()) == int(d_logits[0, -1].argmax())
 
     def dense_step():
@@ -111,11 +113,11 @@ def main():
         return out
 
     def core_generate():
-        logits, k, v, _, gu, dn = core_prefill()
+        logits, k, v, _, *w = core_prefill()
+        w = dict(zip(weight_names, w))
         out = [int(logits[0, -1].argmax())]
         for _ in range(args.generate - 1):
-            logits, k, v = dec.run(None, {"input_ids": np.array([[out[-1]]]), "past_keys": k, "past_values": v,
-                                          "core_gate_up": gu, "core_down": dn})
+            logits, k, v = dec.run(None, {"input_ids": np.array([[out[-1]]]), "past_keys": k, "past_values": v, **w})
             out.append(int(logits[0, -1].argmax()))
         return out
 
@@ -142,7 +144,7 @@ def main():
         "generate_speedup": round(float(np.median(generate["dense"]) / np.median(generate["coreinfer"])), 3),
         "prefill_next_token_equal": prefill_agree,
         "generated_equal_prefix": same,
-        "sliced_weights_mb": round((c[4].nbytes + c[5].nbytes) / 1e6, 1),
+        "sliced_weights_mb": round(sum(a.nbytes for a in c[4:]) / 1e6, 1),
     }
     print(json.dumps(result, indent=2))
     if args.out:

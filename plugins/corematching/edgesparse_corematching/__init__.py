@@ -83,8 +83,8 @@ class CoreMatching(Pass):
         ctx.add_file("decode.onnx", decode.SerializeToString())
         quality = verify.calibration_quality(lm, settings, [torch.tensor(np.asarray(p, np.int64)) for p in prompts[:4]])
         ctx.report("graphs", {
-            "prefill": "corematching/prefill.onnx: input_ids [B, T] -> logits, present_keys, present_values, core_neurons, core_gate_up, core_down",
-            "decode": "corematching/decode.onnx: input_ids [B, 1], past_keys, past_values, core_gate_up, core_down -> logits, present_keys, present_values",
+            "prefill": "corematching/prefill.onnx: input_ids [B, T] -> logits, present_keys, present_values, core_neurons, core_gate_up_i, core_down_i (per sliced layer i)",
+            "decode": "corematching/decode.onnx: input_ids [B, 1], past_keys, past_values, core_gate_up_i, core_down_i -> logits, present_keys, present_values",
         })
         ctx.report("verification", check)
         ctx.report("layers", quality.pop("layers"))

@@ -3,10 +3,10 @@ with standard ops only (Sort/TopK/Gather/ScatterElements for the selection):
 
 prefill: input_ids [B, T] -> logits [B, T, V], present_keys / present_values [L, B, Hkv, T, hd],
          core_neurons int64 [Ls, B, k] (the sliced layers' core neurons, picked from the prompt),
-         core_gate_up float [Ls, B, D, 2k] and core_down float [Ls, B, k, D] (those neurons'
-         weights in MatMul layout: the slicing happens once per prompt, inside the prefill)
-decode:  input_ids [B, 1], past_keys / past_values [L, B, Hkv, P, hd], core_gate_up, core_down
-         -> logits [B, 1, V], present_keys / present_values [L, B, Hkv, P + 1, hd]
+         and per sliced layer i core_gate_up_i float [B, D, 2k] and core_down_i float [B, k, D]
+         (those neurons' weights in MatMul layout: sliced once per prompt, inside the prefill)
+decode:  input_ids [B, 1], past_keys / past_values [L, B, Hkv, P, hd], every core_gate_up_i /
+         core_down_i -> logits [B, 1, V], present_keys / present_values [L, B, Hkv, P + 1, hd]
 
 Decode's sliced FFNs are two plain GEMVs per layer on the weights the prefill produced
 (k = keep x I), so the decode reads keep x the FFN weights per token, with no copy or transpose. Layers outside `neuron_layers` keep their
@@ -78,12 +78,27 @@ class PrefillGraph(_Base):
                 gate_ups.append(torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]], 1).transpose(1, 2))
                 downs.append(mlp.down_proj.weight.t()[idx])
         logits = self.model.lm_head(self.inner.norm(h))
-        return (logits, torch.stack(keys), torch.stack(values), torch.stack(neurons),
-                torch.stack(gate_ups).contiguous(), torch.stack(downs))
+        weights = [w.contiguous() for pair in zip(gate_ups, downs) for w in pair]
+        return (logits, torch.stack(keys), torch.stack(values), torch.stack(neurons), *weights)
+
+
+def weight_names(sliced: list[int]) -> list[str]:
+    """One graph input/output per sliced layer and matrix: indexing a stacked [Ls, ...] tensor
+    inside the decode graph made ORT split (copy) all of it at every step."""
+    return [f"core_{kind}_{i}" for i in sliced for kind in ("gate_up", "down")]
 
 
 class DecodeGraph(_Base):
-    def forward(self, input_ids, past_keys, past_values, core_gate_up, core_down):
+    def __init__(self, model, settings: Settings):
+        super().__init__(model, settings)
+        names = weight_names(self.sliced)
+        source = (f"def forward(self, input_ids, past_keys, past_values, {', '.join(names)}):\n"
+                  f"    return self.run(input_ids, past_keys, past_values, [{', '.join(names)}])\n")
+        scope = {}
+        exec(source, scope)
+        self.forward = scope["forward"].__get__(self)
+
+    def run(self, input_ids, past_keys, past_values, weights):
         b, t = input_ids.shape
         past = past_keys.shape[3]
         positions = (torch.arange(t) + past).unsqueeze(0).expand(b, t)
@@ -100,8 +115,8 @@ class DecodeGraph(_Base):
             mlp = layer.mlp
             if i in self.sliced:
                 s = self.sliced.index(i)
-                gate, up = (x @ core_gate_up[s]).split(self.keep, -1)
-                h = h + (mlp.act_fn(gate) * up) @ core_down[s]
+                gate, up = (x @ weights[2 * s]).split(self.keep, -1)
+                h = h + (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
             else:
                 h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         logits = self.model.lm_head(self.inner.norm(h))
@@ -116,18 +131,18 @@ def export(model, settings: Settings, prompt_ids: torch.Tensor):
     prefill = PrefillGraph(model, settings).eval()
     with torch.no_grad():
         out = prefill(prompt_ids)
+    names = weight_names(prefill.sliced)
     pre = export_torch(TorchModel(
         module=prefill, example_inputs={"input_ids": prompt_ids},
-        output_names=["logits", "present_keys", "present_values", "core_neurons", "core_gate_up", "core_down"],
+        output_names=["logits", "present_keys", "present_values", "core_neurons", *names],
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}}))
     decode = DecodeGraph(model, settings).eval()
     dec = export_torch(TorchModel(
         module=decode,
-        example_inputs={"input_ids": prompt_ids[:, -1:], "past_keys": out[1], "past_values": out[2],
-                        "core_gate_up": out[4], "core_down": out[5]},
+        example_inputs={"input_ids": prompt_ids[:, -1:], "past_keys": out[1], "past_values": out[2], **dict(zip(names, out[4:]))},
         output_names=["logits", "present_keys", "present_values"],
         dynamic_axes={"input_ids": {0: "batch"}, "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
-                      "core_gate_up": {1: "batch"}, "core_down": {1: "batch"}}))
+                      **{n: {0: "batch"} for n in names}}))
     return pre, dec
 
 

@@ -23,7 +23,9 @@ def _session(proto, threads):
 def against_engine(lm, settings: Settings, prefill, decode, ids: torch.Tensor, steps: int, threads: int) -> dict:
     """Prefill a calibration prompt and greedily decode `steps` tokens in ORT and in the engine."""
     pre, dec = _session(prefill, threads), _session(decode, threads)
-    logits, keys, values, neurons, gate_up, down = pre.run(None, {"input_ids": ids.numpy()})
+    names = [o.name for o in pre.get_outputs()]
+    logits, keys, values, neurons, *weights = pre.run(None, {"input_ids": ids.numpy()})
+    weights = dict(zip(names[4:], weights))
     engine = Engine(lm, settings)
     state, ref = engine.prefill(lm.model.embed_tokens(ids), keep_logits=True)
     errors = [float(np.abs(logits - ref.numpy()).max())]
@@ -31,8 +33,7 @@ def against_engine(lm, settings: Settings, prefill, decode, ids: torch.Tensor, s
     same_neurons = all(np.array_equal(neurons[i], n.numpy()) for i, n in enumerate(chosen))
     token = logits[:, -1:].argmax(-1).astype(np.int64)
     for _ in range(steps):
-        logits, keys, values = dec.run(None, {"input_ids": token, "past_keys": keys, "past_values": values,
-                                               "core_gate_up": gate_up, "core_down": down})
+        logits, keys, values = dec.run(None, {"input_ids": token, "past_keys": keys, "past_values": values, **weights})
         ref = engine.decode(state, torch.tensor(token))
         errors.append(float(np.abs(logits - ref.numpy()).max()))
         token = logits[:, -1:].argmax(-1).astype(np.int64)

@@ -37,13 +37,15 @@ def test_app_generates_with_the_two_graphs(package):
     dec = ort.InferenceSession(str(out / "corematching/decode.onnx"))
     ids = np.frombuffer(b"The state and capitalism are ", np.uint8).astype(np.int64)[None]
     ids = np.concatenate([ids, ids + 1])                     # batch of 2, equal lengths
+    names = [o.name for o in pre.get_outputs()]
+    assert names[4:] == ["core_gate_up_1", "core_down_1"]
     logits, keys, values, neurons, gate_up, down = pre.run(None, {"input_ids": ids})
-    assert neurons.shape == (1, 2, 32) and gate_up.shape == (1, 2, 64, 64) and keys.shape[3] == ids.shape[1]
+    assert neurons.shape == (1, 2, 32) and gate_up.shape == (2, 64, 64) and keys.shape[3] == ids.shape[1]
     assert not np.array_equal(neurons[0, 0], neurons[0, 1])   # each sequence keeps its own neurons
     token = logits[:, -1:].argmax(-1)
     for _ in range(3):
         logits, keys, values = dec.run(None, {"input_ids": token, "past_keys": keys, "past_values": values,
-                                               "core_gate_up": gate_up, "core_down": down})
+                                               "core_gate_up_1": gate_up, "core_down_1": down})
         token = logits[:, -1:].argmax(-1)
     assert keys.shape[3] == ids.shape[1] + 3 and np.isfinite(logits).all()
 
