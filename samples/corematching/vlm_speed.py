@@ -111,24 +111,26 @@ def main():
     def prefill(name):
         return sess[name][0].run(None, {"inputs_embeds": feed_embeds, "image_mask": img_mask})
 
-    def decode_feed(out, token):
+    def weights(name, out):
+        return {o.name: v for o, v in zip(sess[name][0].get_outputs()[2 + 2 * layers:], out[2 + 2 * layers:])}
+
+    def decode_feed(name, out, token):
         caches = out[2:2 + 2 * layers]
         names = [f"past_{k}_{i}" for i in range(layers) for k in ("key", "value")]
-        return {"input_ids": token, "position": out[1], **dict(zip(names, caches)), "core_gate_up": out[-2], "core_down": out[-1]}
+        return {"input_ids": token, "position": out[1], **dict(zip(names, caches)), **weights(name, out)}
 
     first = {k: prefill(k) for k in sess}
     token = np.array([[int(first["dense"][0][0].argmax())]], np.int64)
-    feeds = {k: decode_feed(first[k], token) for k in sess}
+    feeds = {k: decode_feed(k, first[k], token) for k in sess}
     kept = [int(first["corematching"][2 + 2 * i].shape[2]) for i in range(layers)]
 
     def answer(name):
         out = sess[name][0].run(None, {"inputs_embeds": prompt_embeds(), "image_mask": img_mask})
-        caches, pos, gu, dn = list(out[2:2 + 2 * layers]), out[1], out[-2], out[-1]
+        caches, pos, w = list(out[2:2 + 2 * layers]), out[1], weights(name, out)
         tok = [int(out[0][0].argmax())]
         for _ in range(args.answer - 1):
             names = [f"past_{k}_{i}" for i in range(layers) for k in ("key", "value")]
-            res = sess[name][1].run(None, {"input_ids": np.array([[tok[-1]]]), "position": pos, **dict(zip(names, caches)),
-                                            "core_gate_up": gu, "core_down": dn})
+            res = sess[name][1].run(None, {"input_ids": np.array([[tok[-1]]]), "position": pos, **dict(zip(names, caches)), **w})
             caches, pos = res[1:], pos + 1
             tok.append(int(res[0][0, -1].argmax()))
         return tok

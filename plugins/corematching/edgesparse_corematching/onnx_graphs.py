@@ -151,8 +151,8 @@ class MatchingPrefillGraph(_Base):
 
     inputs_embeds [1, T, D], image_mask bool [1, T] (the positions the model declares as image
     tokens) -> logits [1, V] (last token), next_position int64 [1], present_key_i / present_value_i
-    [1, Hkv, N_i, hd] per layer (N_i: the tokens layer i still holds), core_gate_up [Ls, 1, D, 2k],
-    core_down [Ls, 1, k, D].
+    [1, Hkv, N_i, hd] per layer (N_i: the tokens layer i still holds), and per sliced layer
+    core_gate_up_i [1, D, 2k], core_down_i [1, k, D] (none when keep = 1).
 
     After the FFN of every layer in token_layers, image tokens whose core-neuron overlap lies below
     the elbow are removed (NonZero + Gather: later layers compute and cache only the kept ones).
@@ -193,28 +193,26 @@ class MatchingPrefillGraph(_Base):
                 positions = positions.index_select(1, kept)
                 prunable = prunable.index_select(1, kept)
         logits = self.model.lm_head(self.inner.norm(h[:, -1]))
-        if not gate_ups:   # dense (keep = 1): empty placeholders keep one signature
-            d = inputs_embeds.shape[-1]
-            gate_ups, downs = [inputs_embeds.new_zeros(1, d, 0)], [inputs_embeds.new_zeros(1, 0, d)]
-        return (logits, torch.full((1,), t, dtype=torch.int64), *caches,
-                torch.stack(gate_ups).contiguous(), torch.stack(downs))
+        weights = [w.contiguous() for pair in zip(gate_ups, downs) for w in pair]
+        return (logits, torch.full((1,), t, dtype=torch.int64), *caches, *weights)
 
 
 class MatchingDecodeGraph(_Base):
-    """input_ids [1, 1], position int64 [1], past_key_i / past_value_i per layer, core_gate_up,
-    core_down -> logits [1, 1, V], present_key_i / present_value_i."""
+    """input_ids [1, 1], position int64 [1], past_key_i / past_value_i per layer, the
+    core_gate_up_i / core_down_i of the prefill -> logits [1, 1, V], present_key_i / present_value_i."""
 
     def __init__(self, model, settings: Settings):
         super().__init__(model, settings)
         # the exporter maps input names to named arguments: give forward one per cache tensor
         names = [f"past_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
-        source = (f"def forward(self, input_ids, position, {', '.join(names)}, core_gate_up, core_down):\n"
-                  f"    return self.run(input_ids, position, [{', '.join(names)}], core_gate_up, core_down)\n")
+        weights = weight_names(self.sliced)
+        source = (f"def forward(self, input_ids, position, {', '.join(names + weights)}):\n"
+                  f"    return self.run(input_ids, position, [{', '.join(names)}], [{', '.join(weights)}])\n")
         scope = {}
         exec(source, scope)
         self.forward = scope["forward"].__get__(self)
 
-    def run(self, input_ids, position, pasts, core_gate_up, core_down):
+    def run(self, input_ids, position, pasts, weights):
         positions = position.unsqueeze(0)
         h = self.inner.embed_tokens(input_ids)
         caches = []
@@ -228,8 +226,8 @@ class MatchingDecodeGraph(_Base):
             mlp = layer.mlp
             if i in self.sliced:
                 s = self.sliced.index(i)
-                gate, up = (x @ core_gate_up[s]).split(self.keep, -1)
-                h = h + (mlp.act_fn(gate) * up) @ core_down[s]
+                gate, up = (x @ weights[2 * s]).split(self.keep, -1)
+                h = h + (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
             else:
                 h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return (self.model.lm_head(self.inner.norm(h)), *caches)
@@ -247,12 +245,12 @@ def export_matching(model, settings: Settings, embeds: torch.Tensor, image_mask:
         out = prefill(embeds, image_mask)
     pre = export_torch(TorchModel(
         module=prefill, example_inputs={"inputs_embeds": embeds, "image_mask": image_mask},
-        output_names=["logits", "next_position", *[f"present_{c}" for c in cache_names], "core_gate_up", "core_down"],
+        output_names=["logits", "next_position", *[f"present_{c}" for c in cache_names], *weight_names(prefill.sliced)],
         dynamic_axes={"inputs_embeds": {1: "sequence"}, "image_mask": {1: "sequence"}}))
     decode = MatchingDecodeGraph(model, settings).eval()
     caches = out[2:2 + 2 * n]
     example = {"input_ids": torch.tensor([[1]]), "position": out[1], **{f"past_{c}": x for c, x in zip(cache_names, caches)},
-               "core_gate_up": out[-2], "core_down": out[-1]}
+               **dict(zip(weight_names(prefill.sliced), out[2 + 2 * n:]))}
     # dynamic_shapes by argument name: the exporter's dynamic_axes conversion pairs a partial
     # dynamic_axes dict with the inputs by position and fails here
     dynamic = {name: ({2: torch.export.Dim.DYNAMIC} if name.startswith("past_") else None) for name in example}

@@ -46,8 +46,9 @@ def test_prefill_and_decode_match_the_engine(graphs):
     assert np.abs(out[0] - last.numpy()).max() < 1e-4
     names = [f"past_{k}_{i}" for i in range(3) for k in ("key", "value")]
     token = np.array([[int(out[0][0].argmax())]])
-    step = dec.run(None, {"input_ids": token, "position": out[1], **dict(zip(names, out[2:8])),
-                          "core_gate_up": out[-2], "core_down": out[-1]})
+    weights = {o.name: v for o, v in zip(pre.get_outputs()[8:], out[8:])}
+    assert sorted(weights) == ["core_down_1", "core_down_2", "core_gate_up_1", "core_gate_up_2"]
+    step = dec.run(None, {"input_ids": token, "position": out[1], **dict(zip(names, out[2:8])), **weights})
     assert np.abs(step[0] - engine.decode(state, torch.tensor(token)).numpy()).max() < 1e-4
     assert out[1][0] == 44 and step[5].shape[2] == kept[2] + 1
 
