@@ -336,7 +336,8 @@ def plot():
         dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
         ax.plot([dense_ms], [dense_top1], marker="*", markersize=13, color=color, linestyle="none",
                 label=f"dense ONNX model, {threads} thread{'s' * (threads > 1)}")
-        for variant, marker, fill in (("rearrange=1/recovery=none", "o", "none"),
+        for variant, marker, fill in (("rearrange=0/recovery=none", "x", color),
+                                      ("rearrange=1/recovery=none", "o", "none"),
                                       ("rearrange=1/recovery=train", "o", color)):
             pts = sorted((lat[k]["package"]["median_ms"], grid[f"{k}/{variant}"]["top1"] * 100, k)
                          for k in lat if f"{k}/{variant}" in grid)
@@ -344,7 +345,8 @@ def plot():
                 continue
             xs, ys, ks = zip(*pts)
             ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8,
-                    label=f"{threads}T, " + ("recovery 100 steps" if variant.endswith("train") else "no recovery"))
+                    label=f"{threads}T, " + ("rearranged, " if "rearrange=1" in variant else "not rearranged, ")
+                    + ("recovery 100 steps" if variant.endswith("train") else "no recovery"))
             for x, y, k in pts:
                 ax.annotate(f"{float(k[1:]):.0%}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
         pk = [(lat[k]["package"]["median_ms"], r["top1"] * 100) for k, r in pkgs.items() if k in lat]
