@@ -1,0 +1,23 @@
+"""5 epochs per task (where the default schedule's DDR removes data) for dense DER++ and SparCL B=16 90%.
+
+    python samples/sparcl/run_epochs5.py --runs dense-derpp:0 sparcl-block16-s90:0 ...
+    python samples/sparcl/run_epochs5.py --summarize
+
+Same settings as run_evidence.py except --epochs 5; runs go to runs/e5/, the summary to
+results/epochs5/summary.{json,md}. sparcl-block16-s90 here is the trainer's default schedule
+(DDR removes data at epoch 2 of each 5-epoch task), not the older "DDR after epoch 1" scaling.
+"""
+import sys
+
+import run_evidence as ev
+
+ev.COMMON = [("5" if i > 0 and ev.COMMON[i - 1] == "--epochs" else a) for i, a in enumerate(ev.COMMON)]
+assert ev.COMMON[ev.COMMON.index("--epochs") + 1] == "5"
+ev.RUNS = ev.HERE / "runs" / "e5"
+ev.RESULTS = ev.HERE / "results" / "epochs5"
+ev.CONFIGS = {"dense-derpp": ev.CONFIGS["dense-derpp"], "sparcl-block16-s90": ev.CONFIGS["sparcl-block16-s90"]}
+ev.LABELS = {"dense-derpp": "dense DER++, 5 epochs",
+             "sparcl-block16-s90": "**B=16 90%, default schedule (DDR at epoch 2), 5 epochs**"}
+
+if __name__ == "__main__":
+    ev.main()
