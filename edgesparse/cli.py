@@ -14,6 +14,21 @@ class Cli(click.Group):
     """Turns every failure into one line on stderr and a non-zero exit; --debug shows tracebacks.
     Plugins add subcommands through the `register_commands` hook, loaded only when they run."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(exc, EdgesparseError):
+                message = str(exc)
+            else:
+                message = f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            click.echo(f"error: {message}".splitlines()[0], err=True)
+            sys.exit(1)
+
     def list_commands(self, ctx):
         from .plugins import registry
 
@@ -38,21 +53,6 @@ class _PluginCommand(click.Command):
 
     def make_context(self, info_name, args, parent=None, **extra):
         return self.spec.load().make_context(info_name, args, parent=parent, **extra)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except Exception as exc:
-            if ctx.params.get("debug"):
-                raise
-            if isinstance(exc, EdgesparseError):
-                message = str(exc)
-            else:
-                message = f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-            click.echo(f"error: {message}".splitlines()[0], err=True)
-            sys.exit(1)
 
 
 @click.group(cls=Cli)

@@ -31,3 +31,9 @@ def test_loading_every_plugin_does_not_import_torch():
             "assert not [p.name for p in r.plugins if p.error]; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_core_command_errors_stay_one_line_beside_plugin_commands(tmp_path):
+    result = run("build", tmp_path / "nope.onnx", "-t", "x86", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: model file not found: {tmp_path / 'nope.onnx'}"]
