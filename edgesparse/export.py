@@ -21,6 +21,10 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
     module = model.module.eval()
     names = list(model.example_inputs)
     args = tuple(model.example_inputs[n] for n in names)
+    axes = None
+    if model.dynamic_axes:  # torch pairs these with the arguments by position: list every input, in order
+        axes = {n: model.dynamic_axes.get(n) for n in names}
+        axes.update({k: v for k, v in model.dynamic_axes.items() if k not in axes})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         try:
@@ -32,7 +36,7 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
                     str(path),
                     input_names=names,
                     output_names=list(model.output_names),
-                    dynamic_axes=model.dynamic_axes or None,
+                    dynamic_axes=axes,
                     opset_version=OPSET,
                     dynamo=True,
                     external_data=False,
