@@ -59,24 +59,17 @@ class Jetson(Target):
     )
 
     def __init__(self, arches=None, nvcc: str | None = None, host: str | None = None):
-        self._arches = tuple(arches) if arches else None
-        self._nvcc = nvcc
-        self._host = host
-
-    def configure(self, values):
-        configured = super().configure(values)
-        c = configured.config
-        configured._arches = c["arches"] or self._arches
-        configured._nvcc = c["nvcc"] or self._nvcc
-        configured._host = c["host"] or self._host
-        return configured
+        # the same settings as the options, for Python callers
+        given = {"arches": tuple(arches) if arches else None, "nvcc": nvcc, "host": host}
+        if any(given.values()):
+            self._config = {**self.config, **{k: v for k, v in given.items() if v}}
 
     # -- configuration -----------------------------------------------------------------------------
     @property
     def arches(self) -> tuple[str, ...]:
         from edgesparse_tvm import cuda
 
-        raw = self._arches or _arches_from_env() or DEFAULT_ARCHES
+        raw = self.config["arches"] or _arches_from_env() or DEFAULT_ARCHES
         for a in raw:
             key = str(a).strip().lower()
             key = f"sm_{key}" if key.isdigit() else key
@@ -88,11 +81,11 @@ class Jetson(Target):
     def nvcc(self) -> str:
         from edgesparse_tvm import cuda
 
-        return cuda.find_nvcc(self._nvcc)
+        return cuda.find_nvcc(self.config["nvcc"] or None)
 
     @property
     def host(self) -> str:
-        host = self._host or os.environ.get(HOST_ENV) or "aarch64"
+        host = self.config["host"] or os.environ.get(HOST_ENV) or "aarch64"
         if host not in ("aarch64", "x86_64"):
             raise EdgesparseError(f"{HOST_ENV}: unknown host machine '{host}' (aarch64 for Jetson, x86_64 to test on a PC GPU)")
         return host
@@ -102,7 +95,7 @@ class Jetson(Target):
 
         here, host = platform.machine(), self.host
         specs = [ModuleSpec(f"cuda_{host}", "cuda", host, mcpu=ORIN_CPU if host == "aarch64" else "x86-64-v3",
-                            arches=self.arches, nvcc=self._nvcc, role="deploy")]
+                            arches=self.arches, nvcc=self.config["nvcc"] or None, role="deploy")]
         if not self.runs_here():  # the build host checks the same graph on its own CPU
             specs.append(ModuleSpec(f"cpu_{here}", "cpu", here, role="verify"))
         return specs
@@ -162,7 +155,7 @@ class Jetson(Target):
         try:
             arches = list(self.arches)
         except EdgesparseError:
-            arches = list(self._arches or DEFAULT_ARCHES)
+            arches = list(self.config["arches"] or DEFAULT_ARCHES)
         info["gpu_arches"] = arches
         info["machine"] = self.host  # where the deployable module's host code runs
         info["gpus"] = {a: JETSON_GPUS.get(a, "not a Jetson GPU (test architecture)") for a in arches}
