@@ -128,14 +128,21 @@ struct FfnKernel {
     for (size_t i = 0; i + 1 < x.shape.size(); ++i) t *= x.shape[i];
     if (t == 0) return;
 
+    es_gffn_args a = args(w, x.as<float>(), t, y.GetTensorMutableData<float>());
+    a.n_active = ex.shape[0];
+    a.experts = experts;
+    run(ctx, a);
+  }
+
+  // The fields both ops fill the same way: weights, sizes, activation, X and Y.
+  es_gffn_args args(const FfnWeights& w, const float* x, int64_t t, float* y) const {
     es_gffn_args a{};
-    a.x = x.as<float>();
+    a.x = x;
     a.t = t;
     a.d = w.d;
     a.d_out = w.d_out;
     a.s = w.s;
     a.e_total = w.e;
-    a.n_active = ex.shape[0];
     a.activation = activation;
     a.w_up = w.w_up;
     a.w_gate = w.w_gate;
@@ -143,9 +150,8 @@ struct FfnKernel {
     a.b_up = w.b_up;
     a.b_gate = w.b_gate;
     a.b_down = w.b_down;
-    a.experts = experts;
-    a.y = y.GetTensorMutableData<float>();
-    run(ctx, a);
+    a.y = y;
+    return a;
   }
 
   // RoutedFFN: per chunk, the experts with a nonzero route for some token, then the gathered
@@ -175,24 +181,10 @@ struct FfnKernel {
             active.push_back((int32_t)e);
             break;
           }
-      es_gffn_args a{};
-      a.x = x.as<float>() + c0 * w.d;
-      a.t = c1 - c0;
-      a.d = w.d;
-      a.d_out = w.d_out;
-      a.s = w.s;
-      a.e_total = w.e;
+      es_gffn_args a = args(w, x.as<float>() + c0 * w.d, c1 - c0, y.GetTensorMutableData<float>() + c0 * w.d_out);
       a.n_active = (int64_t)active.size();
-      a.activation = activation;
-      a.w_up = w.w_up;
-      a.w_gate = w.w_gate;
-      a.w_down = w.w_down;
-      a.b_up = w.b_up;
-      a.b_gate = w.b_gate;
-      a.b_down = w.b_down;
       a.experts = active.data();
       a.scales = routes + c0 * w.e;
-      a.y = y.GetTensorMutableData<float>() + c0 * w.d_out;
       run(ctx, a);
     }
   }
