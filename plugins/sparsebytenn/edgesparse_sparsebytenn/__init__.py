@@ -170,6 +170,9 @@ class SparseByteNN(Pass):
                     recovery |= recover.distill(module, dense_reference, ctx, self.recovery_steps,
                                                 self.recovery_seconds, self.lr)
             module.eval()
+            if "cut_by_budget" in recovery:
+                ctx.warn(f"recovery cut short by its time budget: {recovery['steps']} of {recovery['steps_requested']} "
+                         f"steps in {recovery['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
 
         self._plan = {}
         for info in pruned:

@@ -1,7 +1,9 @@
 """Recovery after pruning, with the masks kept.
 
-- "train": the user's training loop (TorchModel.train, `ctx.train(module, steps)`), called in
-  chunks so that a time budget can stop it between chunks.
+- "train": the user's training loop (TorchModel.train, `ctx.train(module, steps)`). Without a time
+  budget it is called once with every step, so a learning-rate schedule inside it runs whole. With
+  a budget, a first call of a tenth of the steps times one step, and a second call gets the steps
+  that fit in the rest of the budget at that rate (a schedule restarts once).
 - "distill": a built-in knowledge-distillation loop on the unlabeled calibration inputs: the dense
   (rearranged) network is the teacher; loss = KL of temperature-softened outputs for logits, MSE
   otherwise; Adam; BatchNorm statistics frozen (the module stays in eval mode), so the exported
@@ -62,16 +64,32 @@ class masks_kept:
 
 
 def user_training(module, ctx, steps: int, seconds: float) -> dict:
-    chunk = max(1, steps // 5) if seconds > 0 else steps
-    done, t0 = 0, time.monotonic()
-    while done < steps:
-        n = min(chunk, steps - done)
-        ctx.train(module, n)
-        done += n
-        if seconds > 0 and time.monotonic() - t0 > seconds:
-            break
+    t0 = time.monotonic()
+    calls = []
+    if seconds <= 0 or steps <= 1:
+        calls.append(steps)
+    else:
+        calls.append(max(1, steps // 10))
+    ctx.train(module, calls[0])
+    if seconds > 0 and calls[0] < steps:
+        spent = time.monotonic() - t0
+        fit = int((seconds - spent) / max(spent / calls[0], 1e-9))
+        rest = max(0, min(steps - calls[0], fit))
+        if rest:
+            calls.append(rest)
+            ctx.log(f"sparsebytenn: recovery: {rest} more steps of the training loop "
+                    f"(~{spent / calls[0] * rest:.0f} s at {spent / calls[0]:.2f} s per step)")
+            ctx.train(module, rest)
     module.eval()
-    return {"mode": "train", "steps": done, "seconds": round(time.monotonic() - t0, 2)}
+    return _budget({"mode": "train", "steps": sum(calls), "calls": calls}, steps, seconds, t0)
+
+
+def _budget(result: dict, requested: int, seconds: float, t0: float) -> dict:
+    """Steps done vs requested; `cut_by_budget` says when `recovery_seconds` stopped the recovery."""
+    result |= {"steps_requested": requested, "seconds": round(time.monotonic() - t0, 2), "seconds_budget": seconds}
+    if result["steps"] < requested:
+        result["cut_by_budget"] = (f"recovery_seconds={seconds:g} allowed {result['steps']} of {requested} steps")
+    return result
 
 
 def distill(module, teacher, ctx, steps: int, seconds: float, lr: float, temperature: float = 2.0) -> dict:
@@ -99,8 +117,8 @@ def distill(module, teacher, ctx, steps: int, seconds: float, lr: float, tempera
             break
     head = float(np.mean(losses[: max(1, len(losses) // 10)])) if losses else None
     tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None
-    return {"mode": "distill", "steps": done, "seconds": round(time.monotonic() - t0, 2),
-            "loss_first": head, "loss_last": tail, "lr": lr, "batches": len(batches)}
+    return _budget({"mode": "distill", "steps": done, "loss_first": head, "loss_last": tail, "lr": lr,
+                    "batches": len(batches)}, steps, seconds, t0)
 
 
 def _kd_loss(student, teacher, t: float):

@@ -1,4 +1,6 @@
 """Bad input: one-line EdgesparseErrors, dense fallbacks that are reported."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,38 @@ def test_recovery_keeps_masks_with_any_training_loop():
     for m in (out[0], out[2]):
         assert not hasattr(m, "parametrizations")
         assert patterns.weight_group_mask(m.weight.detach().numpy(), 16).mean() == pytest.approx(0.5)
+
+
+def _sleepy_loop(calls):
+    def train(module, steps):
+        calls.append(steps)
+        time.sleep(0.05 * steps)  # a training loop at 50 ms per step
+    return train
+
+
+def test_recovery_time_budget_cut_is_reported():
+    """recovery_seconds stops a long recovery early: the report and a warning give steps done vs
+    requested, never silently."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
+    calls = []
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", recovery="train",
+                                  recovery_steps=40, recovery_seconds=0.5, train=_sleepy_loop(calls))
+    rec = ctx.reports["sparsebytenn"]["recovery"]
+    assert rec["steps_requested"] == 40 and rec["steps"] == sum(calls) < 40
+    assert calls[0] == 4 and len(calls) <= 2  # a timing call, then what fits, in one call
+    assert rec["cut_by_budget"] and rec["seconds"] < 1.5
+    assert any(f"{rec['steps']} of 40 steps" in w and "time budget" in w for w in ctx.warnings)
+
+
+def test_recovery_without_budget_calls_the_loop_once():
+    """recovery_seconds=0: one call with every step (a schedule inside the loop runs whole)."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
+    calls = []
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", recovery="train",
+                                  recovery_steps=12, recovery_seconds=0, train=_sleepy_loop(calls))
+    rec = ctx.reports["sparsebytenn"]["recovery"]
+    assert calls == [12] and rec["steps"] == rec["steps_requested"] == 12 and "cut_by_budget" not in rec
+    assert not any("time budget" in w for w in ctx.warnings)
 
 
 def test_dispatch_measure_times_the_layer_here():
