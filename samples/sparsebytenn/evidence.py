@@ -43,6 +43,8 @@ OUT = Path(os.environ.get("SBNN_OUT", ROOT / "out" / "sparsebytenn"))
 PLOT = ROOT / "docs" / "sparsebytenn-pareto.png"
 SPARSITIES = tuple(float(s) for s in os.environ.get("SBNN_SPARSITIES", "0.3,0.5,0.7,0.9").split(","))
 GRID_STEPS, PKG_STEPS = 100, 200
+EPOCH_STEPS = 469  # one pass over the 60k training images at batch 128
+RECOVERY_STEPS = int(os.environ.get("SBNN_RECOVERY_STEPS", EPOCH_STEPS))
 EFF_DISTILL_STEPS = 60
 
 
@@ -111,7 +113,8 @@ def torch_stage(module, calibration, train=None, **options):
         summary["spaces_permuted"] = len(ra.get("spaces_permuted", []))
     rec = report.get("recovery", {})
     if rec.get("mode", "none") != "none":
-        summary["recovery"] = {k: rec[k] for k in ("mode", "steps", "seconds", "loss_first", "loss_last") if k in rec}
+        summary["recovery"] = {k: rec[k] for k in ("mode", "steps", "steps_requested", "cut_by_budget", "seconds",
+                                                   "loss_first", "loss_last") if k in rec}
     return module, summary
 
 
@@ -163,6 +166,39 @@ def cnn_grid():
                                          recovery=recovery, recovery_steps=GRID_STEPS, recovery_seconds=0)
                 save("cnn_grid", key, {"top1": cnn_acc(m, xt, yt), "sparsity": s, "rearrange": rearrange,
                                        "recovery": recovery, **summary})
+
+
+def cnn_recovery():
+    """Recovery with a real budget (RECOVERY_STEPS of the model's own loop: AdamW, cosine schedule
+    from 1e-3, one call, no time budget) and, for a fair comparison, the dense model fine-tuned by
+    the same loop for the same steps (it was trained 3 epochs only, so extra training helps it too).
+    SBNN_RECOVERY_RUNS: comma-separated runs, 'dense' or '<sparsity>/<rearrange 0|1>/<block>'."""
+    import model as factory
+
+    dense, calib, train, xt, yt = cnn_setup()
+    runs = os.environ.get("SBNN_RECOVERY_RUNS", "dense,0.3/1/16,0.7/0/16,0.7/1/16").split(",")
+    steps = RECOVERY_STEPS
+    for run in runs:
+        lr = os.environ.get("SBNN_LR", "1e-3")
+        if run == "dense":
+            key = f"dense/steps={steps}/lr={lr}"
+            if key in load("cnn_recovery"):
+                continue
+            t0 = time.time()
+            m = copy.deepcopy(dense)
+            factory.train_loop(m, steps)
+            save("cnn_recovery", key, {"top1": cnn_acc(m, xt, yt), "steps": steps, "lr": float(lr),
+                                       "seconds": round(time.time() - t0, 1)})
+            continue
+        s, rearrange, block = run.split("/")
+        key = f"s{float(s):.1f}/rearrange={rearrange}/block={block}/steps={steps}/lr={lr}"
+        if key in load("cnn_recovery"):
+            continue
+        m, summary = torch_stage(dense, calib, train, sparsity=float(s), dispatch="off", rearrange=rearrange == "1",
+                                 block_pointwise=int(block), recovery="train", recovery_steps=steps,
+                                 recovery_seconds=0)
+        save("cnn_recovery", key, {"top1": cnn_acc(m, xt, yt), "sparsity": float(s), "rearrange": rearrange == "1",
+                                   "block_pointwise": int(block), "steps": steps, "lr": float(lr), **summary})
 
 
 def _prune_reference(module, sparsity: float, kind: str, layers: list[str]):
@@ -363,7 +399,7 @@ def plot():
     print(f"wrote {PLOT}")
 
 
-STEPS = {"cnn-grid": cnn_grid, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages,
+STEPS = {"cnn-grid": cnn_grid, "cnn-recovery": cnn_recovery, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages,
          "eff-grid": eff_grid, "eff-packages": eff_packages, "plot": plot}
 
 if __name__ == "__main__":
