@@ -22,7 +22,7 @@ from .errors import EdgesparseError
 from .plugins import registry as default_registry
 from .source import TorchModel, is_factory, load_factory
 
-CALIBRATION_BATCHES = 8
+CALIBRATION_BATCHES = 8  # default; `--calibration-batches` changes it
 VERIFY_BATCHES = 2
 VERIFICATION_DATA = "verification.npz"
 
@@ -38,6 +38,7 @@ class BuildRequest:
     tolerance: float = 1e-4
     threads: int = 1
     inputs: Path | None = None
+    calibration_batches: int = CALIBRATION_BATCHES
     force: bool = False
     quiet: bool = False
     name: str | None = None
@@ -46,6 +47,8 @@ class BuildRequest:
 def build(request: BuildRequest, registry=None) -> dict:
     """Run the pipeline and publish the package; return its manifest."""
     registry = registry or default_registry()
+    if request.calibration_batches < 1:
+        raise EdgesparseError(f"calibration batches must be at least 1 (got {request.calibration_batches})")
     target = registry.get("targets", request.target).configure(request.target_options)
     backend = _backend_for(registry, target, request.backend)
     passes = [registry.get("passes", name)(**options) for name, options in request.passes]
@@ -139,6 +142,7 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
         "passed": error <= tolerance,
         "batches": len(batches),
         "inputs": input_kind,
+        "calibration_batches": len(calibration),
         **cover,
     }
 
@@ -167,7 +171,7 @@ def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tup
         batches = []
         for batch in source.calibration():
             batches.append(inputs.to_numpy(batch))
-            if len(batches) == CALIBRATION_BATCHES:
+            if len(batches) == request.calibration_batches:
                 break
         if not batches:
             raise EdgesparseError("the model factory's calibration() yielded no batches")

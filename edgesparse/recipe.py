@@ -6,6 +6,7 @@ flags can:
     output = "out/minilm"
     tolerance = 1e-4
     threads = 1
+    calibration_batches = 8
 
     [[passes]]
     name = "magnitude"
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from .errors import EdgesparseError
 
-KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "passes", "name"}
+KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "calibration_batches", "passes",
+        "name"}
 
 
 def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
