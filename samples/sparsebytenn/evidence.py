@@ -361,48 +361,57 @@ def eff_packages():
 # -- plot -----------------------------------------------------------------------------------------
 
 def plot():
-    """Top-1 vs whole-model latency of the Fashion-MNIST CNN packages (`edgesparse bench`, batch 1).
-    Latency: results/cnn_bench.json. Top-1: the packages' own (cnn_packages.json) where built with
-    recovery, and the torch grid's (cnn_grid.json: same pruning, rearrangement, with and without
-    recovery) for every sparsity; a package's speed depends only on which groups it keeps."""
+    """Top-1 vs whole-model latency of the Fashion-MNIST CNN (`edgesparse bench`, batch 1).
+    Squares: the built packages, accuracy and speed of the same package (cnn_packages.json, one-epoch
+    recovery). Other points: the torch grids (cnn_grid.json without recovery, cnn_recovery.json with
+    one epoch) at the latency of a package of that sparsity (cnn_bench.json): a package's speed depends
+    only on which groups it keeps, not on their values. Stars: the dense model (3 epochs) and the dense
+    control fine-tuned for the same epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bench, grid, pkgs = load("cnn_bench"), load("cnn_grid"), load("cnn_packages")
+    bench, grid, rec = load("cnn_bench"), load("cnn_grid"), load("cnn_recovery")
+    pkgs = {k: v for k, v in load("cnn_packages").items() if "/steps=" in k}
     if not bench or "dense" not in grid:
         print("plot: needs results/cnn_bench.json and the grid's dense entry")
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    dense_top1 = grid["dense"]["top1"] * 100
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    control = next((v["top1"] * 100 for k, v in sorted(rec.items()) if k.startswith("dense/")), None)
     for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
         lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
         dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
-        ax.plot([dense_ms], [dense_top1], marker="*", markersize=13, color=color, linestyle="none",
-                label=f"dense ONNX model, {threads} thread{'s' * (threads > 1)}")
-        for variant, marker, fill in (("rearrange=0/recovery=none", "x", color),
-                                      ("rearrange=1/recovery=none", "o", "none"),
-                                      ("rearrange=1/recovery=train", "o", color)):
-            pts = sorted((lat[k]["package"]["median_ms"], grid[f"{k}/{variant}"]["top1"] * 100, k)
-                         for k in lat if f"{k}/{variant}" in grid)
+        for top1, fill, what in ((grid["dense"]["top1"] * 100, "none", "3 epochs"),
+                                 (control, color, "+1 epoch (control)")):
+            if top1 is not None:
+                ax.plot([dense_ms], [top1], marker="*", markersize=12, color=color, markerfacecolor=fill,
+                        linestyle="none", label=f"{threads}T dense ONNX, {what}")
+        series = [("no rearr., no recovery", "x", color,
+                   {k: grid.get(f"{k}/rearrange=0/recovery=none") for k in lat}),
+                  ("rearr., no recovery", "o", "none", {k: grid.get(f"{k}/rearrange=1/recovery=none") for k in lat})]
+        for rearr, marker in ((0, "v"), (1, "o")):
+            series.append((f"{'rearr.' if rearr else 'no rearr.'}, 1-epoch recovery", marker, color,
+                           {k: next((v for kk, v in rec.items() if kk.startswith(f"{k}/rearrange={rearr}/block=16/")),
+                                    None) for k in lat}))
+        for label, marker, fill, points in series:
+            pts = sorted((lat[k]["package"]["median_ms"], v["top1"] * 100, k) for k, v in points.items() if v)
             if not pts:
                 continue
             xs, ys, ks = zip(*pts)
-            ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8,
-                    label=f"{threads}T, " + ("rearranged, " if "rearrange=1" in variant else "not rearranged, ")
-                    + ("recovery 100 steps" if variant.endswith("train") else "no recovery"))
+            ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8, label=f"{threads}T, {label}")
             for x, y, k in pts:
                 ax.annotate(f"{float(k[1:]):.0%}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
-        pk = [(lat[k]["package"]["median_ms"], r["top1"] * 100) for k, r in pkgs.items() if k in lat]
+        pk = [(next(b for b in r["bench"] if b["threads"] == threads)["package"]["median_ms"], r["top1"] * 100)
+              for r in pkgs.values()]
         if pk:
-            ax.plot(*zip(*pk), marker="s", color=color, linestyle="none", markersize=6,
-                    label=f"{threads}T, built package (recovery {pkgs[next(iter(pkgs))].get('recovery', {}).get('steps', '?')} steps)")
+            ax.plot(*zip(*pk), marker="s", color=color, linestyle="none", markersize=7,
+                    label=f"{threads}T, built package (1-epoch recovery), its own top-1 and speed")
     ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
     ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
     ax.set_title("FashionMobileNet + sparsebytenn: accuracy vs latency (x86, AVX-512, loaded 2-vCPU VM)", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(fontsize=5.5, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=100)
     print(f"wrote {PLOT}")

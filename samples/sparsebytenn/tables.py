@@ -24,13 +24,36 @@ def cnn_grid():
     if not g:
         return ""
     dense = g.get("dense", {}).get("top1")
-    rows = ["| sparsity | no rearr., no recovery | rearr., no recovery | no rearr., recovery | rearr., recovery |",
+    rows = ["| sparsity | no rearr., no recovery | rearr., no recovery | no rearr., 100 steps | rearr., 100 steps |",
             "|---|---|---|---|---|"]
     for s in (0.3, 0.5, 0.7, 0.9):
         cells = [pct(g.get(f"s{s:.1f}/rearrange={r}/recovery={rec}", {}).get("top1"))
                  for r, rec in ((0, "none"), (1, "none"), (0, "train"), (1, "train"))]
         rows.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
     return f"Dense top-1: {pct(dense)} %\n\n" + "\n".join(rows)
+
+
+def recovery():
+    """One-epoch recovery vs the dense model fine-tuned by the same loop for the same steps."""
+    r = load("cnn_recovery")
+    g = load("cnn_grid")
+    if not r:
+        return ""
+    controls = {k: v for k, v in r.items() if k.startswith("dense/")}
+    base = g.get("dense", {}).get("top1")
+    rows = []
+    for key, c in sorted(controls.items()):
+        rows.append(f"Dense, 3 epochs: {pct(base)} %. Dense control, fine-tuned {c['steps']} more steps by the same "
+                    f"loop (lr {c['lr']:g}): **{pct(c['top1'])} %**.\n")
+    rows += ["| sparsity | group | rearranged | recovery steps | top-1 | vs dense control | vs 3-epoch dense |",
+             "|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in r if not k.startswith("dense/")):
+        e = r[key]
+        ctrl = r.get(f"dense/steps={e['steps']}/lr={key.rsplit('lr=', 1)[1]}", {}).get("top1")
+        diff = lambda ref: "-" if ref is None else f"{100 * (e['top1'] - ref):+.2f}"  # noqa: E731
+        rows.append(f"| {e['sparsity']:.0%} | {e['block_pointwise']}x1 | {'yes' if e['rearrange'] else 'no'} | "
+                    f"{e['steps']} | {pct(e['top1'])} | {diff(ctrl)} | {diff(base)} |")
+    return "\n".join(rows)
 
 
 def ablations():
@@ -48,15 +71,21 @@ def packages(name, metric):
     p = load(name)
     if not p:
         return ""
-    rows = [f"| sparsity | {metric} | sparse nodes | on kernel | dense 1T ms | package 1T ms | speedup 1T | "
-            "dense 2T ms | package 2T ms | speedup 2T |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| sparsity | rearr. | recovery steps (done/requested) | {metric} | sparse nodes | dense 1T ms | "
+            "package 1T ms | speedup 1T | dense 2T ms | package 2T ms | speedup 2T |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(p):
         r = p[key]
         b = {x["threads"]: x for x in r["bench"]}
-        cells = [key[1:], pct(r[metric]), str(r["sparse_nodes"]), f"{r['on_kernel']:.0%}"]
+        rec = r.get("recovery", {})
+        steps = f"{rec.get('steps', '-')}/{rec.get('steps_requested', r.get('options', {}).get('recovery_steps', '-'))}"
+        cells = [key.split("/")[0][1:], "yes" if r.get("options", {}).get("rearrange", True) else "no", steps,
+                 pct(r[metric]), str(r["sparse_nodes"])]
         for t in (1, 2):
             x = b.get(t)
-            cells += [f"{x['dense']['median_ms']:.3f}", f"{x['package']['median_ms']:.3f}", f"{x['speedup']:.2f}x"] if x else ["-"] * 3
+            cells += [f"{x['dense']['median_ms']:.3f} [{x['dense']['p25_ms']:.3f}-{x['dense']['p75_ms']:.3f}]",
+                      f"{x['package']['median_ms']:.3f} [{x['package']['p25_ms']:.3f}-{x['package']['p75_ms']:.3f}]",
+                      f"**{x['speedup']:.2f}x**"] if x else ["-"] * 3
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -93,7 +122,7 @@ def eff_grid():
 
 
 if __name__ == "__main__":
-    for title, text in (("CNN grid", cnn_grid()), ("CNN ablations", ablations()), ("CNN bench", bench()),
+    for title, text in (("CNN grid", cnn_grid()), ("CNN recovery", recovery()), ("CNN ablations", ablations()), ("CNN bench", bench()),
                         ("CNN packages", packages("cnn_packages", "top1")), ("EfficientNet grid", eff_grid()),
                         ("EfficientNet packages", packages("eff_packages", "agreement"))):
         if text:
