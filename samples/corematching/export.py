@@ -16,7 +16,7 @@ from common import cache_dir, eval_windows, load_smollm2  # noqa: E402
 
 
 def exported(keep: float, layers: str, rho: float = 0.2) -> tuple[Path, Path]:
-    folder = cache_dir() / "corematching-samples" / f"keep{keep}-layers{layers}-rho{rho}-v3"  # v3: partial top-k selection
+    folder = cache_dir() / "corematching-samples" / f"keep{keep}-layers{layers}-rho{rho}-v4"  # v4: partial top-k selection, token sums as MatMul
     pre, dec = folder / "prefill.onnx", folder / "decode.onnx"
     if pre.exists() and dec.exists():
         return pre, dec

@@ -30,9 +30,11 @@ def sentence_core_neurons(core: torch.Tensor, act: torch.Tensor, valid: torch.Te
     """Sentence-wise core neurons: the `keep` neurons that are token-wise core for the most valid
     tokens of each sequence; ties go to the larger summed positive activation.
     core [B, T, I] bool, act [B, T, I], valid [B, T] -> int64 [B, keep], ascending."""
-    mask = valid.unsqueeze(-1)
-    counts = (core & mask).sum(1).to(torch.float32)                         # [B, I]
-    strength = (act.clamp(min=0) * mask).sum(1).to(torch.float32)
+    # sums over the token axis as [B, 1, T] @ [B, T, I] products: ORT's ReduceSum over a middle
+    # axis took 1.75 ms per layer at 256 x 1536, a matrix-vector product a fraction of that
+    mask = valid.to(torch.float32).unsqueeze(1)                            # [B, 1, T]
+    counts = (mask @ core.to(torch.float32)).squeeze(1)                     # [B, I]
+    strength = (mask @ act.clamp(min=0).to(torch.float32)).squeeze(1)
     score = counts + strength / (strength.amax(-1, keepdim=True) + 1e-12) * 0.5  # < 1: only breaks ties
     idx = torch.topk(score, keep, dim=-1).indices
     return torch.sort(idx, dim=-1).values
