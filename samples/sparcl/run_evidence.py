@@ -45,6 +45,12 @@ CONFIGS = {
     "sparcl-block4-s90-noddr": ("tuning", ["--sparsity", "0.9", "--pattern", "block", "--block", "4", "--no-ddr"]),
     "sparcl-block4-s75-noddr": ("tuning", ["--sparsity", "0.75", "--pattern", "block", "--block", "4", "--no-ddr"]),
     "sparcl-block16-s75-noddr": ("tuning", ["--sparsity", "0.75", "--pattern", "block", "--block", "16", "--no-ddr"]),
+    # the unstructured pattern with the default schedule (no removal in 3-epoch tasks)
+    "sparcl-unstructured-s90-noddr": ("patterns", ["--sparsity", "0.9", "--pattern", "unstructured", "--no-ddr"]),
+    # capacity: the same comparison with a model of twice the width (4x the weights), dense and sparse alike
+    "dense-derpp-w64": ("capacity", ["--method", "derpp", "--width", "64"]),
+    "sparcl-block16-s90-noddr-w64": ("capacity", ["--sparsity", "0.9", "--pattern", "block", "--block", "16", "--no-ddr",
+                                                  "--width", "64"]),
     # DGM is the only component that acts differently at 75% and 90% (80% gradient sparsity)
     "sparcl-block16-s75-nodgm": ("ablation", ["--sparsity", "0.75", "--pattern", "block", "--block", "16",
                                               "--no-dgm"]),
@@ -68,6 +74,9 @@ LABELS = {
     "sparcl-block4-s75-noddr": "B=4 75%, default schedule",
     "sparcl-block16-s75-noddr": "**B=16 75%, default schedule**",
     "sparcl-block16-s75-nodgm": "B=16 75%, DDR after epoch 1, no DGM",
+    "sparcl-unstructured-s90-noddr": "unstructured 90%, default schedule",
+    "dense-derpp-w64": "dense DER++, width 64",
+    "sparcl-block16-s90-noddr-w64": "B=16 90%, default schedule, width 64",
 }
 
 
@@ -209,7 +218,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="main,patterns,ablation,tuning", help="groups: main, patterns, ablation, tuning")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="runs at a time (the VM is shared: 1)")
     ap.add_argument("--runs", nargs="+", metavar="NAME:SEED", help="these runs, in this order (instead of --only)")
     ap.add_argument("--summarize", action="store_true", help="only write the summary")
     args = ap.parse_args()

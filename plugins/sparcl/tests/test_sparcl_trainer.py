@@ -160,3 +160,27 @@ def test_any_model_with_linear_layers(fmnist_two_tasks):
         assert abs(layers[name]["density"] - 0.25) < 0.02
         w = dict(mlp.named_modules())[name].weight
         assert (w == 0).float().mean() > 0.7
+
+
+def test_batch_norm_statistics_come_from_the_buffer_without_changing_training(fmnist_two_tasks, reference):
+    trainer, result, _ = reference
+    plain = _trainer(fmnist_two_tasks, bn_from_buffer=False)
+    plain_result = plain.run()
+    # re-estimating the statistics leaves training alone: same weights, same first-task accuracy
+    # with the running statistics
+    for (name, a), b in zip(trainer.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(a, b), name
+    assert result["per_task"]["acc_class_il_running_bn"][0] == plain_result["per_task"]["acc_class_il"][0]
+    assert plain_result["class_il_running_bn"] == plain_result["class_il"]  # nothing re-estimated
+    # each batch norm's statistics are its input's over the buffer
+    norms = {n: m for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0])) for n, m in norms.items()]
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.model(trainer.buffer.x[:len(trainer.buffer)])
+    for h in hooks:
+        h.remove()
+    for n, m in norms.items():
+        assert torch.allclose(m.running_mean, seen[n].mean((0, 2, 3)), atol=1e-4), n
+        assert torch.allclose(m.running_var, seen[n].var((0, 2, 3)), rtol=0.05, atol=1e-4), n
