@@ -24,7 +24,7 @@ def register_kernels(register):
     register(KernelLibrary(
         name="edgesparse",
         domain=kernels.DOMAIN,
-        ops=("BlockSparseMatMul", "BlockSparseConv", "GatheredFFN", "RoutedFFN"),
+        ops=("BlockSparseMatMul", "BlockSparseConv", "BlockSparseConvAdd", "DepthwiseConv", "GatheredFFN", "RoutedFFN"),
         build=kernels.build_library,
         functions=kernels.function_protos,
         describe=describe,
@@ -47,7 +47,9 @@ def describe(node, arrays: dict, shapes: dict) -> dict:
         total_blocks = (len(row_ptr) - 1) * k
         return {"shape": [k, n], "block": block, "kept_blocks": int(len(k_index)),
                 "sparsity": 1.0 - len(k_index) / total_blocks if total_blocks else 0.0}
-    if node.op_type == "BlockSparseConv":
+    if node.op_type == "DepthwiseConv":
+        return {"sparsity": 0.0, "note": "dense depthwise conv kept in NCHW next to sparse convs (no layout reorders)"}
+    if node.op_type in ("BlockSparseConv", "BlockSparseConvAdd"):
         values, c_index, row_ptr = (arrays.get(n) for n in inputs[1:4])
         if values is None:
             return {"sparsity": None, "note": "weights are not constant"}
@@ -73,8 +75,12 @@ def densify(node, arrays: dict, shapes: dict):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     activation = attrs.get("activation", b"none")
     activation = activation.decode() if isinstance(activation, bytes) else activation
+    if node.op_type == "DepthwiseConv":  # dense already: the standard Conv it stands for
+        conv_attrs = {k: attrs[k] for k in ("group", "kernel_shape", "strides", "pads", "dilations") if k in attrs}
+        nodes = [helper.make_node("Conv", inputs[:3], [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]
+        return nodes + _activation(activation, nodes[-1].output[0], out, name), []
     weights = [arrays.get(n) for n in inputs[1:4]]
-    if node.op_type not in ("BlockSparseMatMul", "BlockSparseConv") or any(w is None for w in weights):
+    if node.op_type not in ("BlockSparseMatMul", "BlockSparseConv", "BlockSparseConvAdd") or any(w is None for w in weights):
         return None
     x_shape = shapes.get(inputs[0]) or []
     if node.op_type == "BlockSparseMatMul":
@@ -94,6 +100,10 @@ def densify(node, arrays: dict, shapes: dict):
         conv_inputs = [inputs[0], inits[0].name] + ([inputs[4]] if len(inputs) > 4 and inputs[4] else [])
         conv_attrs = {k: attrs[k] for k in ("kernel_shape", "strides", "pads", "dilations") if k in attrs}
         nodes = [helper.make_node("Conv", conv_inputs, [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]
+    if node.op_type == "BlockSparseConvAdd":  # the residual Add after the activation
+        nodes += _activation(activation, nodes[-1].output[0], f"{name}.act", name)
+        nodes.append(helper.make_node("Add", [f"{name}.act", inputs[5]], [out], name=f"{name}.Add"))
+        return nodes, inits
     nodes += _activation(activation, nodes[-1].output[0], out, name)
     return nodes, inits
 
