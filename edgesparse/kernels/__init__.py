@@ -4,6 +4,9 @@ Operators (domain ``com.edgesparse``, version 1), contracts in docs/kernels.md:
 
 - ``BlockSparseMatMul``: Y = act(X @ W + bias), W in B x 1 blocks (see blocksparse)
 - ``BlockSparseConv``: NCHW Conv2d, groups of B output channels x 1 input channel (see conv)
+- ``BlockSparseConvAdd``: the same followed by a residual add, in one node (see conv)
+- ``DepthwiseConv``: dense NCHW depthwise Conv2d, keeps MobileNet blocks out of ORT's NCHWc
+  layout between sparse convs (see depthwise)
 - ``GatheredFFN``: FFN computing only the selected experts (see gathered_ffn)
 - ``RoutedFFN``: FFN scaled per token and expert by router outputs, computing per chunk only the
   experts some token routes to (see gathered_ffn)
@@ -34,6 +37,7 @@ from edgesparse.kernels.conv import (
     pack_block_sparse_conv,
     unpack_block_sparse_conv,
 )
+from edgesparse.kernels.depthwise import depthwise_conv_reference, make_depthwise_conv
 from edgesparse.kernels.dispatch import prefers_sparse
 from edgesparse.kernels.gathered_ffn import (
     gathered_ffn_reference,
@@ -57,10 +61,12 @@ __all__ = [
     "build_kernel_archive",
     "build_library",
     "conv2d_reference",
+    "depthwise_conv_reference",
     "function_protos",
     "gathered_ffn_reference",
     "make_block_sparse_conv",
     "make_block_sparse_matmul",
+    "make_depthwise_conv",
     "make_gathered_ffn",
     "make_routed_ffn",
     "ort_include_dir",

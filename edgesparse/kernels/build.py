@@ -23,7 +23,7 @@ CSRC = Path(__file__).parent / "csrc"
 # Pure kernels (C headers only, portable to wasm32-wasi and bare ARM drivers).
 PURE_SOURCES = ("kernels_isa.cpp", "isa_select.cpp")
 # ONNX Runtime glue (C++17 with the STL and exceptions).
-GLUE_SOURCES = ("ort_common.cpp", "ort_bsmm.cpp", "ort_conv.cpp", "ort_ffn.cpp", "ort_register.cpp")
+GLUE_SOURCES = ("ort_common.cpp", "ort_bsmm.cpp", "ort_conv.cpp", "ort_dwconv.cpp", "ort_ffn.cpp", "ort_register.cpp")
 
 # Extra compiler flags and the selecting macro for each ISA variant. "generic"
 # (16-byte vectors: SSE2 / NEON / wasm SIMD128) is always compiled in.

@@ -1,4 +1,4 @@
-"""BlockSparseConv: packing, numpy reference and ONNX node builder.
+"""BlockSparseConv (and BlockSparseConvAdd): packing, numpy reference and ONNX node builder.
 
 Operator ``com.edgesparse::BlockSparseConv`` is an NCHW Conv2d (group = 1) whose
 weights W [O, C, kh, kw] are kept or dropped in groups of B consecutive output
@@ -14,6 +14,11 @@ channels x 1 input channel x all kh*kw taps (B in {4, 8, 16}), NB = ceil(O / B):
   ``strides`` [2] = (1, 1), ``pads`` [4] = (top, left, bottom, right) = 0,
   ``dilations`` [2] = (1, 1), ``activation`` ("none" | "relu" | "relu6" | "silu")
 - output 0 ``Y`` float [N, O, OH, OW] (ONNX Conv output size, explicit pads)
+
+``com.edgesparse::BlockSparseConvAdd`` is the same plus a required input 5 ``residual`` float
+[N, O, OH, OW], Y = act(conv(X) + bias) + residual: a conv and the residual Add after it in one
+node. A separate op, not an optional input of BlockSparseConv, because an ONNX function body (every
+op's dense meaning) cannot test whether an optional input is present.
 """
 
 from __future__ import annotations
@@ -87,10 +92,12 @@ def conv2d_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilatio
 
 
 def block_sparse_conv_reference(x, packed, out_channels, kernel_shape, bias=None, strides=(1, 1),
-                                pads=(0, 0, 0, 0), dilations=(1, 1), activation="none") -> np.ndarray:
-    """What BlockSparseConv computes, in numpy."""
+                                pads=(0, 0, 0, 0), dilations=(1, 1), activation="none",
+                                residual=None) -> np.ndarray:
+    """What BlockSparseConv computes (BlockSparseConvAdd when `residual` is given), in numpy."""
     w = unpack_block_sparse_conv(packed, out_channels, np.asarray(x).shape[1], kernel_shape)
-    return conv2d_reference(x, w, bias, strides, pads, dilations, activation)
+    y = conv2d_reference(x, w, bias, strides, pads, dilations, activation)
+    return y if residual is None else (y.astype(np.float64) + np.asarray(residual, np.float64)).astype(np.float32)
 
 
 def make_block_sparse_conv(
@@ -108,10 +115,12 @@ def make_block_sparse_conv(
     activation: str = "none",
     prefix: str | None = None,
     in_channels: int | None = None,
+    residual: str | None = None,
 ):
     """Node + initializers (``<prefix>.values``, ``.c_index``, ``.row_ptr``, ``.bias``).
     `in_channels` (optional, recommended) records C for tools that read the node without shape
-    information: the packed groups cannot tell it when the last input channels are all pruned."""
+    information: the packed groups cannot tell it when the last input channels are all pruned.
+    `residual` (a value name): a BlockSparseConvAdd node, Y = act(conv(X) + bias) + residual."""
     import onnx
     from onnx import numpy_helper
 
@@ -134,8 +143,11 @@ def make_block_sparse_conv(
             raise ValueError(f"bias must have out_channels={out_channels} elements, got {bias.shape}")
         inits.append(numpy_helper.from_array(bias, f"{prefix}.bias"))
         inputs.append(f"{prefix}.bias")
+    if residual is not None:
+        inputs += [""] * (5 - len(inputs)) + [residual]
     node = onnx.helper.make_node(
-        "BlockSparseConv", inputs, [y], name=name, domain=DOMAIN, out_channels=int(out_channels),
+        "BlockSparseConv" if residual is None else "BlockSparseConvAdd", inputs, [y], name=name, domain=DOMAIN,
+        out_channels=int(out_channels),
         kernel_shape=[kh, kw], strides=[int(s) for s in strides], pads=[int(p) for p in pads],
         dilations=[int(d) for d in dilations], activation=activation,
         **({} if in_channels is None else {"in_channels": int(in_channels)}),

@@ -139,5 +139,16 @@ def prefers_sparse(op: str, shape: dict, sparsity: float, block: int, isa: str |
     "BlockSparseConv" (shape {"C", "O", "kernel", "stride"} and optionally "H", "W").
     isa: "avx512" | "avx2" | "generic"; default: this machine's.
     """
+    if op in LAYOUT_OPS:
+        return (isa or current_isa()) in LAYOUT_OPS[op]
     be = break_even(op, shape, block, isa or current_isa(), threads)
     return be is not None and sparsity >= be
+
+
+# Operators for layout rather than sparsity, next to sparse convs: the ISAs where they pay
+# (docs/kernels.md, "Depthwise convolution"). BlockSparseConvAdd folds a residual Add into the sparse
+# conv (one node and one pass over memory less): measured on AVX-512. DepthwiseConv keeps a
+# depthwise conv between sparse convs in NCHW (no NCHWc reorders), but measured slower than ORT's
+# NCHWc depthwise plus its two reorders on every layer of the sample CNN: asked for nowhere yet
+# (dispatch=measure still tries it and keeps it only when the whole model gets faster).
+LAYOUT_OPS = {"BlockSparseConvAdd": ("avx512",), "DepthwiseConv": ()}

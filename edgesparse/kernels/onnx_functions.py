@@ -155,7 +155,7 @@ def _row_of_blocks(b: _Body, row_ptr: str, nnzb: str) -> str:
     return b.op("Slice", [b.op("CumSum", [marks, b.const(0, np.int64)]), b.const([0], np.int64), nnzb])
 
 
-def _block_sparse_conv(opset: int) -> onnx.FunctionProto:
+def _block_sparse_conv(opset: int, residual: bool = False) -> onnx.FunctionProto:
     b = _Body(opset)
     one = b.const([1], np.int64)
     zero = b.const([0], np.int64)
@@ -181,10 +181,31 @@ def _block_sparse_conv(opset: int) -> onnx.FunctionProto:
         a.name, a.ref_attr_name, a.type = name, name, onnx.AttributeProto.INTS
         conv.attribute.append(a)
     b.nodes.append(conv)
+    b.activation("_conv_out", ("relu", "relu6", "silu"), "_act_out" if residual else "Y")
+    if residual:
+        b.nodes.append(helper.make_node("Add", ["_act_out", "residual"], ["Y"]))
+    return helper.make_function(
+        DOMAIN, "BlockSparseConvAdd" if residual else "BlockSparseConv",
+        ["X", "values", "c_index", "row_ptr", "bias", *(["residual"] if residual else [])], ["Y"], b.nodes,
+        [helper.make_opsetid("", opset)], attributes=["out_channels", "in_channels", "kernel_shape", "strides", "pads", "dilations"],
+        attribute_protos=[_string_default("activation", "none")],
+    )
+
+
+def _depthwise_conv(opset: int) -> onnx.FunctionProto:
+    b = _Body(opset)
+    conv = helper.make_node("Conv", ["X", "W", "B"], ["_conv_out"])
+    for name, kind in (("group", onnx.AttributeProto.INT), ("kernel_shape", onnx.AttributeProto.INTS),
+                       ("strides", onnx.AttributeProto.INTS), ("pads", onnx.AttributeProto.INTS),
+                       ("dilations", onnx.AttributeProto.INTS)):
+        a = onnx.AttributeProto()
+        a.name, a.ref_attr_name, a.type = name, name, kind
+        conv.attribute.append(a)
+    b.nodes.append(conv)
     b.activation("_conv_out", ("relu", "relu6", "silu"), "Y")
     return helper.make_function(
-        DOMAIN, "BlockSparseConv", ["X", "values", "c_index", "row_ptr", "bias"], ["Y"], b.nodes,
-        [helper.make_opsetid("", opset)], attributes=["out_channels", "in_channels", "kernel_shape", "strides", "pads", "dilations"],
+        DOMAIN, "DepthwiseConv", ["X", "W", "B"], ["Y"], b.nodes, [helper.make_opsetid("", opset)],
+        attributes=["group", "kernel_shape", "strides", "pads", "dilations"],
         attribute_protos=[_string_default("activation", "none")],
     )
 
@@ -258,6 +279,8 @@ def _routed_ffn(opset: int) -> onnx.FunctionProto:
 _BUILDERS = {
     "BlockSparseMatMul": _block_sparse_matmul,
     "BlockSparseConv": _block_sparse_conv,
+    "BlockSparseConvAdd": lambda opset: _block_sparse_conv(opset, residual=True),
+    "DepthwiseConv": _depthwise_conv,
     "GatheredFFN": _gathered_ffn,
     "RoutedFFN": _routed_ffn,
 }

@@ -77,6 +77,37 @@ static int64_t bsconv_prepared_floats(const es_bsconv_args* a) {
   return a->cin * g.cs + g.wh + 4 * ES_VEC_FLOATS * 4 + 64;
 }
 
+// One channel xc [h, w] rewritten into sh * sw zero-padded phase planes of hh x wh:
+// plane (pa, pb) row i, column j = Xpadded[i*sh + pa][j*sw + pb].
+static inline void phase_planes(const float* xc, int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t pad_top,
+                                int64_t pad_left, int64_t hh, int64_t wh, float* pc) {
+  for (int64_t pa = 0; pa < sh; ++pa)
+    for (int64_t pb = 0; pb < sw; ++pb) {
+      float* plane = pc + (pa * sw + pb) * hh * wh;
+      for (int64_t i = 0; i < hh; ++i) {
+        float* dst = plane + i * wh;
+        const int64_t row = i * sh + pa - pad_top;
+        if (row < 0 || row >= h) {
+          memset(dst, 0, sizeof(float) * (size_t)wh);
+          continue;
+        }
+        const float* src = xc + row * w;
+        // columns j with 0 <= j*sw + pb - pad_left < w
+        int64_t j0 = 0, j1 = wh;
+        const int64_t off = pb - pad_left;
+        while (j0 < j1 && j0 * sw + off < 0) ++j0;
+        while (j1 > j0 && (j1 - 1) * sw + off >= w) --j1;
+        if (j0 > 0) memset(dst, 0, sizeof(float) * (size_t)j0);
+        if (sw == 1) {
+          if (j1 > j0) memcpy(dst + j0, src + j0 + off, sizeof(float) * (size_t)(j1 - j0));
+        } else {
+          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + off];
+        }
+        if (j1 < wh) memset(dst + j1, 0, sizeof(float) * (size_t)(wh - j1));
+      }
+    }
+}
+
 // Rewrites channels [c_begin, c_end) of image n into phase planes (channels
 // with used[c] == 0 are skipped; used may be NULL).
 static void bsconv_prepare(const es_bsconv_args* a, float* prep, int64_t n, int64_t c_begin, int64_t c_end,
@@ -87,33 +118,7 @@ static void bsconv_prepare(const es_bsconv_args* a, float* prep, int64_t n, int6
   const int64_t sh = a->stride_h, sw = a->stride_w, h = a->h, w = a->w;
   for (int64_t c = c_begin; c < c_end; ++c) {
     if (used && !used[c]) continue;
-    const float* xc = a->x + (n * a->cin + c) * h * w;
-    float* pc = prep + c * g.cs;
-    for (int64_t pa = 0; pa < sh; ++pa)
-      for (int64_t pb = 0; pb < sw; ++pb) {
-        float* plane = pc + (pa * sw + pb) * g.hh * g.wh;
-        for (int64_t i = 0; i < g.hh; ++i) {
-          float* dst = plane + i * g.wh;
-          const int64_t row = i * sh + pa - a->pad_top;
-          if (row < 0 || row >= h) {
-            memset(dst, 0, sizeof(float) * (size_t)g.wh);
-            continue;
-          }
-          const float* src = xc + row * w;
-          // columns j with 0 <= j*sw + pb - pad_left < w
-          int64_t j0 = 0, j1 = g.wh;
-          const int64_t off = pb - a->pad_left;
-          while (j0 < j1 && j0 * sw + off < 0) ++j0;
-          while (j1 > j0 && (j1 - 1) * sw + off >= w) --j1;
-          if (j0 > 0) memset(dst, 0, sizeof(float) * (size_t)j0);
-          if (sw == 1) {
-            if (j1 > j0) memcpy(dst + j0, src + j0 + off, sizeof(float) * (size_t)(j1 - j0));
-          } else {
-            for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + off];
-          }
-          if (j1 < g.wh) memset(dst + j1, 0, sizeof(float) * (size_t)(g.wh - j1));
-        }
-      }
+    phase_planes(a->x + (n * a->cin + c) * h * w, h, w, sh, sw, a->pad_top, a->pad_left, g.hh, g.wh, prep + c * g.cs);
   }
   // slack read by the last (partial) tile
   if (c_end == a->cin) memset(prep + a->cin * g.cs, 0, sizeof(float) * (size_t)(g.wh + 4 * ES_VEC_FLOATS * 4 + 64));
@@ -189,15 +194,20 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
         if (o >= a->cout) break;
         const float bias = a->bias ? a->bias[o] : 0.0f;
         float* yo = ybase + o * oq;
+        // residual (same shape as Y) is added after the activation, like the Add that follows a conv
+        const float* ro = a->residual ? a->residual + (ybase - a->y) + o * oq : nullptr;
         if (contiguous) {
           for (int s = 0; s < S; ++s) {
             const int cnt = nq - s * L;
             if (cnt <= 0) break;
             vfloat v = vactivate(acc[b][s] + bias, a->activation);
-            if (cnt >= L)
+            if (cnt >= L) {
+              if (ro) v += vload<vfloat>(ro + q0 + s * L);
               vstore<vfloat>(yo + q0 + s * L, v);
-            else
+            } else {
+              if (ro) v += vload_partial<vfloat>(ro + q0 + s * L, cnt);
               vstore_partial<vfloat>(yo + q0 + s * L, v, cnt);
+            }
           }
         } else {
           float buf[POS];
@@ -205,7 +215,7 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
           const int64_t qs = q0 + skip;
           int64_t row = qs / g.wh, col = qs % g.wh;
           for (int i = skip; i < nq; ++i) {
-            if (col < a->ow) yo[row * a->ow + col] = buf[i];
+            if (col < a->ow) yo[row * a->ow + col] = ro ? buf[i] + ro[row * a->ow + col] : buf[i];
             if (++col == g.wh) {
               col = 0;
               ++row;

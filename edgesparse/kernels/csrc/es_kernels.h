@@ -67,7 +67,25 @@ typedef struct es_bsconv_args {
   const int32_t* row_ptr;
   const float* bias;
   float* y;
+  /* Optional (NULL: none), [batch, cout, oh, ow]: added to act(conv + bias), i.e. a residual Add
+   * that follows the conv. May not alias y. */
+  const float* residual;
 } es_bsconv_args;
+
+/* NCHW depthwise 2-D convolution (group = channels, one filter per channel), fused bias and
+ * activation. weights [channels, kh*kw] (ONNX Conv's [C, 1, kh, kw] as is), bias [channels] or
+ * NULL. Output y is [batch, channels, oh, ow]; oh/ow are computed by the caller. */
+typedef struct es_dwconv_args {
+  const float* x;
+  int64_t batch, channels, h, w;
+  int64_t kh, kw, stride_h, stride_w, dil_h, dil_w;
+  int64_t pad_top, pad_left; /* bottom/right pads are implied by oh/ow */
+  int64_t oh, ow;
+  int32_t activation, _pad;
+  const float* weights;
+  const float* bias;
+  float* y;
+} es_dwconv_args;
 
 /* Gathered FFN for activation sparsity. Intermediate neurons are grouped in
  * experts (blocks) of size s; only the n_active experts listed in `experts`
@@ -148,6 +166,11 @@ typedef struct es_kernel_table {
   /* Tokens per packed tile for this call (pack and range split on it). The
    * packed x needs m * k + vec_floats floats (the last tile may over-read). */
   int32_t (*bsmm_tile)(const es_bsmm_args* a);
+
+  /* Depthwise convolution: floats of per-caller scratch, then channels [c_begin, c_end) of
+   * image n (callers split channels over threads, each with its own scratch). */
+  int64_t (*dwconv_scratch)(const es_dwconv_args* a);
+  void (*dwconv_range)(const es_dwconv_args* a, float* scratch, int64_t n, int64_t c_begin, int64_t c_end);
 } es_kernel_table;
 
 /* The table of the best ISA this CPU supports among those compiled in, or the
@@ -168,6 +191,7 @@ ES_API const char* es_bsmm_validate(int64_t nnzb, int32_t block, int64_t n, int6
 ES_API void es_bsmm_f32(const es_bsmm_args* a);
 ES_API void es_bsconv_f32(const es_bsconv_args* a);
 ES_API void es_gffn_f32(const es_gffn_args* a);
+ES_API void es_dwconv_f32(const es_dwconv_args* a);
 
 #ifdef __cplusplus
 }

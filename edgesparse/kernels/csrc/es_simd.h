@@ -138,6 +138,35 @@ ES_INLINE V vmin(V a, V b) {
   return vselect<V>(a < b, a, b);
 }
 
+// Even and odd elements of the 2 * lanes floats at p (stride-2 deinterleave).
+#if defined(__clang__)
+#define ES_EVEN4 0, 2, 4, 6
+#define ES_EVEN8 ES_EVEN4, 8, 10, 12, 14
+#define ES_EVEN16 ES_EVEN8, 16, 18, 20, 22, 24, 26, 28, 30
+#define ES_ODD4 1, 3, 5, 7
+#define ES_ODD8 ES_ODD4, 9, 11, 13, 15
+#define ES_ODD16 ES_ODD8, 17, 19, 21, 23, 25, 27, 29, 31
+#define ES_CAT2(a, b) a##b
+#define ES_CAT(a, b) ES_CAT2(a, b)
+ES_INLINE void vdeinterleave(const float* p, vfloat& even, vfloat& odd) {
+  const vfloat a = vload<vfloat>(p), b = vload<vfloat>(p + ES_VEC_FLOATS);
+  even = __builtin_shufflevector(a, b, ES_CAT(ES_EVEN, ES_VEC_FLOATS));
+  odd = __builtin_shufflevector(a, b, ES_CAT(ES_ODD, ES_VEC_FLOATS));
+}
+#else
+ES_INLINE void vdeinterleave(const float* p, vfloat& even, vfloat& odd) {
+  typedef Vec<ES_VEC_FLOATS>::itype I;
+  I ie, io;
+  for (int k = 0; k < ES_VEC_FLOATS; ++k) {
+    ie[k] = 2 * k;
+    io[k] = 2 * k + 1;
+  }
+  const vfloat a = vload<vfloat>(p), b = vload<vfloat>(p + ES_VEC_FLOATS);
+  even = __builtin_shuffle(a, b, ie);
+  odd = __builtin_shuffle(a, b, io);
+}
+#endif
+
 // Partial load/store of n < lanes floats (tails), through a small buffer.
 template <class V>
 ES_INLINE V vload_partial(const float* p, int n) {

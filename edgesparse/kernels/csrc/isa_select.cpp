@@ -117,3 +117,11 @@ extern "C" ES_API void es_gffn_f32(const es_gffn_args* a) {
   t->gffn_range(a, scratch, 0, a->t);
   free(scratch);
 }
+
+extern "C" ES_API void es_dwconv_f32(const es_dwconv_args* a) {
+  const es_kernel_table* t = es_kernels();
+  float* scratch = (float*)malloc(sizeof(float) * (size_t)t->dwconv_scratch(a));
+  if (!scratch) return;
+  for (int64_t n = 0; n < a->batch; ++n) t->dwconv_range(a, scratch, n, 0, a->channels);
+  free(scratch);
+}

@@ -2,6 +2,7 @@
 // macro ES_TABLE_NAME names the exported table (es_table_avx512, ...).
 #include "bsconv_kernel.h"
 #include "bsmm_kernel.h"
+#include "dwconv_kernel.h"
 #include "gffn_kernel.h"
 #include "es_kernels.h"
 
@@ -27,4 +28,6 @@ extern "C" const es_kernel_table ES_TABLE_NAME = {
     ES_NS::gffn_down,
     ES_NS::gffn_range,
     ES_NS::bsmm_tile,
+    ES_NS::dwconv_scratch,
+    ES_NS::dwconv_range,
 };

@@ -1,4 +1,6 @@
-// ORT glue for com.edgesparse::BlockSparseConv (NCHW Conv2d, group = 1).
+// ORT glue for com.edgesparse::BlockSparseConv (NCHW Conv2d, group = 1) and
+// BlockSparseConvAdd (the same plus a required input 5, residual [N, O, OH, OW], added after the
+// activation: a conv followed by a residual Add in one node).
 //
 // Inputs: X float [N, C, H, W], values float [nnzb, kh*kw, B], c_index int32
 // [nnzb], row_ptr int32 [ceil(O/B)+1], bias float [O] (optional).
@@ -60,10 +62,11 @@ struct ConvKernel {
   int activation = ES_ACT_NONE;
   bool constant = false;
   ConvWeights weights;
+  bool residual = false;
   const es_kernel_table* table = es_kernels();
 
-  explicit ConvKernel(const OrtKernelInfo* info) {
-    where = "BlockSparseConv node '" + node_name(info) + "'";
+  ConvKernel(const OrtKernelInfo* info, bool with_residual) : residual(with_residual) {
+    where = std::string(with_residual ? "BlockSparseConvAdd" : "BlockSparseConv") + " node '" + node_name(info) + "'";
     if (!attr_int(info, "out_channels", &cout)) throw NodeError("missing required attribute out_channels");
     if (cout <= 0) throw NodeError("attribute out_channels must be positive");
     const auto ks = attr_ints_or(info, "kernel_shape", {});
@@ -114,6 +117,8 @@ struct ConvKernel {
     }
     if (input_type(info, 4, &xt, &xshape) && xt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw NodeError(std::string("bias (input 4) must be float, got ") + dtype_name(xt));
+    if (residual && input_type(info, 5, &xt, &xshape) && xt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      throw NodeError(std::string("residual (input 5) must be float, got ") + dtype_name(xt));
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* c) {
@@ -152,6 +157,15 @@ struct ConvKernel {
     const int64_t ow = (w + pl + pr - dw * (kw - 1) - 1) / sw + 1;
     if (h + pt + pb < dh * (kh - 1) + 1 || w + pl + pr < dw * (kw - 1) + 1)
       throw NodeError("input " + shape_str(x.shape) + " is smaller than the dilated kernel");
+    const float* res = nullptr;
+    if (residual) {
+      TensorView r;
+      if (!context_input(ctx, 5, &r)) throw NodeError("missing input residual");
+      const std::vector<int64_t> want{n, cout, oh, ow};
+      if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || r.shape != want)
+        throw NodeError("residual must be float " + shape_str(want) + " (the output's shape), got " + shape_str(r.shape));
+      res = r.as<float>();
+    }
     auto y = ctx.GetOutput(0, std::vector<int64_t>{n, cout, oh, ow});
     if (n == 0 || oh * ow == 0) return;
 
@@ -179,6 +193,7 @@ struct ConvKernel {
     a.row_ptr = wt->row_ptr;
     a.bias = bias;
     a.y = y.GetTensorMutableData<float>();
+    a.residual = res;
     run(ctx, a, *wt);
   }
 
@@ -219,15 +234,17 @@ struct ConvKernel {
   }
 };
 
-struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel, true> {
+template <bool Residual>
+struct ConvOp : Ort::CustomOpBase<ConvOp<Residual>, ConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     ConvKernel* k = nullptr;
-    OrtStatusPtr st = guarded("BlockSparseConv node '" + node_name(info) + "'", [&] { k = new ConvKernel(info); });
+    OrtStatusPtr st = guarded(std::string(GetName()) + " node '" + node_name(info) + "'",
+                              [&] { k = new ConvKernel(info, Residual); });
     *kernel = k;
     return st;
   }
-  const char* GetName() const { return "BlockSparseConv"; }
-  size_t GetInputTypeCount() const { return 5; }
+  const char* GetName() const { return Residual ? "BlockSparseConvAdd" : "BlockSparseConv"; }
+  size_t GetInputTypeCount() const { return Residual ? 6 : 5; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -239,7 +256,12 @@ struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel, true> {
 }  // namespace
 
 const OrtCustomOp* block_sparse_conv_op() {
-  static ConvOp op;
+  static ConvOp<false> op;
+  return &op;
+}
+
+const OrtCustomOp* block_sparse_conv_add_op() {
+  static ConvOp<true> op;
   return &op;
 }
 

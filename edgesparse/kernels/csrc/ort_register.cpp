@@ -17,6 +17,8 @@ extern "C" ES_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* o
   const OrtCustomOp* ops[] = {
       es_ort::block_sparse_matmul_op(),
       es_ort::block_sparse_conv_op(),
+      es_ort::block_sparse_conv_add_op(),
+      es_ort::depthwise_conv_op(),
       es_ort::gathered_ffn_op(),
       es_ort::routed_ffn_op(),
   };

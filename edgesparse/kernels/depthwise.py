@@ -1,0 +1,75 @@
+"""DepthwiseConv: numpy reference and ONNX node builder.
+
+Operator ``com.edgesparse::DepthwiseConv`` is an NCHW depthwise Conv2d (group = C, one kh x kw
+filter per channel) with dense weights, fused bias and activation. It exists for layout, not
+sparsity: in ONNX Runtime a depthwise conv is fast only in its blocked NCHWc layout, so one that
+sits between two of our NCHW sparse convs costs two layout reorders; this op keeps the block NCHW.
+
+- input 0 ``X`` float [N, C, H, W]
+- input 1 ``W`` float [C, 1, kh, kw] (ONNX Conv's depthwise weight, unchanged)
+- input 2 ``B`` float [C], optional
+- attributes ``group`` (int, required, = C: the dense function's Conv needs it), ``kernel_shape``
+  [kh, kw] (must match W), ``strides`` [2] = (1, 1), ``pads`` [4] = (top, left, bottom, right) = 0,
+  ``dilations`` [2] = (1, 1), ``activation`` ("none" | "relu" | "relu6" | "silu")
+- output 0 ``Y`` float [N, C, OH, OW] (ONNX Conv output size, explicit pads)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgesparse.kernels.blocksparse import DOMAIN
+
+DEPTHWISE_ACTIVATIONS = ("none", "relu", "relu6", "silu")
+
+
+def depthwise_conv_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                             activation="none") -> np.ndarray:
+    """What DepthwiseConv computes, in float64 numpy (float32 result)."""
+    from edgesparse.kernels.reference import apply_activation
+
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    n, c, h, wd = x.shape
+    _, _, kh, kw = w.shape
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    xp = np.zeros((n, c, h + pt + pb, wd + pl + pr))
+    xp[:, :, pt : pt + h, pl : pl + wd] = x
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((n, c, oh, ow))
+    for ky in range(kh):
+        for kx in range(kw):
+            patch = xp[:, :, ky * dh : ky * dh + sh * (oh - 1) + 1 : sh, kx * dw : kx * dw + sw * (ow - 1) + 1 : sw]
+            y += patch * w[:, 0, ky, kx].reshape(1, c, 1, 1)
+    if bias is not None:
+        y += np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
+    return apply_activation(y, activation)
+
+
+def make_depthwise_conv(x: str, y: str, w: np.ndarray, *, name: str, strides=(1, 1), pads=(0, 0, 0, 0),
+                        dilations=(1, 1), bias: np.ndarray | None = None, activation: str = "none",
+                        prefix: str | None = None):
+    """Node + initializers (``<prefix>.weight``, ``<prefix>.bias``) for a depthwise weight [C, 1, kh, kw]."""
+    import onnx
+    from onnx import numpy_helper
+
+    if activation not in DEPTHWISE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {DEPTHWISE_ACTIVATIONS}, got {activation!r}")
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 1:
+        raise ValueError(f"w must be [C, 1, kh, kw], got shape {w.shape}")
+    c, _, kh, kw = w.shape
+    prefix = prefix or name
+    inits = [numpy_helper.from_array(w, f"{prefix}.weight")]
+    if bias is not None:
+        bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+        if bias.shape != (c,):
+            raise ValueError(f"bias must have C={c} elements, got {bias.shape}")
+        inits.append(numpy_helper.from_array(bias, f"{prefix}.bias"))
+    node = onnx.helper.make_node(
+        "DepthwiseConv", [x, *(t.name for t in inits)], [y], name=name, domain=DOMAIN, group=int(c),
+        kernel_shape=[int(kh), int(kw)], strides=[int(s) for s in strides], pads=[int(p) for p in pads],
+        dilations=[int(d) for d in dilations], activation=activation,
+    )  # fmt: skip
+    return node, inits
