@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
     int32_t h[20];
     if (fread(h, 4, 20, in) != 20) return 2;
     if (h[0] == 1) {
-      es_bsconv_args a;
+      es_bsconv_args a = {};
       a.batch = h[1], a.cin = h[2], a.h = h[3], a.w = h[4], a.cout = h[5], a.kh = h[6], a.kw = h[7];
       a.stride_h = h[8], a.stride_w = h[9], a.dil_h = h[10], a.dil_w = h[11];
       a.pad_top = h[12], a.pad_left = h[13], a.oh = h[14], a.ow = h[15];

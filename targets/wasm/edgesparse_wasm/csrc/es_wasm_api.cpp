@@ -74,7 +74,7 @@ int32_t esw_bsconv(const float* x, int32_t batch, int32_t cin, int32_t h, int32_
                    const float* values, const int32_t* c_index, const int32_t* row_ptr, const float* bias,
                    float* y) {
   if ((int64_t)kh * kw > 256) return -2;  // ES_CONV_MAX_TAPS in bsconv_kernel.h
-  es_bsconv_args a;
+  es_bsconv_args a = {};  // zeroed: fields added later (residual) stay NULL
   a.x = x;
   a.batch = batch, a.cin = cin, a.h = h, a.w = w;
   a.cout = cout, a.kh = kh, a.kw = kw, a.stride_h = stride_h, a.stride_w = stride_w;
