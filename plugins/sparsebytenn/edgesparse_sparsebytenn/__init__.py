@@ -70,7 +70,8 @@ class SparseByteNN(Pass):
                check=lambda v: None if v >= 1 else "must be at least 1"),
     )
     needs = "calibration"
-    emits = (f"{kernels.DOMAIN}::BlockSparseConv", f"{kernels.DOMAIN}::BlockSparseMatMul")
+    emits = (f"{kernels.DOMAIN}::BlockSparseConv", f"{kernels.DOMAIN}::BlockSparseMatMul",
+             f"{kernels.DOMAIN}::BlockSparseConvAdd", f"{kernels.DOMAIN}::DepthwiseConv")
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -364,6 +365,8 @@ class SparseByteNN(Pass):
             return
         dense_copy = ir.to_proto(model) if self._measurer is not None else None
         result = rewrite(model, self._plan, ctx)
+        if result["replaced"]:
+            self._nchw_layout(model, ctx)
         if dense_copy is not None and result["replaced"]:
             if not self._whole_model_faster(dense_copy, model, ctx, result):
                 _restore(model, dense_copy)
@@ -374,6 +377,44 @@ class SparseByteNN(Pass):
             ctx.warn(f"{entry['layer']} stays a dense op in the package: {entry['reason']}")
         ctx.report("onnx", result)
 
+
+    def _nchw_layout(self, model, ctx) -> None:
+        """Residual Adds after sparse convs -> BlockSparseConvAdd, depthwise convs next to sparse
+        convs -> DepthwiseConv (layout.py), each where the target's dispatch rule asks for the op.
+        With dispatch=measure the depthwise rewrite is also tried where the rule does not ask for
+        it, and each rewrite is kept only when the whole model, timed against the model without it
+        (interleaved), runs faster."""
+        import onnx_ir as ir
+
+        from .layout import rewrite_layout
+
+        def wanted(op):
+            return bool(ctx.target.prefers_sparse(op, {}, 0.0, 16, ctx.threads))
+
+        if not wanted("BlockSparseConvAdd"):  # the target runs neither op (no ORT kernel library)
+            return
+        report = {}
+        steps = (("residual", True), ("depthwise", wanted("DepthwiseConv") or self._measurer is not None))
+        for kind, on in steps:
+            if not on:
+                report[kind] = {"applied": [], "reason": f"the target's dispatch rule does not ask for it "
+                                f"({'DepthwiseConv' if kind == 'depthwise' else 'BlockSparseConvAdd'})"}
+                continue
+            before = ir.to_proto(model) if self._measurer is not None else None
+            done = rewrite_layout(model, depthwise=kind == "depthwise", residual=kind == "residual")[kind]
+            entry = {"applied": done}
+            if before is not None and done:
+                from .measure import whole_model_speedup
+
+                check = whole_model_speedup(before, ir.to_proto(model), ctx.calibration_inputs()[0],
+                                            self._measurer.library(), ctx.threads, baseline_uses_library=True)
+                entry["check_vs_without"] = check
+                if check["speedup"] < 1.0:
+                    _restore(model, before)
+                    entry["applied"] = []
+                    entry["reason"] = f"whole model {check['speedup']:.2f}x of the model without it: not used"
+            report[kind] = entry
+        ctx.report("nchw_layout", report)
 
     def _whole_model_faster(self, dense_proto, model, ctx, result) -> bool:
         """dispatch=measure: per-layer timings in context can still add up to a slower model (at

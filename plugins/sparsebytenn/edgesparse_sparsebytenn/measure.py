@@ -118,10 +118,12 @@ class Measurer:
             return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
 
 
-def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads: int, budget_s: float = 2.0) -> dict:
+def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads: int, budget_s: float = 2.0,
+                        baseline_uses_library: bool = False) -> dict:
     """The rewritten model against the dense one, whole, on one calibration batch: the check that
     per-layer decisions add up (residual adds the dense convs fuse, ORT's per-node cost and the
-    layout reorders are only visible here)."""
+    layout reorders are only visible here). baseline_uses_library: the baseline holds edgesparse
+    ops too (one rewrite compared with the model before it)."""
     import onnxruntime as ort
 
     from edgesparse import kernels
@@ -138,7 +140,9 @@ def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads:
             so.register_custom_ops_library(str(lib))
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    sd, ss = session(dense_proto), session(sparse_proto, library)
+    if baseline_uses_library:
+        kernels.attach_functions(dense_proto)
+    sd, ss = session(dense_proto, library if baseline_uses_library else None), session(sparse_proto, library)
     with _timing_lock():
         dense_ms, sparse_ms = _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), budget_s)
     return {"dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 3),

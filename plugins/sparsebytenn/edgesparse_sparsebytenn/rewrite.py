@@ -181,8 +181,10 @@ def _conv(model, layer, rec):
     act, act_nodes, out = _activation(out, ("relu", "relu6", "silu"))
     nodes += act_nodes
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    x = layer.input
-    extra_pad, pad_node = _zero_pad(layer.input, layer.node)
+    # the node's current input: layer.input is stale when the producer was replaced before (the
+    # layers are listed up front), and a stale value has no producer in the graph
+    x = layer.node.inputs[0]
+    extra_pad, pad_node = _zero_pad(x, layer.node)
     if pad_node is not None:
         pads = [a + b for a, b in zip(pads, extra_pad)]
         x = pad_node.inputs[0]
@@ -213,7 +215,7 @@ def _matmul(model, layer, rec):
     act, act_nodes, out = _activation(layer.output, ("relu", "silu"))
     packed = kernels.pack_block_sparse(weight, rec["block"])
     base = layer.name.replace("/", "_").replace(".", "_")
-    inputs = [layer.input] + [graph.initializer(model, f"{base}.{k}", packed[k]) for k in ("values", "k_index", "row_ptr")]
+    inputs = [layer.node.inputs[0]] + [graph.initializer(model, f"{base}.{k}", packed[k]) for k in ("values", "k_index", "row_ptr")]
     if layer.bias is not None:
         inputs.append(graph.initializer(model, f"{base}.bias", layer.bias.astype(np.float32)))
     node = ir.node(MATMUL_OP, inputs, {"N": int(weight.shape[1]), "activation": act}, domain=kernels.DOMAIN,
