@@ -15,9 +15,11 @@ ev.COMMON = [("5" if i > 0 and ev.COMMON[i - 1] == "--epochs" else a) for i, a i
 assert ev.COMMON[ev.COMMON.index("--epochs") + 1] == "5"
 ev.RUNS = ev.HERE / "runs" / "e5"
 ev.RESULTS = ev.HERE / "results" / "epochs5"
-ev.CONFIGS = {"dense-derpp": ev.CONFIGS["dense-derpp"], "sparcl-block16-s90": ev.CONFIGS["sparcl-block16-s90"]}
+ev.CONFIGS = {"dense-derpp": ev.CONFIGS["dense-derpp"], "sparcl-block16-s90": ev.CONFIGS["sparcl-block16-s90"],
+              "sparcl-block16-s90-noddr": ev.CONFIGS["sparcl-block16-s90-noddr"]}  # what DDR costs
 ev.LABELS = {"dense-derpp": "dense DER++, 5 epochs",
-             "sparcl-block16-s90": "**B=16 90%, default schedule (DDR at epoch 2), 5 epochs**"}
+             "sparcl-block16-s90": "**B=16 90%, default schedule (DDR at epoch 2), 5 epochs**",
+             "sparcl-block16-s90-noddr": "B=16 90%, no DDR, 5 epochs"}
 
 if __name__ == "__main__":
     ev.main()

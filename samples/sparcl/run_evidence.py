@@ -107,21 +107,40 @@ def schedule(groups, seeds) -> list[tuple[str, int]]:
     return jobs
 
 
+# Accuracy two ways: batch norm statistics re-estimated over the buffer after each task (the
+# trainer's default since 2026-11-29; earlier runs re-evaluated from their final checkpoint by
+# reeval_bn.py, which gives the final accuracy but not forgetting), and the running statistics.
+VIEWS = ("class_il", "task_il", "forgetting", "class_il_running_bn", "task_il_running_bn", "forgetting_running_bn")
+ROOT_RUNS = (HERE / "runs").resolve()
+
+
+def _views(r: dict, reeval: dict | None) -> dict:
+    if "class_il_running_bn" in r:  # trained with the re-estimation: both views in results.json
+        return r
+    old = dict(r)
+    r = {**r, "class_il_running_bn": old["class_il"], "task_il_running_bn": old["task_il"],
+         "forgetting_running_bn": old["forgetting"], "forgetting": None,
+         "class_il": reeval["class_il"] if reeval else None, "task_il": reeval["task_il"] if reeval else None}
+    return r
+
+
 def summarize() -> dict:
     rows, by_seed = {}, {}
+    reeval_file = HERE / "results" / "bn-reeval.json"
+    reeval = json.loads(reeval_file.read_text()) if reeval_file.exists() else {}
     for name in CONFIGS:
         runs = []
         for path in sorted(RUNS.glob(f"{name}-seed*/results.json")):
             r = json.loads(path.read_text())
             if r["completed_tasks"] == len(r["tasks"]):
-                runs.append(r)
+                runs.append(_views(r, reeval.get(str(path.parent.resolve().relative_to(ROOT_RUNS)))))
         if not runs:
             continue
         by_seed[name] = {r["options"]["seed"]: r for r in runs}
-        stat = lambda key: _stat([r[key] for r in runs])
+        stat = lambda key: _stat([r[key] for r in runs if r.get(key) is not None])
         rows[name] = {
             "seeds": [r["options"]["seed"] for r in runs],
-            "class_il": stat("class_il"), "task_il": stat("task_il"), "forgetting": stat("forgetting"),
+            **{key: stat(key) for key in VIEWS},
             "train_tflops": _stat([r["train_flops"]["total"] / 1e12 for r in runs]),
             "train_seconds": stat("train_seconds"), "train_cpu_seconds": stat("train_cpu_seconds"),
             "steps": sum(sum(r["per_task"]["steps"]) for r in runs) / len(runs),
@@ -133,10 +152,15 @@ def summarize() -> dict:
             # paired by seed: the dense and sparse runs of one seed ran at the same time, on the same load
             seeds = sorted(set(by_seed[name]) & set(dense))
             pair = lambda f: [f(dense[s]) / f(by_seed[name][s]) for s in seeds]
-            diff = lambda key: _stat([by_seed[name][s][key] - dense[s][key] for s in seeds])
+            def diff(key):
+                both = [s for s in seeds if by_seed[name][s].get(key) is not None and dense[s].get(key) is not None]
+                return _stat([by_seed[name][s][key] - dense[s][key] for s in both]) if both else None
+
             row["vs_dense"] = {
                 "paired_seeds": seeds,
                 "class_il_points": diff("class_il"), "task_il_points": diff("task_il"),
+                "class_il_running_bn_points": diff("class_il_running_bn"),
+                "task_il_running_bn_points": diff("task_il_running_bn"),
                 "flops_reduction": _quartiles(pair(lambda r: r["train_flops"]["total"])),
                 "wall_clock_speedup": _quartiles(pair(lambda r: r["train_seconds"])),
                 "cpu_time_speedup": _quartiles(pair(lambda r: r["train_cpu_seconds"])),
@@ -152,8 +176,10 @@ def summarize() -> dict:
 
 
 def _stat(values):
+    if not values:
+        return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+            "n": len(values), "values": values}
 
 
 def _quartiles(values):
@@ -176,17 +202,23 @@ def _machine() -> str:
 
 
 def _markdown(summary) -> str:
-    f = lambda s, d=2: f"{s['mean']:.{d}f} ± {s['std']:.{d}f}"
+    f = lambda s, d=2: f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s else ""
+    fn = lambda s: f"{f(s)} ({s['n']})" if s else ""
     q = lambda s: f"{s['median']:.2f}x [{s['p25']:.2f}, {s['p75']:.2f}]" if s else ""
     lines = [f"Split Fashion-MNIST, 5 tasks x 2 classes; {summary['setup']}; {summary['machine']}; {summary['date']}",
-             "", "Mean ± std over seeds; \"vs dense\" pairs each run with the dense run of the same seed "
-             "(class-IL difference: mean ± std of the paired differences).", "",
-             "| SparCL run | seeds | class-IL % | task-IL % | forgetting (class-IL points) | class-IL vs dense (points) |",
-             "|---|---|---|---|---|---|"]
+             "", "Mean ± std over seeds (n); \"vs dense\" pairs each run with the dense run of the same seed "
+             "(mean ± std of the paired differences). Accuracy with batch norm statistics re-estimated over the "
+             "rehearsal buffer after each task (the trainer's default; runs trained before it: re-estimated from "
+             "the final checkpoint by reeval_bn.py, so no forgetting), and with the running statistics.", "",
+             "| SparCL run | seeds | class-IL %, buffer BN | vs dense (points) | task-IL %, buffer BN | "
+             "class-IL %, running BN | vs dense (points) | task-IL %, running BN | forgetting, running BN |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
-        v = r.get("vs_dense")
-        lines.append(f"| {LABELS.get(name, name)} | {len(r['seeds'])} | {f(r['class_il'])} | {f(r['task_il'])} | {f(r['forgetting'])} | "
-                     f"{f(v['class_il_points']) if v and name != 'dense-derpp' else ''} |")
+        v = r.get("vs_dense") if name != "dense-derpp" else None
+        v = v or {}
+        lines.append(f"| {LABELS.get(name, name)} | {len(r['seeds'])} | {fn(r['class_il'])} | {fn(v.get('class_il_points'))} | "
+                     f"{f(r['task_il'])} | {fn(r['class_il_running_bn'])} | {fn(v.get('class_il_running_bn_points'))} | "
+                     f"{f(r['task_il_running_bn'])} | {f(r['forgetting_running_bn'])} |")
     lines += ["", "Training cost of the whole run (5 tasks). Ratios vs dense per seed pair: median [p25, p75]. CPU s "
               "is the process time of the training loop at 1 thread (robust on the shared VM). Wall s is shown "
               "but not compared: these runs went at different times at load averages from 4 to 40; the "
