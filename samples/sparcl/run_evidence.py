@@ -175,11 +175,19 @@ def summarize() -> dict:
     return summary
 
 
+# two-sided 95% quantiles of Student's t for 1..12 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+
+
 def _stat(values):
     if not values:
         return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    out = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+           "n": len(values), "values": values}
+    if 1 < len(values) <= len(T975) + 1:  # 95% confidence interval of the mean
+        half = T975[len(values) - 2] * out["std"] / len(values) ** 0.5
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
 
 
 def _quartiles(values):
@@ -204,10 +212,11 @@ def _machine() -> str:
 def _markdown(summary) -> str:
     f = lambda s, d=2: f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s else ""
     fn = lambda s: f"{f(s)} ({s['n']})" if s else ""
+    fci = lambda s: f"{fn(s)} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" if s and "ci95" in s else fn(s)
     q = lambda s: f"{s['median']:.2f}x [{s['p25']:.2f}, {s['p75']:.2f}]" if s else ""
     lines = [f"Split Fashion-MNIST, 5 tasks x 2 classes; {summary['setup']}; {summary['machine']}; {summary['date']}",
              "", "Mean ± std over seeds (n); \"vs dense\" pairs each run with the dense run of the same seed "
-             "(mean ± std of the paired differences). Accuracy with batch norm statistics re-estimated over the "
+             "(mean ± std of the paired differences (n) [95% confidence interval of the mean]). Accuracy with batch norm statistics re-estimated over the "
              "rehearsal buffer after each task (the trainer's default; runs trained before it: re-estimated from "
              "the final checkpoint by reeval_bn.py, so no forgetting), and with the running statistics.", "",
              "| SparCL run | seeds | class-IL %, buffer BN | vs dense (points) | task-IL %, buffer BN | "
@@ -216,8 +225,8 @@ def _markdown(summary) -> str:
     for name, r in summary["runs"].items():
         v = r.get("vs_dense") if name != "dense-derpp" else None
         v = v or {}
-        lines.append(f"| {LABELS.get(name, name)} | {len(r['seeds'])} | {fn(r['class_il'])} | {fn(v.get('class_il_points'))} | "
-                     f"{f(r['task_il'])} | {fn(r['class_il_running_bn'])} | {fn(v.get('class_il_running_bn_points'))} | "
+        lines.append(f"| {LABELS.get(name, name)} | {len(r['seeds'])} | {fn(r['class_il'])} | {fci(v.get('class_il_points'))} | "
+                     f"{f(r['task_il'])} | {fn(r['class_il_running_bn'])} | {fci(v.get('class_il_running_bn_points'))} | "
                      f"{f(r['task_il_running_bn'])} | {f(r['forgetting_running_bn'])} |")
     lines += ["", "Training cost of the whole run (5 tasks). Ratios vs dense per seed pair: median [p25, p75]. CPU s "
               "is the process time of the training loop at 1 thread (robust on the shared VM). Wall s is shown "

@@ -69,6 +69,8 @@ def main(ctx, debug):
 @click.option("--importance-lambda", type=float, default=0.5, show_default=True)
 @click.option("--mask-old-classes/--no-mask-old-classes", default=True, show_default=True,
               help="current-batch loss over the current task's classes only")
+@click.option("--bn-from-buffer/--bn-running", default=True, show_default=True,
+              help="after each task re-estimate batch norm statistics over the buffer (else keep the running averages)")
 @click.option("--prune-first-last", is_flag=True, help="also prune the first layer and the classifier")
 @click.option("--prune-1x1", is_flag=True, help="also prune 1x1 convolutions")
 @click.option("--tasks", default="0,1;2,3;4,5;6,7;8,9", show_default=True,
@@ -81,7 +83,7 @@ def main(ctx, debug):
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train(out, method, sparsity, pattern, block, epochs, batch_size, buffer_size, lr, alpha, beta, tdm, ddr, dgm, kernels,
           mask_every, ddr_fraction, ddr_epochs, gradient_sparsity, dgm_refresh, importance_lambda, mask_old_classes,
-          prune_first_last, prune_1x1, tasks, train_per_task, test_per_task, width, seed, threads, quiet):
+          bn_from_buffer, prune_first_last, prune_1x1, tasks, train_per_task, test_per_task, width, seed, threads, quiet):
     """Train a small ResNet on Split Fashion-MNIST, task after task, checkpointing into OUT."""
     import torch
 
@@ -92,7 +94,7 @@ def train(out, method, sparsity, pattern, block, epochs, batch_size, buffer_size
                              pattern=pattern, block=int(block), tdm=tdm, ddr=ddr, dgm=dgm, kernels=kernels,
                              importance_lambda=importance_lambda, mask_every=mask_every, ddr_fraction=ddr_fraction,
                              ddr_epochs=_epochs_list(ddr_epochs),
-                             gradient_sparsity=gradient_sparsity, dgm_refresh=dgm_refresh,
+                             gradient_sparsity=gradient_sparsity, dgm_refresh=dgm_refresh, bn_from_buffer=bn_from_buffer,
                              prune_first_last=prune_first_last, prune_1x1=prune_1x1, seed=seed)
     if threads is not None:
         if threads < 1:
@@ -153,6 +155,9 @@ def _print_summary(s: dict) -> None:
         return
     f = s["train_flops"]
     click.echo(f"  class-IL {s['class_il']:.2f}%  task-IL {s['task_il']:.2f}%  forgetting {s['forgetting']:.2f} points")
+    if s.get("options", {}).get("bn_from_buffer") and "class_il_running_bn" in s:
+        click.echo(f"  (batch norm statistics from the buffer; with the running statistics: class-IL "
+                   f"{s['class_il_running_bn']:.2f}%, task-IL {s['task_il_running_bn']:.2f}%)")
     cpu = f", {s['train_cpu_seconds']:.1f} s CPU at {s['threads']} thread(s)" if "train_cpu_seconds" in s else ""
     click.echo(f"  training {s['train_seconds']:.1f} s wall-clock{cpu}, {f['total'] / 1e12:.3f} TFLOPs "
                f"(forward {f['forward'] / 1e12:.3f}, dX {f['backward_input'] / 1e12:.3f}, dW {f['backward_weight'] / 1e12:.3f})")
