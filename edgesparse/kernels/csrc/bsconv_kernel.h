@@ -167,7 +167,9 @@ ES_INLINE void conv_accumulate(const float* ES_RESTRICT xq, int64_t cs, const Co
 
 // Block rows [jb, je), virtual positions [q0, q0 + tile) clipped to q_end;
 // positions below `keep_from` are computed but not stored (overlapped tile).
-template <int B>
+// ACT: the activation as a template argument, so the epilogue has no switch per vector (measured:
+// the epilogue is a third of the instructions of a 64-channel 1x1 layer at 70 %).
+template <int B, int ACT>
 static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const float* xin, int64_t n, int64_t q0,
                              int64_t q_end, int64_t keep_from, int64_t jb, int64_t je) {
   typedef ConvTile<B> CT;
@@ -200,7 +202,7 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
           for (int s = 0; s < S; ++s) {
             const int cnt = nq - s * L;
             if (cnt <= 0) break;
-            vfloat v = vactivate(acc[b][s] + bias, a->activation);
+            vfloat v = vactivate(acc[b][s] + bias, ACT);
             if (cnt >= L) {
               if (ro) v += vload<vfloat>(ro + q0 + s * L);
               vstore<vfloat>(yo + q0 + s * L, v);
@@ -211,7 +213,7 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
           }
         } else {
           float buf[POS];
-          for (int s = 0; s < S; ++s) vstore<vfloat>(buf + s * L, vactivate(acc[b][s] + bias, a->activation));
+          for (int s = 0; s < S; ++s) vstore<vfloat>(buf + s * L, vactivate(acc[b][s] + bias, ACT));
           const int64_t qs = q0 + skip;
           int64_t row = qs / g.wh, col = qs % g.wh;
           for (int i = skip; i < nq; ++i) {
@@ -225,6 +227,24 @@ static void bsconv_tile_rows(const es_bsconv_args* a, const ConvGeom& g, const f
       }
     }
   }
+}
+
+typedef void (*bsconv_tile_rows_fn)(const es_bsconv_args*, const ConvGeom&, const float*, int64_t, int64_t, int64_t,
+                                    int64_t, int64_t, int64_t);
+
+template <int B>
+static bsconv_tile_rows_fn bsconv_tile_fn_act(int act) {
+  switch (act) {
+    case ES_ACT_RELU: return bsconv_tile_rows<B, ES_ACT_RELU>;
+    case ES_ACT_RELU6: return bsconv_tile_rows<B, ES_ACT_RELU6>;
+    case ES_ACT_SILU: return bsconv_tile_rows<B, ES_ACT_SILU>;
+    case ES_ACT_GELU: return bsconv_tile_rows<B, ES_ACT_GELU>;
+    default: return bsconv_tile_rows<B, ES_ACT_NONE>;
+  }
+}
+
+static bsconv_tile_rows_fn bsconv_tile_fn(int32_t block, int act) {
+  return block == 4 ? bsconv_tile_fn_act<4>(act) : block == 8 ? bsconv_tile_fn_act<8>(act) : bsconv_tile_fn_act<16>(act);
 }
 
 // Weights of the block rows processed together over all position tiles.
@@ -244,7 +264,7 @@ static void bsconv_range(const es_bsconv_args* a, const float* prep, int64_t n, 
   const int64_t pos = bsconv_tile(a->block);
   void (*tile_rows)(const es_bsconv_args*, const ConvGeom&, const float*, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t) =
-      a->block == 4 ? bsconv_tile_rows<4> : a->block == 8 ? bsconv_tile_rows<8> : bsconv_tile_rows<16>;
+      bsconv_tile_fn(a->block, a->activation);
   const int64_t block_bytes = g.taps * a->block * (int64_t)sizeof(float);
   const int64_t group_blocks = ES_CONV_GROUP_BYTES / block_bytes > 0 ? ES_CONV_GROUP_BYTES / block_bytes : 1;
   for (int64_t j0 = j_begin; j0 < j_end;) {
