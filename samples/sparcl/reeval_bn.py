@@ -26,6 +26,8 @@ RUNS = (Path(__file__).parent / "runs").resolve()
 def reevaluate(run: Path) -> dict:
     model, _, info = load_run(run)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
+    if state["results"]["completed_tasks"] != len(state["tasks"]):
+        raise SystemExit(f"error: {run} is unfinished ({state['results']['completed_tasks']}/{len(state['tasks'])} tasks)")
     options = {k: v for k, v in state["options"].items() if k in ContinualConfig.__dataclass_fields__}
     options["ddr_epochs"] = tuple(options["ddr_epochs"]) if options.get("ddr_epochs") else None
     config = ContinualConfig(**{**options, "bn_from_buffer": True})
