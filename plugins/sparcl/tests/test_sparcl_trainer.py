@@ -184,3 +184,15 @@ def test_batch_norm_statistics_come_from_the_buffer_without_changing_training(fm
     for n, m in norms.items():
         assert torch.allclose(m.running_mean, seen[n].mean((0, 2, 3)), atol=1e-4), n
         assert torch.allclose(m.running_var, seen[n].var((0, 2, 3)), rtol=0.05, atol=1e-4), n
+
+
+def test_dgm_changes_nothing_at_90_percent_weight_sparsity(fmnist_two_tasks, reference):
+    # DGM's budget is 80% of *all* of a layer's weights without a gradient; at 90% weight sparsity
+    # only 10% have one, so every kept gradient stays (as in the paper's code: the |grad|
+    # percentile over the whole layer is 0 there) and training is identical without DGM
+    trainer, result, _ = reference
+    plain = _trainer(fmnist_two_tasks, dgm=False)
+    plain_result = plain.run()
+    for (name, a), b in zip(trainer.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(a, b), name
+    assert plain_result["train_flops"] == result["train_flops"]
