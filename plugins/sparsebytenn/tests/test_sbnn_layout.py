@@ -1,10 +1,11 @@
 """NCHW layout rewrite after the sparse one: residual Adds fold into BlockSparseConvAdd, depthwise
 convs next to sparse convs become DepthwiseConv, each only where the target's rule asks for it."""
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
-from sbnn_testing import StubTarget, export_and_rewrite, ort_session, run_torch_stage
+from sbnn_testing import StubTarget, make_ctx, ort_session, run_torch_stage
 
 
 class Block(nn.Module):
@@ -25,7 +26,12 @@ class Block(nn.Module):
         return self.b(x + self.a(x))
 
 
-def _build(rule):
+@pytest.fixture(scope="module")
+def pruned():
+    """The torch stage and the export once (dispatch=off: every candidate pruned); each test runs
+    the ONNX stage with its own target."""
+    from edgesparse import TorchModel, export
+
     torch.manual_seed(0)
     model = Block().eval()
     for m in model.modules():
@@ -34,18 +40,32 @@ def _build(rule):
             m.running_mean.uniform_(-0.2, 0.2)
     rng = np.random.default_rng(0)
     calib = [{"x": rng.standard_normal((2, 32, 12, 12)).astype(np.float32)}]
-    target = StubTarget(rule)
-    target.name = "stub"
-    p, ctx, out = run_torch_stage(model, calib, target=target, sparsity=0.5, dispatch="off", min_channels=16)
-    _, sparse = export_and_rewrite(p, ctx, out, {"x": torch.zeros(1, 32, 12, 12)})
+    p, _, out = run_torch_stage(model, calib, sparsity=0.5, dispatch="off", min_channels=16)
+    proto = export.export_torch(TorchModel(out, {"x": torch.zeros(1, 32, 12, 12)}, ["out"],
+                                           {"x": {0: "batch"}, "out": {0: "batch"}}))
     x = rng.standard_normal((3, 32, 12, 12)).astype(np.float32)
     with torch.no_grad():
         want = out(torch.from_numpy(x)).numpy()
+    return p, calib, proto, x, want
+
+
+def _build(pruned, rule):
+    import onnx_ir as ir
+
+    from edgesparse import kernels
+
+    p, calib, proto, x, want = pruned
+    target = StubTarget(rule)
+    ctx = make_ctx(calib, target)
+    graph = ir.from_proto(proto)
+    p.rewrite_graph(graph, ctx)
+    sparse = ir.to_proto(graph)
+    kernels.attach_functions(sparse)
     return sparse, ctx, x, want
 
 
-def test_residual_and_depthwise_rewrites_keep_the_function():
-    sparse, ctx, x, want = _build(lambda op, *a: True)
+def test_residual_and_depthwise_rewrites_keep_the_function(pruned):
+    sparse, ctx, x, want = _build(pruned, lambda op, *a: True)
     ops = [n.op_type for n in sparse.graph.node]
     assert ops.count("BlockSparseConvAdd") == 1 and ops.count("DepthwiseConv") == 2
     assert "Add" not in ops and "Clip" not in ops and ops.count("Conv") == 0
@@ -58,9 +78,9 @@ def test_residual_and_depthwise_rewrites_keep_the_function():
     np.testing.assert_allclose(ort_session(sparse, library=False).run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
 
 
-def test_targets_without_the_ops_keep_dense_adds_and_depthwise_convs():
+def test_targets_without_the_ops_keep_dense_adds_and_depthwise_convs(pruned):
     """A target whose rule asks for neither op (wasm, TVM targets): only the sparse convs change."""
-    sparse, ctx, x, want = _build(lambda op, *a: op in ("BlockSparseConv", "conv", "pointwise"))
+    sparse, ctx, x, want = _build(pruned, lambda op, *a: op not in ("BlockSparseConvAdd", "DepthwiseConv"))
     ops = [n.op_type for n in sparse.graph.node]
     assert "BlockSparseConvAdd" not in ops and "DepthwiseConv" not in ops and "Add" in ops
     assert ops.count("BlockSparseConv") >= 1
