@@ -285,6 +285,8 @@ def cnn_packages():
             "on_kernel": manifest["verification"]["fraction_on_sparse_kernels"],
             "max_abs_error": manifest["verification"]["max_abs_error"],
             "achieved_sparsity": round(rep["achieved_sparsity_of_candidates"], 4),
+            "weight_sparsity_of_conv_linear": round(rep["weight_sparsity_of_conv_linear"], 4),
+            "pruned_layers": sum(1 for l in rep["layers"] if l["sparsity"] > 0),
             "kept_dense": [l["layer"] for l in rep["layers"] if l["sparsity"] == 0 and l["kind"] in ("pointwise", "conv", "linear")],
             "whole_model_check": rep.get("whole_model_check"),
             "not_replaced": len(rep.get("onnx", {}).get("not_replaced", [])),

@@ -71,8 +71,8 @@ def packages(name, metric):
     p = load(name)
     if not p:
         return ""
-    rows = [f"| sparsity | rearr. | recovery steps (done/requested) | {metric} | sparse nodes | dense 1T ms | "
-            "package 1T ms | speedup 1T | dense 2T ms | package 2T ms | speedup 2T |",
+    rows = [f"| target | rearr. | recovery steps (done/requested) | {metric} | layers pruned (conv/linear weights zero) | "
+            "dense 1T ms | package 1T ms | speedup 1T | dense 2T ms | package 2T ms | speedup 2T |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(p):
         r = p[key]
@@ -80,7 +80,8 @@ def packages(name, metric):
         rec = r.get("recovery", {})
         steps = f"{rec.get('steps', '-')}/{rec.get('steps_requested', r.get('options', {}).get('recovery_steps', '-'))}"
         cells = [key.split("/")[0][1:], "yes" if r.get("options", {}).get("rearrange", True) else "no", steps,
-                 pct(r[metric]), str(r["sparse_nodes"])]
+                 pct(r[metric]), f"{r.get('pruned_layers', r['sparse_nodes'])}"
+                 + (f" ({r['weight_sparsity_of_conv_linear']:.1%})" if "weight_sparsity_of_conv_linear" in r else "")]
         for t in (1, 2):
             x = b.get(t)
             cells += [f"{x['dense']['median_ms']:.3f} [{x['dense']['p25_ms']:.3f}-{x['dense']['p75_ms']:.3f}]",
