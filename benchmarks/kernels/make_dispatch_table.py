@@ -34,7 +34,11 @@ MARGIN = 1.1
 MATMUL_SIZES = ((384, 384), (384, 1536), (1536, 384), (768, 3072), (3072, 768), (1024, 4096))
 MATMUL_TOKENS = (1, 8, 64)
 MATMUL_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-CONV_SHAPES = ((64, 64, 56, 1, 1), (256, 256, 14, 1, 1), (1024, 1024, 7, 1, 1), (64, 64, 56, 3, 1),
+# (C, O, H=W, kernel, stride). The rule only trusts sizes down to half the smallest measured at the
+# nearest token count, so each spatial size carries small and large pointwise layers (MobileNet-style
+# networks run 128-512 channels at 7x7-28x28).
+CONV_SHAPES = ((64, 64, 56, 1, 1), (128, 128, 28, 1, 1), (128, 128, 14, 1, 1), (256, 256, 14, 1, 1),
+               (256, 256, 7, 1, 1), (512, 512, 7, 1, 1), (1024, 1024, 7, 1, 1), (64, 64, 56, 3, 1),
                (128, 128, 28, 3, 1), (128, 256, 28, 3, 2), (256, 256, 14, 3, 1))  # fmt: skip
 CONV_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
 BLOCKS = (4, 8, 16)
@@ -60,6 +64,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(TABLE_PATH))
     ap.add_argument("--raw", default=None, help="also write every measured record here")
     ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
+    ap.add_argument("--conv-shapes", default=None, metavar="C:O:HW:K:S,...",
+                    help="measure only these conv shapes (default: CONV_SHAPES); with --merge, adds to the table")
     ap.add_argument("--merge", action="store_true",
                     help="keep entries of --out that this run does not re-measure (e.g. other thread counts)")
     args = ap.parse_args()
@@ -70,6 +76,8 @@ def main() -> None:
     ops = args.ops.split(",")
     sizes = MATMUL_SIZES[:2] if args.quick else MATMUL_SIZES
     conv_shapes = CONV_SHAPES[:2] if args.quick else CONV_SHAPES
+    if args.conv_shapes:
+        conv_shapes = [tuple(int(v) for v in spec.split(":")) for spec in args.conv_shapes.split(",")]
     blocks = (16,) if args.quick else tuple(int(b) for b in args.blocks.split(","))
     entries, raw = [], []
     kept = []

@@ -85,3 +85,15 @@ def test_conv_kernel_as_list_or_int_is_the_same_kind():
     as_int = dispatch.break_even("BlockSparseConv", {"C": 64, "O": 128, "kernel": 1, "stride": 1}, 16, "avx512")
     as_list = dispatch.break_even("BlockSparseConv", {"C": 64, "O": 128, "kernel": [1, 1], "stride": [1, 1]}, 16, "avx512")
     assert as_int is not None and as_int == as_list
+
+
+def test_committed_table_covers_mobilenet_pointwise_layers():
+    """A MobileNet-style network runs 64-512-channel 1x1 convs at 7x7-28x28; without entries at
+    each of those token counts the rule (conservatively) kept them dense, and the sample CNN's
+    default build left 5 of its 11 pointwise convs dense at 70 %."""
+    dispatch.load_table.cache_clear()
+    for c, o, hw in ((64, 128, 28), (128, 64, 28), (128, 128, 14), (256, 128, 14), (256, 256, 7), (256, 512, 7),
+                     (512, 256, 7)):
+        shape = {"C": c, "O": o, "H": hw, "W": hw, "kernel": 1, "stride": 1}
+        for threads in (1, 2):
+            assert dispatch.break_even("BlockSparseConv", shape, 16, "avx512", threads) is not None, (shape, threads)
