@@ -52,6 +52,10 @@ CONFIGS = {
     "sparcl-block16-s90-noddr-w64": ("capacity", ["--sparsity", "0.9", "--pattern", "block", "--block", "16", "--no-ddr",
                                                   "--width", "64"]),
     # DGM is the only component that acts differently at 75% and 90% (80% gradient sparsity)
+    "sparcl-block16-s90-noddr-notdm": ("ablation", ["--sparsity", "0.9", "--pattern", "block", "--block", "16",
+                                                    "--no-ddr", "--no-tdm"]),
+    "sparcl-block16-s75-noddr-nodgm": ("ablation", ["--sparsity", "0.75", "--pattern", "block", "--block", "16",
+                                                    "--no-ddr", "--no-dgm"]),
     "sparcl-block16-s75-nodgm": ("ablation", ["--sparsity", "0.75", "--pattern", "block", "--block", "16",
                                               "--no-dgm"]),
 }
@@ -75,6 +79,8 @@ LABELS = {
     "sparcl-block16-s75-noddr": "**B=16 75%, default schedule**",
     "sparcl-block16-s75-nodgm": "B=16 75%, DDR after epoch 1, no DGM",
     "sparcl-unstructured-s90-noddr": "unstructured 90%, default schedule",
+    "sparcl-block16-s75-noddr-nodgm": "B=16 75%, default schedule, no DGM",
+    "sparcl-block16-s90-noddr-notdm": "B=16 90%, default schedule, no TDM (fixed mask)",
     "dense-derpp-w64": "dense DER++, width 64",
     "sparcl-block16-s90-noddr-w64": "B=16 90%, default schedule, width 64",
 }
@@ -118,10 +124,25 @@ def _views(r: dict, reeval: dict | None) -> dict:
     if "class_il_running_bn" in r:  # trained with the re-estimation: both views in results.json
         return r
     old = dict(r)
-    r = {**r, "class_il_running_bn": old["class_il"], "task_il_running_bn": old["task_il"],
+    r = {**r, "_old_acc": old["per_task"]["acc_class_il"], "class_il_running_bn": old["class_il"], "task_il_running_bn": old["task_il"],
          "forgetting_running_bn": old["forgetting"], "forgetting": None,
-         "class_il": reeval["class_il"] if reeval else None, "task_il": reeval["task_il"] if reeval else None}
+         "class_il": reeval["class_il"] if reeval else None, "task_il": reeval["task_il"] if reeval else None,
+         "per_task": {**old["per_task"], "acc_class_il": []}}
     return r
+
+
+def _per_task(r: dict) -> dict:
+    """Class-IL % per task: right after learning it, and after the last task (both batch norm views
+    where the run has them; runs trained before the re-estimation have only the running view)."""
+    out = {}
+    for view, key in (("buffer_bn", "acc_class_il"), ("running_bn", "acc_class_il_running_bn")):
+        acc = r["per_task"].get(key) or []
+        if view == "running_bn" and not acc:
+            acc = r["_old_acc"] if "_old_acc" in r else []
+        if len(acc) == len(r["tasks"]):
+            out[view] = {"after_learning": [round(acc[t][t], 2) for t in range(len(acc))],
+                         "final": [round(a, 2) for a in acc[-1]]}
+    return out
 
 
 def summarize() -> dict:
@@ -145,6 +166,7 @@ def summarize() -> dict:
             "train_seconds": stat("train_seconds"), "train_cpu_seconds": stat("train_cpu_seconds"),
             "steps": sum(sum(r["per_task"]["steps"]) for r in runs) / len(runs),
             "layers_on_kernel": sum(l["on_kernel"] for l in runs[0]["layers"]),
+            "per_seed": {r["options"]["seed"]: _per_task(r) for r in runs},
         }
     dense = by_seed.get("dense-derpp")
     if dense:
