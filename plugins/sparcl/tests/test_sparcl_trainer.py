@@ -26,9 +26,11 @@ def test_paper_schedule_and_its_scaling():
     assert paper.bounds(5, 0.75) == pytest.approx((0.76, 0.75))
     assert paper.bounds(45, 0.75) == (0.75, 0.75)
     short = Schedule.for_epochs(5)
-    assert short.mask_every == 1 and short.ddr_epochs == (2,)  # removals need two presentations
+    assert short.mask_every == 1 and short.ddr_epochs == ()  # removals need 5 presentations, as the paper's first
     assert short.bounds(4, 0.9) == (0.9, 0.9)
-    assert Schedule.for_epochs(10).ddr_epochs == (2, 3, 4)
+    assert Schedule.for_epochs(10).ddr_epochs == ()
+    assert Schedule.for_epochs(13).ddr_epochs == (5,)
+    assert Schedule.for_epochs(20).ddr_epochs == (6, 8)
     assert Schedule.for_epochs(3).ddr_epochs == ()
     assert Schedule.for_epochs(3, ddr_epochs=(2, 1)).ddr_epochs == (1, 2)
 
