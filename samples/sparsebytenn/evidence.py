@@ -1,7 +1,7 @@
 """The sparsebytenn evidence runs: accuracy grids, package builds, `edgesparse bench`, the plot.
 
-    python samples/sparsebytenn/evidence.py cnn-grid cnn-ablations cnn-packages \
-        eff-grid eff-packages plot        # any subset, in order; each step is resumable
+    python samples/sparsebytenn/evidence.py cnn-grid cnn-recovery cnn-ablations cnn-packages \
+        cnn-package-repeats eff-grid eff-packages plot   # any subset, in order; each step is resumable
 
 Results accumulate in samples/sparsebytenn/results/*.json (one entry per configuration, with the
 date and CPU) and the plot in docs/sparsebytenn-pareto.png. Run with `nice -n 19` on shared
@@ -15,8 +15,12 @@ machines. Environment: SBNN_OUT (package folder, default out/sparsebytenn), SBNN
 - cnn-ablations: group shapes (4/8/16 x 1), scores (l1/l2/activation), sensitivity allocation, and
   the two ends of the granularity range (unstructured and whole-filter pruning of the same layers);
   SBNN_ABLATIONS (comma-separated names) runs a subset.
-- cnn-packages: full builds (dispatch=measure, rearrangement, recovery=train 200 steps) at each
-  sparsity: package top-1 on the test set (ONNX Runtime), `edgesparse bench` at 1 and 2 threads.
+- cnn-recovery: one epoch of recovery (SBNN_RECOVERY_STEPS, default 469) through the pass's
+  recovery=train, and the dense control fine-tuned by the same loop for the same steps
+  (SBNN_RECOVERY_RUNS picks the runs).
+- cnn-packages: full builds (dispatch=measure, recovery=train one epoch, rearrangement per
+  SBNN_PKG_REARRANGE) at each sparsity: package top-1 on the test set (ONNX Runtime),
+  `edgesparse bench` at 1 and 2 threads; cnn-package-repeats benches them three more times.
 - eff-grid / eff-packages: the same for the real pretrained EfficientNet-Lite0; the metric is the
   agreement with the dense model's top-1 on 200 views of 5 real photos never used for calibration.
 """
@@ -118,8 +122,9 @@ def torch_stage(module, calibration, train=None, **options):
     return module, summary
 
 
-def bench(package: Path) -> list[dict]:
-    cmd = [sys.executable, str(HERE / "es.py"), "bench", str(package), "--threads", "1,2", "--json"]
+def bench(package: Path, rounds: int | None = None) -> list[dict]:
+    cmd = [sys.executable, str(HERE / "es.py"), "bench", str(package), "--threads", "1,2", "--json",
+           *(["--rounds", str(rounds)] if rounds else [])]
     lock = os.environ.get("EDGESPARSE_TIMING_LOCK")
     if lock:  # never time while another benchmark runs on the shared machine
         cmd = ["flock", lock, "nice", "-n", "0", *cmd]
@@ -295,6 +300,23 @@ def cnn_packages():
             "build_seconds": round(build_s, 1), "load_average": os.getloadavg()[0], "bench": bench(out)})
 
 
+def cnn_package_repeats():
+    """`edgesparse bench` of the built packages (cnn-packages) three more times, 100 rounds each,
+    under the timing lock: the spread of the speedup across runs, not only within one."""
+    data = load("cnn_packages")
+    for s in SPARSITIES:
+        key = f"s{s:.1f}/steps={RECOVERY_STEPS}"
+        if key not in data or data[key].get("bench_repeats"):
+            continue
+        out = OUT / data[key]["package"]
+        runs = [bench(out, rounds=100) for _ in range(3)]
+        repeats = [{"threads": b["threads"], "speedup": round(b["speedup"], 3),
+                    "dense_ms": round(b["dense"]["median_ms"], 3), "package_ms": round(b["package"]["median_ms"], 3)}
+                   for run in runs for b in run]
+        save("cnn_packages", key, {k: v for k, v in data[key].items() if k not in ("date", "cpu")}
+             | {"bench_repeats": repeats})
+
+
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------------
 
 def eff_setup():
@@ -419,7 +441,7 @@ def plot():
     print(f"wrote {PLOT}")
 
 
-STEPS = {"cnn-grid": cnn_grid, "cnn-recovery": cnn_recovery, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages,
+STEPS = {"cnn-grid": cnn_grid, "cnn-recovery": cnn_recovery, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages, "cnn-package-repeats": cnn_package_repeats,
          "eff-grid": eff_grid, "eff-packages": eff_packages, "plot": plot}
 
 if __name__ == "__main__":
