@@ -401,42 +401,51 @@ def plot():
     if not bench or "dense" not in grid:
         print("plot: needs results/cnn_bench.json and the grid's dense entry")
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    control = next((v["top1"] * 100 for k, v in sorted(rec.items()) if k.startswith("dense/")), None)
-    for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
-        lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
-        dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
-        for top1, fill, what in ((grid["dense"]["top1"] * 100, "none", "3 epochs"),
-                                 (control, color, "+1 epoch (control)")):
-            if top1 is not None:
-                ax.plot([dense_ms], [top1], marker="*", markersize=12, color=color, markerfacecolor=fill,
-                        linestyle="none", label=f"{threads}T dense ONNX, {what}")
-        series = [("no rearr., no recovery", "x", color,
-                   {k: grid.get(f"{k}/rearrange=0/recovery=none") for k in lat}),
-                  ("rearr., no recovery", "o", "none", {k: grid.get(f"{k}/rearrange=1/recovery=none") for k in lat})]
-        for rearr, marker in ((0, "v"), (1, "o")):
-            series.append((f"{'rearr.' if rearr else 'no rearr.'}, 1-epoch recovery", marker, color,
-                           {k: next((v for kk, v in rec.items() if kk.startswith(f"{k}/rearrange={rearr}/block=16/")),
-                                    None) for k in lat}))
-        for label, marker, fill, points in series:
-            pts = sorted((lat[k]["package"]["median_ms"], v["top1"] * 100, k) for k, v in points.items() if v)
-            if not pts:
-                continue
-            xs, ys, ks = zip(*pts)
-            ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8, label=f"{threads}T, {label}")
-            for x, y, k in pts:
-                ax.annotate(f"{float(k[1:]):.0%}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
-        pk = [(next(b for b in r["bench"] if b["threads"] == threads)["package"]["median_ms"], r["top1"] * 100)
-              for r in pkgs.values()]
-        if pk:
-            ax.plot(*zip(*pk), marker="s", color=color, linestyle="none", markersize=7,
-                    label=f"{threads}T, built package (1-epoch recovery), its own top-1 and speed")
-    ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
-    ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 5.0), dpi=100)
+    axes = (ax, zoom)
+    for ax in axes:
+        control = next((v["top1"] * 100 for k, v in sorted(rec.items()) if k.startswith("dense/")), None)
+        for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
+            lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
+            dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
+            for top1, fill, what in ((grid["dense"]["top1"] * 100, "none", "3 epochs"),
+                                     (control, color, "+1 epoch (control)")):
+                if top1 is not None:
+                    ax.plot([dense_ms], [top1], marker="*", markersize=12, color=color, markerfacecolor=fill,
+                            linestyle="none", label=f"{threads}T dense ONNX, {what}")
+            series = [("no rearr., no recovery", "x", color,
+                       {k: grid.get(f"{k}/rearrange=0/recovery=none") for k in lat}),
+                      ("rearr., no recovery", "o", "none", {k: grid.get(f"{k}/rearrange=1/recovery=none") for k in lat})]
+            for rearr, marker in ((0, "v"), (1, "o")):
+                series.append((f"{'rearr.' if rearr else 'no rearr.'}, 1-epoch recovery", marker, color,
+                               {k: next((v for kk, v in rec.items() if kk.startswith(f"{k}/rearrange={rearr}/block=16/")),
+                                        None) for k in lat}))
+            for label, marker, fill, points in series:
+                pts = sorted((lat[k]["package"]["median_ms"], v["top1"] * 100, k) for k, v in points.items() if v)
+                if not pts:
+                    continue
+                xs, ys, ks = zip(*pts)
+                ax.plot(xs, ys, marker=marker, markerfacecolor=fill, color=color, linewidth=0.8, label=f"{threads}T, {label}")
+                for x, y, k in pts:
+                    ax.annotate(f"{float(k[1:]):.0%}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
+            pk = [(next(b for b in r["bench"] if b["threads"] == threads)["package"]["median_ms"], r["top1"] * 100, k)
+                  for k, r in pkgs.items()]
+            if pk:
+                ax.plot([x for x, _, _ in pk], [y for _, y, _ in pk], marker="s", color=color, linestyle="none",
+                        markersize=7, label=f"{threads}T, built package (1-epoch recovery), its own top-1 and speed")
+                for x, y, k in pk:
+                    ax.annotate(f"{float(k[1:4]):.0%} package", (x, y), textcoords="offset points", xytext=(-10, 6),
+                                fontsize=7)
+        ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
+        ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[0]
+    zoom.set_ylim(87.5, 90.8)
+    zoom.set_title("zoom: recovered models and packages", fontsize=8)
     ax.set_title("FashionMobileNet + sparsebytenn: accuracy vs latency (x86, AVX-512, loaded 2-vCPU VM)", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=5.5, loc="lower right", ncol=2)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6.5, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(PLOT, dpi=100)
     print(f"wrote {PLOT}")
 
