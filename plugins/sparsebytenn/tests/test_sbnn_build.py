@@ -124,7 +124,8 @@ def test_build_fashion_cnn_package(trained_tiny, fashion_subset, verifying_regis
     assert report["rearrangement"]["spaces_permuted"]
     assert report["rearrangement"]["retained_mass_after"] > report["rearrangement"]["retained_mass_before"]
     rec = report["recovery"]
-    assert rec["mode"] == "distill" and rec["steps"] == 20 and rec["loss_last"] < rec["loss_first"]
+    assert rec["mode"] == "distill" and rec["steps"] == rec["steps_requested"] == 20 and rec["loss_last"] < rec["loss_first"]
+    assert "cut_by_budget" not in rec and not any("time budget" in w for w in manifest["warnings"])
     pkg = runtime.load(out)
     session = pkg.session()
     logits = np.concatenate([session.run(None, {"x": xt[i:i + 250]})[0] for i in range(0, len(xt), 250)])
