@@ -72,8 +72,8 @@ def packages(name, metric):
     if not p:
         return ""
     rows = [f"| target | rearr. | recovery steps (done/requested) | {metric} | layers pruned (conv/linear weights zero) | "
-            "dense 1T ms | package 1T ms | speedup 1T | dense 2T ms | package 2T ms | speedup 2T |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "dense 1T ms | package 1T ms | speedup 1T | dense 2T ms | package 2T ms | speedup 2T | "
+            "3 more runs 1T / 2T |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(p):
         r = p[key]
         b = {x["threads"]: x for x in r["bench"]}
@@ -87,6 +87,9 @@ def packages(name, metric):
             cells += [f"{x['dense']['median_ms']:.3f} [{x['dense']['p25_ms']:.3f}-{x['dense']['p75_ms']:.3f}]",
                       f"{x['package']['median_ms']:.3f} [{x['package']['p25_ms']:.3f}-{x['package']['p75_ms']:.3f}]",
                       f"**{x['speedup']:.2f}x**"] if x else ["-"] * 3
+        reps = r.get("bench_repeats", [])
+        cells.append(" / ".join(", ".join(f"{b['speedup']:.2f}x" for b in reps if b["threads"] == t) for t in (1, 2))
+                     if reps else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
