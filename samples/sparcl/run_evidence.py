@@ -47,10 +47,6 @@ CONFIGS = {
     "sparcl-block16-s75-noddr": ("tuning", ["--sparsity", "0.75", "--pattern", "block", "--block", "16", "--no-ddr"]),
     # the unstructured pattern with the default schedule (no removal in 3-epoch tasks)
     "sparcl-unstructured-s90-noddr": ("patterns", ["--sparsity", "0.9", "--pattern", "unstructured", "--no-ddr"]),
-    # capacity: the same comparison with a model of twice the width (4x the weights), dense and sparse alike
-    "dense-derpp-w64": ("capacity", ["--method", "derpp", "--width", "64"]),
-    "sparcl-block16-s90-noddr-w64": ("capacity", ["--sparsity", "0.9", "--pattern", "block", "--block", "16", "--no-ddr",
-                                                  "--width", "64"]),
     # DGM is the only component that acts differently at 75% and 90% (80% gradient sparsity)
     "sparcl-block16-s90-noddr-notdm": ("ablation", ["--sparsity", "0.9", "--pattern", "block", "--block", "16",
                                                     "--no-ddr", "--no-tdm"]),
@@ -81,8 +77,6 @@ LABELS = {
     "sparcl-unstructured-s90-noddr": "unstructured 90%, default schedule",
     "sparcl-block16-s75-noddr-nodgm": "B=16 75%, default schedule, no DGM",
     "sparcl-block16-s90-noddr-notdm": "B=16 90%, default schedule, no TDM (fixed mask)",
-    "dense-derpp-w64": "dense DER++, width 64",
-    "sparcl-block16-s90-noddr-w64": "B=16 90%, default schedule, width 64",
 }
 
 
