@@ -68,8 +68,9 @@ def unpack_block_sparse_conv(packed: dict[str, np.ndarray], out_channels: int, i
 
 
 def conv2d_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
-                     activation="none") -> np.ndarray:
-    """Dense NCHW conv2d (group 1) in float64 numpy, then the activation."""
+                     activation="none", depthwise: bool = False) -> np.ndarray:
+    """Dense NCHW conv2d in float64 numpy, then the activation: group 1, or one filter per channel
+    (`depthwise`, weight [C, 1, kh, kw])."""
     from edgesparse.kernels.reference import apply_activation
 
     x = np.asarray(x, dtype=np.float64)
@@ -85,7 +86,10 @@ def conv2d_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilatio
     for ky in range(kh):
         for kx in range(kw):
             patch = xp[:, :, ky * dh : ky * dh + sh * (oh - 1) + 1 : sh, kx * dw : kx * dw + sw * (ow - 1) + 1 : sw]
-            y += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx])
+            if depthwise:
+                y += patch * w[:, 0, ky, kx].reshape(1, c, 1, 1)
+            else:
+                y += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx])
     if bias is not None:
         y += np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
     return apply_activation(y, activation)

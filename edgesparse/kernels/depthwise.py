@@ -26,25 +26,9 @@ DEPTHWISE_ACTIVATIONS = ("none", "relu", "relu6", "silu")
 def depthwise_conv_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
                              activation="none") -> np.ndarray:
     """What DepthwiseConv computes, in float64 numpy (float32 result)."""
-    from edgesparse.kernels.reference import apply_activation
+    from edgesparse.kernels.conv import conv2d_reference
 
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    n, c, h, wd = x.shape
-    _, _, kh, kw = w.shape
-    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
-    xp = np.zeros((n, c, h + pt + pb, wd + pl + pr))
-    xp[:, :, pt : pt + h, pl : pl + wd] = x
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    y = np.zeros((n, c, oh, ow))
-    for ky in range(kh):
-        for kx in range(kw):
-            patch = xp[:, :, ky * dh : ky * dh + sh * (oh - 1) + 1 : sh, kx * dw : kx * dw + sw * (ow - 1) + 1 : sw]
-            y += patch * w[:, 0, ky, kx].reshape(1, c, 1, 1)
-    if bias is not None:
-        y += np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
-    return apply_activation(y, activation)
+    return conv2d_reference(x, w, bias, strides, pads, dilations, activation, depthwise=True)
 
 
 def make_depthwise_conv(x: str, y: str, w: np.ndarray, *, name: str, strides=(1, 1), pads=(0, 0, 0, 0),
