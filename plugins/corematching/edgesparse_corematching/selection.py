@@ -59,7 +59,12 @@ def elbow_keep(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     b, t = scores.shape
     n = candidates.sum(-1)                                                  # [B]
     low = torch.finfo(torch.float32).min
-    ordered, order = torch.sort(torch.where(candidates, scores, torch.full_like(scores, low)), dim=-1, descending=True)
+    masked = torch.where(candidates, scores, torch.full_like(scores, low))
+    # scores are counts, so ties are common, and torch and ONNX Runtime order ties differently: the
+    # sort key breaks them by position (earlier first), so the engine and the graphs keep the same tokens
+    position = torch.arange(t, device=scores.device).to(torch.float64)
+    _, order = torch.sort(masked.to(torch.float64) * (t + 1) - position, dim=-1, descending=True)
+    ordered = masked.gather(1, order)
     rank = torch.arange(t, device=scores.device).expand(b, t)
     last = (n - 1).clamp(min=0).unsqueeze(-1)
     first_s = ordered[:, :1]
