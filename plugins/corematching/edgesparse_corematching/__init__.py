@@ -53,6 +53,9 @@ class CoreMatching(Pass):
         Option("rho", float, 0.2, "token-wise core neurons: top rho fraction of a token's positive activations",
                check=in_range(0.0, 1.0)),
         Option("layers", str, "all", "layers whose decode FFN is sliced, e.g. 1-28 ('all': every layer)", check=_span),
+        Option("token_layers", str, "none", "VLM prompts (CoreMatching): layers after whose FFN the image tokens below "
+               "the elbow are removed, e.g. 1-1; the calibration batches then hold 'inputs_embeds' and 'image_mask'",
+               check=lambda v: None if v == "none" else _span(v)),
     )
     needs = "calibration"
 
@@ -64,9 +67,13 @@ class CoreMatching(Pass):
 
         lm = find_lm(module)
         layers = len(lm.model.layers)
-        settings = Settings(keep=self.keep, rho=self.rho, neuron_layers=parse_span(self.layers)).check(layers)
+        tokens = None if self.token_layers == "none" else parse_span(self.token_layers)
+        settings = Settings(keep=self.keep, rho=self.rho, neuron_layers=parse_span(self.layers),
+                            token_layers=tokens).check(layers)
         if int(round(settings.keep * lm.config.intermediate_size)) >= lm.config.intermediate_size:
             raise EdgesparseError("corematching: keep=1 slices nothing; choose keep < 1")
+        if tokens is not None:
+            return self._matching(module, lm, settings, ctx)
         prompts = [b["input_ids"] for b in ctx.calibration_inputs() if "input_ids" in b and np.asarray(b["input_ids"]).ndim == 2]
         if not prompts:
             raise EdgesparseError("corematching: the calibration batches have no 2-D 'input_ids' to pick core neurons from")
@@ -94,6 +101,47 @@ class CoreMatching(Pass):
         if quality["perplexity_coreinfer"] > 1.1 * quality["perplexity_dense"]:
             ctx.warn(f"CoreInfer raises the calibration text's perplexity from {quality['perplexity_dense']} to "
                      f"{quality['perplexity_coreinfer']}: raise keep or narrow layers")
+        return module
+
+    def _matching(self, module, lm, settings: Settings, ctx):
+        """VLM prompts: ship the CoreMatching graphs (embeddings + image mask in, image tokens removed
+        after token_layers, decode on sliced FFNs), checked against the engine."""
+        import torch
+
+        from . import onnx_graphs, verify
+
+        batches = [b for b in ctx.calibration_inputs() if "inputs_embeds" in b and "image_mask" in b]
+        if not batches:
+            raise EdgesparseError("corematching: token_layers needs calibration batches with 'inputs_embeds' [B, T, D] "
+                                  "and 'image_mask' [B, T] (the positions the model declares as image tokens)")
+        embeds = torch.tensor(np.asarray(batches[0]["inputs_embeds"][:1], np.float32))
+        mask = torch.tensor(np.asarray(batches[0]["image_mask"][:1]).astype(bool))
+        if embeds.ndim != 3 or mask.shape != embeds.shape[:2]:
+            raise EdgesparseError(f"corematching: inputs_embeds {tuple(embeds.shape)} and image_mask {tuple(mask.shape)} "
+                                  "do not match ([B, T, D] and [B, T])")
+        if not bool(mask.any()):
+            ctx.warn("corematching: the calibration prompt has no image tokens: token pruning is not checked, "
+                     "the graphs prune neurons only for such prompts")
+        ctx.log(f"[corematching] exporting the VLM prefill and decode graphs (keep {settings.keep}, "
+                f"token layers {self.token_layers})")
+        with torch.no_grad():
+            prefill, decode = onnx_graphs.export_matching(lm, settings, embeds, mask)
+        check, report = verify.matching_against_engine(lm, settings, prefill, decode, embeds, mask, ctx.threads)
+        if not check["same_tokens_as_engine"] or check["max_abs_error"] > 1e-3 * max(1.0, check["max_abs_logit"]):
+            raise EdgesparseError(f"corematching: the exported VLM graphs differ from the reference (max error "
+                                  f"{check['max_abs_error']:.3g}, tokens per layer {check['tokens_per_layer']})")
+        ctx.add_file("vlm_prefill.onnx", prefill.SerializeToString())
+        ctx.add_file("vlm_decode.onnx", decode.SerializeToString())
+        ctx.report("graphs", {
+            "prefill": "corematching/vlm_prefill.onnx: inputs_embeds [1, T, D], image_mask bool [1, T] -> logits, "
+                       "next_position, present_key_i / present_value_i (the tokens layer i keeps), core_gate_up_i, core_down_i",
+            "decode": "corematching/vlm_decode.onnx: input_ids [1, 1], position, past_key_i / past_value_i, "
+                      "core_gate_up_i, core_down_i -> logits, present_key_i / present_value_i",
+        })
+        ctx.report("verification", check)
+        ctx.report("layers", report["layers"])
+        ctx.report("flops_reduction", report["flops_reduction"])
+        ctx.log(f"[corematching] tokens per layer {check['tokens_per_layer']}; FLOPs {report['flops_reduction']}")
         return module
 
 

@@ -66,3 +66,31 @@ def calibration_quality(lm, settings: Settings, prompts: list[torch.Tensor]) -> 
             "perplexity_coreinfer": round(math.exp(nll["core"] / count), 4),
             "decode_flops_reduction": report["flops_reduction"]["decode"],
             "layers": [{k: r[k] for k in ("layer", "neurons_kept", "decode_macs_vs_dense")} for r in report["layers"]]}
+
+
+@torch.no_grad()
+def matching_against_engine(lm, settings: Settings, prefill, decode, embeds: torch.Tensor, image_mask: torch.Tensor,
+                            threads: int) -> tuple[dict, dict]:
+    """The CoreMatching (VLM) graphs in ORT against the engine on one prompt given as embeddings:
+    the tokens each layer keeps, the prefill logits and one decode step. Returns (check, engine report)."""
+    pre, dec = _session(prefill, threads), _session(decode, threads)
+    out = pre.run(None, {"inputs_embeds": embeds.numpy(), "image_mask": image_mask.numpy()})
+    n = len(lm.model.layers)
+    engine = Engine(lm, settings)
+    state, last = engine.prefill(embeds, prunable=image_mask)
+    kept_graph = [int(out[2 + 2 * i].shape[2]) for i in range(n)]
+    kept_engine = [int(c.valid.sum()) for c in state.caches]
+    token = np.array([[int(out[0][0].argmax())]], np.int64)
+    names = [o.name for o in dec.get_inputs()]
+    pasts = dict(zip([nm for nm in names if nm.startswith("past_")], out[2:2 + 2 * n]))
+    weights = {o.name: v for o, v in zip(pre.get_outputs()[2 + 2 * n:], out[2 + 2 * n:])}
+    step = dec.run(None, {"input_ids": token, "position": out[1], **pasts, **weights})
+    ref_step = engine.decode(state, torch.tensor(token))
+    errors = [float(np.abs(out[0] - last.numpy()).max()), float(np.abs(step[0] - ref_step.numpy()).max())]
+    dense = Engine(lm, Settings(keep=1.0))
+    dense_state, _ = dense.prefill(embeds)
+    dense.decode(dense_state, torch.tensor(token))
+    check = {"max_abs_error": max(errors), "max_abs_logit": float(np.abs(ref_step.numpy()).max()),
+             "tokens_per_layer": kept_graph, "same_tokens_as_engine": kept_graph == kept_engine,
+             "prompt_tokens": int(embeds.shape[1]), "image_tokens": int(image_mask.sum())}
+    return check, engine.report(state, dense_state)
