@@ -83,7 +83,7 @@ def _emit(data, as_json: bool, text: str):
 def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, force,
           as_json):
     """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
-    from .pipeline import BuildRequest, build as run_build
+    from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
     from .recipe import load_recipe, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
@@ -101,7 +101,7 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
-        calibration_batches=int(settings.get("calibration_batches", 8)), force=force,
+        calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
         quiet=as_json, name=settings.get("name"),
     )
     manifest = run_build(request)

@@ -55,6 +55,25 @@ class _Base(torch.nn.Module):
         out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
         return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def _decode_ffn(self, i, mlp, x, weights):
+        """Layer i's FFN in decode: on the prefill's sliced weights where it is sliced, dense elsewhere."""
+        if i not in self.sliced:
+            return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        s = self.sliced.index(i)
+        gate, up = (x @ weights[2 * s]).split(self.keep, -1)
+        return (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
+
+    def _bind_forward(self, leading: list[str], groups: list[list[str]]):
+        """forward(self, *leading, *every name in groups) calling self.run(*leading, *groups as lists):
+        the exporter maps graph input names to named arguments, so each tensor needs its own."""
+        names = leading + [n for g in groups for n in g]
+        lists = [f"[{', '.join(g)}]" for g in groups]
+        source = (f"def forward(self, {', '.join(names)}):\n"
+                  f"    return self.run({', '.join(leading + lists)})\n")
+        scope = {}
+        exec(source, scope)
+        self.forward = scope["forward"].__get__(self)
+
 
 class PrefillGraph(_Base):
     def forward(self, input_ids):
@@ -91,12 +110,7 @@ def weight_names(sliced: list[int]) -> list[str]:
 class DecodeGraph(_Base):
     def __init__(self, model, settings: Settings):
         super().__init__(model, settings)
-        names = weight_names(self.sliced)
-        source = (f"def forward(self, input_ids, past_keys, past_values, {', '.join(names)}):\n"
-                  f"    return self.run(input_ids, past_keys, past_values, [{', '.join(names)}])\n")
-        scope = {}
-        exec(source, scope)
-        self.forward = scope["forward"].__get__(self)
+        self._bind_forward(["input_ids", "past_keys", "past_values"], [weight_names(self.sliced)])
 
     def run(self, input_ids, past_keys, past_values, weights):
         b, t = input_ids.shape
@@ -111,14 +125,7 @@ class DecodeGraph(_Base):
             keys.append(k)
             values.append(v)
             h = h + self._attend(layer, q, k, v, causal=False)   # t == 1: the new token sees everything
-            x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            if i in self.sliced:
-                s = self.sliced.index(i)
-                gate, up = (x @ weights[2 * s]).split(self.keep, -1)
-                h = h + (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
-            else:
-                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + self._decode_ffn(i, layer.mlp, layer.post_attention_layernorm(h), weights)
         logits = self.model.lm_head(self.inner.norm(h))
         return logits, torch.stack(keys), torch.stack(values)
 
@@ -203,14 +210,8 @@ class MatchingDecodeGraph(_Base):
 
     def __init__(self, model, settings: Settings):
         super().__init__(model, settings)
-        # the exporter maps input names to named arguments: give forward one per cache tensor
-        names = [f"past_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
-        weights = weight_names(self.sliced)
-        source = (f"def forward(self, input_ids, position, {', '.join(names + weights)}):\n"
-                  f"    return self.run(input_ids, position, [{', '.join(names)}], [{', '.join(weights)}])\n")
-        scope = {}
-        exec(source, scope)
-        self.forward = scope["forward"].__get__(self)
+        pasts = [f"past_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
+        self._bind_forward(["input_ids", "position"], [pasts, weight_names(self.sliced)])
 
     def run(self, input_ids, position, pasts, weights):
         positions = position.unsqueeze(0)
@@ -222,14 +223,7 @@ class MatchingDecodeGraph(_Base):
             v = torch.cat([pasts[2 * i + 1], v], 2)
             caches += [k, v]
             h = h + self._attend(layer, q, k, v, causal=False)
-            x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            if i in self.sliced:
-                s = self.sliced.index(i)
-                gate, up = (x @ weights[2 * s]).split(self.keep, -1)
-                h = h + (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
-            else:
-                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + self._decode_ffn(i, layer.mlp, layer.post_attention_layernorm(h), weights)
         return (self.model.lm_head(self.inner.norm(h)), *caches)
 
 

@@ -164,14 +164,18 @@ def test_any_model_with_linear_layers(fmnist_two_tasks):
         assert (w == 0).float().mean() > 0.7
 
 
+
+def _assert_same_weights(a, b):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name
+
 def test_batch_norm_statistics_come_from_the_buffer_without_changing_training(fmnist_two_tasks, reference):
     trainer, result, _ = reference
     plain = _trainer(fmnist_two_tasks, bn_from_buffer=False)
     plain_result = plain.run()
     # re-estimating the statistics leaves training alone: same weights, same first-task accuracy
     # with the running statistics
-    for (name, a), b in zip(trainer.model.named_parameters(), plain.model.parameters()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(trainer.model, plain.model)
     assert result["per_task"]["acc_class_il_running_bn"][0] == plain_result["per_task"]["acc_class_il"][0]
     assert plain_result["class_il_running_bn"] == plain_result["class_il"]  # nothing re-estimated
     # each batch norm's statistics are its input's over the buffer
@@ -195,6 +199,5 @@ def test_dgm_changes_nothing_at_90_percent_weight_sparsity(fmnist_two_tasks, ref
     trainer, result, _ = reference
     plain = _trainer(fmnist_two_tasks, dgm=False)
     plain_result = plain.run()
-    for (name, a), b in zip(trainer.model.named_parameters(), plain.model.parameters()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(trainer.model, plain.model)
     assert plain_result["train_flops"] == result["train_flops"]

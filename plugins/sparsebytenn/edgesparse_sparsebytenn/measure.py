@@ -56,7 +56,6 @@ class Measurer:
         return self.cache[key]
 
     def _time(self, info, shape: dict, sparsity: float, threads: int) -> tuple[float, float]:
-        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
         from edgesparse import kernels
@@ -103,16 +102,7 @@ class Measurer:
         sparse = helper.make_model(helper.make_graph(sparse_nodes, "s", [xi], [yi], sparse_inits), opset_imports=opset)
         kernels.attach_functions(sparse)
 
-        def session(model, lib=None):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            if lib:
-                so.register_custom_ops_library(str(lib))
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-        sd, ss = session(dense), session(sparse, self.library())
+        sd, ss = _session(dense, threads), _session(sparse, threads, self.library())
         feed = {"X": x}
         with _timing_lock():
             return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
@@ -124,29 +114,32 @@ def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads:
     per-layer decisions add up (residual adds the dense convs fuse, ORT's per-node cost and the
     layout reorders are only visible here). baseline_uses_library: the baseline holds edgesparse
     ops too (one rewrite compared with the model before it)."""
-    import onnxruntime as ort
-
     from edgesparse import kernels
 
     kernels.attach_functions(sparse_proto)
-
-    def session(model, lib=None):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if lib:
-            so.register_custom_ops_library(str(lib))
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
     if baseline_uses_library:
         kernels.attach_functions(dense_proto)
-    sd, ss = session(dense_proto, library if baseline_uses_library else None), session(sparse_proto, library)
+    sd = _session(dense_proto, threads, library if baseline_uses_library else None)
+    ss = _session(sparse_proto, threads, library)
     with _timing_lock():
         dense_ms, sparse_ms = _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), budget_s)
     return {"dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 3),
             "threads": threads, "batch": {k: list(v.shape) for k, v in feed.items()}}
+
+
+def _session(model, threads: int, library=None):
+    """An ORT session for timing: fixed threads, no spinning between runs (spinning threads steal
+    the other side's time in interleaved runs), the kernel library when the model needs it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if library:
+        so.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
