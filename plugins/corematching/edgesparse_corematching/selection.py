@@ -18,8 +18,8 @@ def token_core_neurons(act: torch.Tensor, rho: float) -> torch.Tensor:
     positive = act > 0
     count = positive.sum(-1, keepdim=True)                       # [B, T, 1]
     keep = torch.ceil(count.to(act.dtype) * rho).clamp(min=1).to(torch.int64)
-    # keep <= ceil(rho * I): a partial top-k of that static size holds every threshold, and costs
-    # about a quarter of a full sort per token (measured in ORT: 11.8 vs 44.6 ms for 256 x 1536)
+    # keep <= ceil(rho * I): a partial top-k of that static size holds every threshold at a third to a
+    # quarter of a full sort's cost in ORT (samples/corematching/selection_cost.py)
     limit = min(act.shape[-1], math.ceil(rho * act.shape[-1]) + 1)
     ordered = torch.topk(act, limit, dim=-1).values
     threshold = ordered.gather(-1, keep - 1)                     # the keep-th largest activation
@@ -30,8 +30,8 @@ def sentence_core_neurons(core: torch.Tensor, act: torch.Tensor, valid: torch.Te
     """Sentence-wise core neurons: the `keep` neurons that are token-wise core for the most valid
     tokens of each sequence; ties go to the larger summed positive activation.
     core [B, T, I] bool, act [B, T, I], valid [B, T] -> int64 [B, keep], ascending."""
-    # sums over the token axis as [B, 1, T] @ [B, T, I] products: ORT's ReduceSum over a middle
-    # axis took 1.75 ms per layer at 256 x 1536, a matrix-vector product a fraction of that
+    # sums over the token axis as [B, 1, T] @ [B, T, I] products: ORT's ReduceSum over a middle axis
+    # was several times slower than a matrix-vector product (samples/corematching/selection_cost.py)
     mask = valid.to(torch.float32).unsqueeze(1)                            # [B, 1, T]
     counts = (mask @ core.to(torch.float32)).squeeze(1)                     # [B, I]
     strength = (mask @ act.clamp(min=0).to(torch.float32)).squeeze(1)
