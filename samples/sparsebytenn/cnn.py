@@ -76,10 +76,15 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.roll(x, (dy, dx), (2, 3))
 
 
-def train_steps(model, x, y, steps, *, lr=2e-3, batch=128, seed=0, weight_decay=1e-4, log=None, schedule=True):
-    """`steps` AdamW steps with a cosine schedule on (x, y) numpy arrays; BatchNorm in train mode."""
+def train_steps(model, x, y, steps, *, lr=2e-3, batch=128, seed=0, weight_decay=1e-4, log=None, schedule=True,
+                teacher=None, alpha=0.5, temperature=4.0):
+    """`steps` AdamW steps with a cosine schedule on (x, y) numpy arrays; BatchNorm in train mode.
+    With a `teacher` (a trained model, run in eval mode on the same augmented batch): the loss is
+    (1 - alpha) x cross-entropy + alpha x T^2 x KL of the temperature-softened outputs (Hinton et al.)."""
     gen = torch.Generator().manual_seed(seed)
     model.to(memory_format=torch.channels_last)  # ~25 % faster depthwise convs on CPU
+    if teacher is not None:
+        teacher.to(memory_format=torch.channels_last).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if schedule else None
     model.train()
@@ -88,7 +93,13 @@ def train_steps(model, x, y, steps, *, lr=2e-3, batch=128, seed=0, weight_decay=
     for step in range(steps):
         idx = torch.randint(0, len(xt), (batch,), generator=gen)
         batch_x = augment(xt[idx], gen).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(batch_x), yt[idx])
+        logits = model(batch_x)
+        loss = F.cross_entropy(logits, yt[idx])
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.log_softmax(teacher(batch_x) / temperature, 1)
+            kd = F.kl_div(F.log_softmax(logits / temperature, 1), soft, log_target=True, reduction="batchmean")
+            loss = (1 - alpha) * loss + alpha * temperature ** 2 * kd
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -49,6 +49,9 @@ SPARSITIES = tuple(float(s) for s in os.environ.get("SBNN_SPARSITIES", "0.3,0.5,
 GRID_STEPS, PKG_STEPS = 100, 200
 EPOCH_STEPS = 469  # one pass over the 60k training images at batch 128
 RECOVERY_STEPS = int(os.environ.get("SBNN_RECOVERY_STEPS", EPOCH_STEPS))
+PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: the pass's prune_stages
+# model.py's loop distills from SBNN_TEACHER when set; results are keyed by the teacher's file name
+TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
 EFF_DISTILL_STEPS = 60
 
 
@@ -118,7 +121,7 @@ def torch_stage(module, calibration, train=None, **options):
     rec = report.get("recovery", {})
     if rec.get("mode", "none") != "none":
         summary["recovery"] = {k: rec[k] for k in ("mode", "steps", "steps_requested", "cut_by_budget", "seconds",
-                                                   "loss_first", "loss_last") if k in rec}
+                                                   "loss_first", "loss_last", "stages") if k in rec}
     return module, summary
 
 
@@ -177,7 +180,8 @@ def cnn_recovery():
     """Recovery with a real budget (RECOVERY_STEPS of the model's own loop: AdamW, cosine schedule
     from 1e-3, one call, no time budget) and, for a fair comparison, the dense model fine-tuned by
     the same loop for the same steps (it was trained 3 epochs only, so extra training helps it too).
-    SBNN_RECOVERY_RUNS: comma-separated runs, 'dense' or '<sparsity>/<rearrange 0|1>/<block>'."""
+    SBNN_RECOVERY_RUNS: comma-separated runs, 'dense' or '<sparsity>/<rearrange 0|1>/<block>[/<prune stages>]'."""
+    import cnn
     import model as factory
 
     dense, calib, train, xt, yt = cnn_setup()
@@ -186,24 +190,31 @@ def cnn_recovery():
     for run in runs:
         lr = os.environ.get("SBNN_LR", "1e-3")
         if run == "dense":
-            key = f"dense/steps={steps}/lr={lr}"
-            if key in load("cnn_recovery"):
+            key = f"dense/steps={steps}/lr={lr}" + TEACHER_KEY
+            keep = cnn.weights_path(f"dense_control_{steps}")  # kept: a teacher for SBNN_TEACHER
+            if key in load("cnn_recovery") and (TEACHER_KEY or keep.is_file()):
                 continue
             t0 = time.time()
             m = copy.deepcopy(dense)
             factory.train_loop(m, steps)
+            if not TEACHER_KEY:
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(m.state_dict(), keep.with_suffix(".tmp"))
+                os.replace(keep.with_suffix(".tmp"), keep)
             save("cnn_recovery", key, {"top1": cnn_acc(m, xt, yt), "steps": steps, "lr": float(lr),
                                        "seconds": round(time.time() - t0, 1)})
             continue
-        s, rearrange, block = run.split("/")
+        s, rearrange, block, stages = (run.split("/") + ["1"])[:4]
         key = f"s{float(s):.1f}/rearrange={rearrange}/block={block}/steps={steps}/lr={lr}"
+        key += (f"/stages={stages}" if stages != "1" else "") + TEACHER_KEY
         if key in load("cnn_recovery"):
             continue
         m, summary = torch_stage(dense, calib, train, sparsity=float(s), dispatch="off", rearrange=rearrange == "1",
                                  block_pointwise=int(block), recovery="train", recovery_steps=steps,
-                                 recovery_seconds=0)
+                                 recovery_seconds=0, prune_stages=int(stages))
         save("cnn_recovery", key, {"top1": cnn_acc(m, xt, yt), "sparsity": float(s), "rearrange": rearrange == "1",
-                                   "block_pointwise": int(block), "steps": steps, "lr": float(lr), **summary})
+                                   "block_pointwise": int(block), "steps": steps, "lr": float(lr),
+                                   "prune_stages": int(stages), **summary})
 
 
 def _prune_reference(module, sparsity: float, kind: str, layers: list[str]):
@@ -271,12 +282,12 @@ def cnn_packages():
     rearr = dict(kv.split(":") for kv in os.environ.get("SBNN_PKG_REARRANGE", "").split(",") if kv)
     for s in SPARSITIES:
         steps = RECOVERY_STEPS
-        key = f"s{s:.1f}/steps={steps}"
+        key = f"s{s:.1f}/steps={steps}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "") + TEACHER_KEY
         if key in load("cnn_packages"):
             continue
         out = OUT / f"fashion-{int(s * 100)}"
         opts = {"sparsity": s, "dispatch": "measure", "rearrange": rearr.get(f"{s:g}", "1") == "1",
-                "recovery": "train", "recovery_steps": steps, "recovery_seconds": 0}
+                "recovery": "train", "recovery_steps": steps, "recovery_seconds": 0, "prune_stages": PRUNE_STAGES}
         t0 = time.time()
         manifest = build_package(f"{HERE / 'model.py'}:build", out, opts)
         build_s = time.time() - t0
@@ -295,7 +306,8 @@ def cnn_packages():
             "kept_dense": [l["layer"] for l in rep["layers"] if l["sparsity"] == 0 and l["kind"] in ("pointwise", "conv", "linear")],
             "whole_model_check": rep.get("whole_model_check"),
             "not_replaced": len(rep.get("onnx", {}).get("not_replaced", [])),
-            "recovery": {k: rec[k] for k in ("mode", "steps", "steps_requested", "cut_by_budget", "seconds") if k in rec},
+            "recovery": {k: rec[k] for k in ("mode", "steps", "steps_requested", "cut_by_budget", "seconds", "stages")
+                         if k in rec},
             "warnings": manifest.get("warnings", []),
             "build_seconds": round(build_s, 1), "load_average": os.getloadavg()[0], "bench": bench(out)})
 

@@ -7,7 +7,8 @@ here on the real Fashion-MNIST training set (cached after the first run).
 calibration: one image, then 7 batches of 128 real training images; train: the user's loop (AdamW on the real
 labelled training set, augmentation as in the original training, a cosine learning-rate schedule over the steps
 of each call), used by recovery=train. One epoch is 469 steps of 128 images.
-Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning peak learning rate, 1e-3).
+Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning peak learning rate, 1e-3),
+SBNN_TEACHER (a state dict of this CNN to distill from while fine-tuning, with the labels).
 """
 from __future__ import annotations
 
@@ -39,10 +40,20 @@ def calibration_batches(n_batches: int = 8, batch: int | None = None, seed: int 
 
 def train_loop(module, steps: int) -> None:
     """The user's training loop: real labels, AdamW, the learning rate annealed from SBNN_LR to 0
-    over the `steps` of this call (a pass that splits its budget into chunks restarts it)."""
+    over the `steps` of this call (a pass that splits its budget into chunks restarts it). With
+    SBNN_TEACHER (a saved state dict of this CNN), the labels are mixed with distillation from it."""
     x, y = data.load("train")
     lr = float(os.environ.get("SBNN_LR", "1e-3"))
-    cnn.train_steps(module, x, y, steps, lr=lr, seed=steps)
+    cnn.train_steps(module, x, y, steps, lr=lr, seed=steps, teacher=teacher())
+
+
+def teacher() -> cnn.FashionMobileNet | None:
+    path = os.environ.get("SBNN_TEACHER")
+    if not path:
+        return None
+    model = cnn.FashionMobileNet()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
 
 
 def build() -> TorchModel:

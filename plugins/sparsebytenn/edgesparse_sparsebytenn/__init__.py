@@ -57,6 +57,9 @@ class SparseByteNN(Pass):
                "from the dense model on the calibration inputs", choices=("none", "train", "distill")),
         Option("bn_recalibration", bool, True, "re-estimate BatchNorm statistics on the calibration inputs after pruning"),
         Option("recovery_steps", int, 200, "training / distillation steps", check=_positive),
+        Option("prune_stages", int, 1, "reach the sparsity in this many steps of a cubic schedule, each followed by "
+               "an equal share of the recovery steps (gradual pruning; 1: prune once, then recover)",
+               check=lambda v: None if v >= 1 else "must be at least 1"),
         Option("recovery_seconds", float, 600.0, "time budget of the recovery (0: no limit)", check=_positive),
         Option("lr", float, 1e-4, "distillation learning rate (Adam)", check=in_range(0.0, 1.0)),
         Option("skip", tuple, (), "layers to leave dense: module-name substrings, ';'-separated"),
@@ -148,32 +151,43 @@ class SparseByteNN(Pass):
         pruned = [i for i in candidates if i.sparsity > 0]
         if self.recovery != "none" and pruned:
             dense_reference = recover.teacher_copy(module) if self.recovery == "distill" else None
-        masks = {}
-        for info in pruned:
-            mask = self._weight_mask(info, info.sparsity)
-            masks[info.module] = torch.from_numpy(mask)
-            with torch.no_grad():
-                info.module.weight.mul_(masks[info.module].to(info.module.weight.dtype))
+        if self.prune_stages > 1 and self.recovery == "none":
+            ctx.warn("prune_stages is ignored without recovery: the sparsity is reached in one step")
+        stages = recover.stage_fractions(self.prune_stages if self.recovery != "none" else 1)
+        shares = recover.split_steps(self.recovery_steps, len(stages))
         recovery = {"mode": "none"}
-        if self.bn_recalibration and pruned:
-            problem = _not_real_data(batches)
-            if problem:
-                ctx.warn(f"BatchNorm statistics not recalibrated: {problem}")
-                recovery["batchnorm_recalibrated"] = 0
-            else:
-                recovery["batchnorm_recalibrated"] = recover.recalibrate_batchnorm(module, batches)
-            module.eval()
-        if self.recovery != "none" and pruned:
+        t_recovery = time.monotonic()
+        for k, (fraction, steps) in enumerate(zip(stages, shares)):
+            # a later stage scores the trained weights; the groups zeroed before score 0 and stay pruned
+            masks = {}
+            for info in pruned:
+                masks[info.module] = torch.from_numpy(self._weight_mask(info, info.sparsity * fraction))
+                with torch.no_grad():
+                    info.module.weight.mul_(masks[info.module].to(info.module.weight.dtype))
+            if self.bn_recalibration and pruned:
+                problem = _not_real_data(batches)
+                if problem:
+                    if k == 0:
+                        ctx.warn(f"BatchNorm statistics not recalibrated: {problem}")
+                    recovery["batchnorm_recalibrated"] = 0
+                else:
+                    recovery["batchnorm_recalibrated"] = recover.recalibrate_batchnorm(module, batches)
+                module.eval()
+            if self.recovery == "none" or not pruned:
+                continue
+            seconds = self.recovery_seconds  # one budget for all the stages
+            if seconds > 0:
+                seconds = max(seconds - (time.monotonic() - t_recovery), 1e-3)
             with recover.masks_kept(masks):
                 if self.recovery == "train":
-                    recovery |= recover.user_training(module, ctx, self.recovery_steps, self.recovery_seconds)
+                    done = recover.user_training(module, ctx, steps, seconds)
                 else:
-                    recovery |= recover.distill(module, dense_reference, ctx, self.recovery_steps,
-                                                self.recovery_seconds, self.lr)
+                    done = recover.distill(module, dense_reference, ctx, steps, seconds, self.lr)
             module.eval()
-            if "cut_by_budget" in recovery:
-                ctx.warn(f"recovery cut short by its time budget: {recovery['steps']} of {recovery['steps_requested']} "
-                         f"steps in {recovery['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
+            recovery = recover.merge_stage(recovery, done, fraction * self.sparsity, len(stages))
+        if "cut_by_budget" in recovery:
+            ctx.warn(f"recovery cut short by its time budget: {recovery['steps']} of {recovery['steps_requested']} "
+                     f"steps in {recovery['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
 
         self._plan = {}
         for info in pruned:

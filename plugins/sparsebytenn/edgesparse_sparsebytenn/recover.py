@@ -84,6 +84,38 @@ def user_training(module, ctx, steps: int, seconds: float) -> dict:
     return _budget({"mode": "train", "steps": sum(calls), "calls": calls}, steps, seconds, t0)
 
 
+def stage_fractions(stages: int) -> list[float]:
+    """Fractions of the target sparsity after each of `stages` pruning steps: the cubic schedule of
+    Zhu & Gupta (2017), s_k = s (1 - (1 - k/K)^3), which prunes most while the network is still
+    redundant and leaves the later stages, at nearly the final sparsity, for recovery."""
+    return [1.0 - (1.0 - k / stages) ** 3 for k in range(1, stages + 1)]
+
+
+def split_steps(steps: int, parts: int) -> list[int]:
+    return [steps // parts + (1 if k < steps % parts else 0) for k in range(parts)]
+
+
+def merge_stage(total: dict, stage: dict, sparsity: float, stages: int) -> dict:
+    """One recovery report over the stages: steps, requests and seconds add up; each stage's
+    sparsity and steps are listed when there is more than one."""
+    if total.get("mode", "none") == "none":
+        merged = total | stage
+    else:
+        merged = total | {k: total[k] + stage[k] for k in ("steps", "steps_requested", "seconds")}
+        if "calls" in stage:
+            merged["calls"] = total["calls"] + stage["calls"]
+        for k in ("loss_last",):
+            if k in stage:
+                merged[k] = stage[k]
+    merged.pop("cut_by_budget", None)
+    if merged["steps"] < merged["steps_requested"]:
+        merged["cut_by_budget"] = (f"recovery_seconds={merged['seconds_budget']:g} allowed {merged['steps']} of "
+                                   f"{merged['steps_requested']} steps")
+    if stages > 1:
+        merged["stages"] = merged.get("stages", []) + [{"sparsity": round(sparsity, 4), "steps": stage["steps"]}]
+    return merged
+
+
 def _budget(result: dict, requested: int, seconds: float, t0: float) -> dict:
     """Steps done vs requested; `cut_by_budget` says when `recovery_seconds` stopped the recovery."""
     result |= {"steps_requested": requested, "seconds": round(time.monotonic() - t0, 2), "seconds_budget": seconds}

@@ -150,6 +150,56 @@ def test_recovery_without_budget_calls_the_loop_once():
     assert not any("time budget" in w for w in ctx.warnings)
 
 
+def test_gradual_pruning_raises_the_sparsity_by_stages_and_keeps_earlier_groups_pruned():
+    """prune_stages=4: the loop is called once per stage with a quarter of the steps; the weights it
+    sees are pruned to the cubic schedule's fractions of the target, each stage's pruned groups a
+    superset of the one before."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
+    seen = []
+
+    def train(module, steps):
+        seen.append((steps, patterns.weight_group_mask(module[0].weight.detach().numpy(), 16)))
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        x = torch.randn(4, 64, 4, 4)
+        for _ in range(steps):  # moves every kept weight, so later stages score trained weights
+            loss = module(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.6, dispatch="off", recovery="train",
+                                  recovery_steps=14, recovery_seconds=0, prune_stages=4, train=train)
+    assert [steps for steps, _ in seen] == [4, 4, 3, 3]
+    want = [0.6 * (1 - (1 - k / 4) ** 3) for k in (1, 2, 3, 4)]
+    kept = [mask.mean() for _, mask in seen]
+    assert [1 - k for k in kept] == pytest.approx(want, abs=1 / 256)  # 256 groups of 16x1
+    for (_, before), (_, after) in zip(seen, seen[1:]):
+        assert not (after & ~before).any()
+    rec = ctx.reports["sparsebytenn"]["recovery"]
+    assert rec["steps"] == rec["steps_requested"] == 14 and rec["calls"] == [4, 4, 3, 3]
+    assert [s["sparsity"] for s in rec["stages"]] == pytest.approx(want, abs=1e-4)
+    assert patterns.weight_group_mask(out[0].weight.detach().numpy(), 16).mean() == pytest.approx(0.4, abs=1 / 256)
+
+
+def test_gradual_pruning_shares_one_time_budget_and_reaches_the_target():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
+    calls = []
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", recovery="train",
+                                  recovery_steps=80, recovery_seconds=0.6, prune_stages=3, train=_sleepy_loop(calls))
+    rec = ctx.reports["sparsebytenn"]["recovery"]
+    assert rec["steps"] == sum(calls) < 80 and rec["cut_by_budget"].endswith(f"{rec['steps']} of 80 steps")
+    assert rec["seconds"] < 2.5 and len(rec["stages"]) == 3
+    assert patterns.weight_group_mask(out[0].weight.detach().numpy(), 16).mean() == pytest.approx(0.5, abs=1 / 256)
+    assert sum("time budget" in w for w in ctx.warnings) == 1
+
+
+def test_prune_stages_without_recovery_is_reported_and_prunes_once():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib(), sparsity=0.5, dispatch="off", prune_stages=4)
+    assert any("prune_stages is ignored" in w for w in ctx.warnings)
+    assert patterns.weight_group_mask(out[0].weight.detach().numpy(), 16).mean() == pytest.approx(0.5, abs=1 / 256)
+
+
 def test_dispatch_measure_times_the_layer_here():
     model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 128, 1)).eval()
     p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), sparsity=0.9, dispatch="measure")
