@@ -271,6 +271,11 @@ def cnn_ablations():
             save("cnn_ablations", key, {"top1": cnn_acc(m, xt, yt), "layers": len(layers)})
 
 
+def package_key(sparsity: float) -> str:
+    return (f"s{sparsity:.1f}/steps={RECOVERY_STEPS}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "")
+            + TEACHER_KEY)
+
+
 def cnn_packages():
     """Full builds through the pass (dispatch=measure, recovery=train RECOVERY_STEPS in one call of the
     model's own loop, no time budget: the same steps whatever the machine's load); the package's own
@@ -282,7 +287,7 @@ def cnn_packages():
     rearr = dict(kv.split(":") for kv in os.environ.get("SBNN_PKG_REARRANGE", "").split(",") if kv)
     for s in SPARSITIES:
         steps = RECOVERY_STEPS
-        key = f"s{s:.1f}/steps={steps}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "") + TEACHER_KEY
+        key = package_key(s)
         if key in load("cnn_packages"):
             continue
         out = OUT / f"fashion-{int(s * 100)}"
@@ -317,7 +322,7 @@ def cnn_package_repeats():
     under the timing lock: the spread of the speedup across runs, not only within one."""
     data = load("cnn_packages")
     for s in SPARSITIES:
-        key = f"s{s:.1f}/steps={RECOVERY_STEPS}"
+        key = package_key(s)
         if key not in data or data[key].get("bench_repeats"):
             continue
         out = OUT / data[key]["package"]
@@ -398,11 +403,11 @@ def eff_packages():
 
 def plot():
     """Top-1 vs whole-model latency of the Fashion-MNIST CNN (`edgesparse bench`, batch 1).
-    Squares: the built packages, accuracy and speed of the same package (cnn_packages.json, one-epoch
-    recovery). Other points: the torch grids (cnn_grid.json without recovery, cnn_recovery.json with
+    Squares: the built packages, accuracy and speed of the same package (cnn_packages.json, labelled
+    with their recovery steps, distillation (KD) and pruning stages). Other points: the torch grids (cnn_grid.json without recovery, cnn_recovery.json with
     one epoch) at the latency of a package of that sparsity (cnn_bench.json): a package's speed depends
     only on which groups it keeps, not on their values. Stars: the dense model (3 epochs) and the dense
-    control fine-tuned for the same epoch."""
+    controls fine-tuned for the same steps as the recoveries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,15 +421,18 @@ def plot():
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 5.0), dpi=100)
     axes = (ax, zoom)
     for ax in axes:
-        control = next((v["top1"] * 100 for k, v in sorted(rec.items()) if k.startswith("dense/")), None)
+        controls = sorted((v["steps"], v["top1"] * 100) for k, v in rec.items() if k.startswith("dense/"))
         for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
             lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
             dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
-            for top1, fill, what in ((grid["dense"]["top1"] * 100, "none", "3 epochs"),
-                                     (control, color, "+1 epoch (control)")):
-                if top1 is not None:
-                    ax.plot([dense_ms], [top1], marker="*", markersize=12, color=color, markerfacecolor=fill,
-                            linestyle="none", label=f"{threads}T dense ONNX, {what}")
+            ax.plot([dense_ms], [grid["dense"]["top1"] * 100], marker="*", markersize=12, color=color,
+                    markerfacecolor="none", linestyle="none", label=f"{threads}T dense ONNX, 3 epochs")
+            if controls:
+                ax.plot([dense_ms] * len(controls), [t for _, t in controls], marker="*", markersize=12, color=color,
+                        linestyle="none", label=f"{threads}T dense ONNX, controls fine-tuned 469/938/1407 steps")
+                for steps, top1 in controls:
+                    ax.annotate(f"dense +{steps}", (dense_ms, top1), textcoords="offset points", xytext=(6, -3),
+                                fontsize=7)
             series = [("no rearr., no recovery", "x", color,
                        {k: grid.get(f"{k}/rearrange=0/recovery=none") for k in lat}),
                       ("rearr., no recovery", "o", "none", {k: grid.get(f"{k}/rearrange=1/recovery=none") for k in lat})]
@@ -444,15 +452,14 @@ def plot():
                   for k, r in pkgs.items()]
             if pk:
                 ax.plot([x for x, _, _ in pk], [y for _, y, _ in pk], marker="s", color=color, linestyle="none",
-                        markersize=7, label=f"{threads}T, built package (1-epoch recovery), its own top-1 and speed")
+                        markersize=7, label=f"{threads}T, built package, its own top-1 and speed")
                 for x, y, k in pk:
-                    ax.annotate(f"{float(k[1:4]):.0%} package", (x, y), textcoords="offset points", xytext=(-10, 6),
-                                fontsize=7)
+                    ax.annotate(_package_label(k), (x, y), textcoords="offset points", xytext=(-10, 6), fontsize=6)
         ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
         ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
         ax.grid(alpha=0.3)
     ax = axes[0]
-    zoom.set_ylim(87.5, 90.8)
+    zoom.set_ylim(87.5, 92.2)
     zoom.set_title("zoom: recovered models and packages", fontsize=8)
     ax.set_title("FashionMobileNet + sparsebytenn: accuracy vs latency (x86, AVX-512, loaded 2-vCPU VM)", fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
@@ -460,6 +467,13 @@ def plot():
     fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(PLOT, dpi=100)
     print(f"wrote {PLOT}")
+
+
+def _package_label(key: str) -> str:
+    """'s0.7/steps=938/teacher=dense_control_938' -> '70 % 938 st. KD'."""
+    parts = dict(p.split("=", 1) for p in key.split("/")[1:])
+    extra = (" KD" if "teacher" in parts else "") + (f" {parts['stages']} stages" if "stages" in parts else "")
+    return f"{float(key[1:4]):.0%} {parts['steps']} st.{extra}"
 
 
 STEPS = {"cnn-grid": cnn_grid, "cnn-recovery": cnn_recovery, "cnn-ablations": cnn_ablations, "cnn-packages": cnn_packages, "cnn-package-repeats": cnn_package_repeats,

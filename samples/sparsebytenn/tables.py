@@ -41,10 +41,9 @@ def recovery():
         return ""
     controls = {k: v for k, v in r.items() if k.startswith("dense/")}
     base = g.get("dense", {}).get("top1")
-    rows = []
-    for key, c in sorted(controls.items()):
-        rows.append(f"Dense, 3 epochs: {pct(base)} %. Dense control, fine-tuned {c['steps']} more steps by the same "
-                    f"loop (lr {c['lr']:g}): **{pct(c['top1'])} %**.\n")
+    listed = ", ".join(f"{c['steps']} steps (lr {c['lr']:g}) **{pct(c['top1'])} %**"
+                       for c in sorted(controls.values(), key=lambda c: c["steps"]))
+    rows = [f"Dense, 3 epochs: {pct(base)} %. Dense controls, fine-tuned by the same loop: {listed}.\n"]
     rows += ["| sparsity | group | rearranged | recovery steps | top-1 | vs dense control | vs 3-epoch dense |",
              "|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in r if not k.startswith("dense/")):
