@@ -430,7 +430,7 @@ def plot():
             if controls:
                 ax.plot([dense_ms] * len(controls), [t for _, t in controls], marker="*", markersize=12, color=color,
                         linestyle="none", label=f"{threads}T dense ONNX, controls fine-tuned 469/938/1407 steps")
-                for steps, top1 in controls:
+                for steps, top1 in controls if ax is zoom else ():
                     ax.annotate(f"dense +{steps}", (dense_ms, top1), textcoords="offset points", xytext=(6, -3),
                                 fontsize=7)
             series = [("no rearr., no recovery", "x", color,
@@ -453,7 +453,7 @@ def plot():
             if pk:
                 ax.plot([x for x, _, _ in pk], [y for _, y, _ in pk], marker="s", color=color, linestyle="none",
                         markersize=7, label=f"{threads}T, built package, its own top-1 and speed")
-                for x, y, k in pk:
+                for x, y, k in pk if ax is zoom else ():  # the wide panel has no room for them
                     ax.annotate(_package_label(k), (x, y), textcoords="offset points", xytext=(-10, 6), fontsize=6)
         ax.set_xlabel("whole-model latency, batch 1, ms (median, edgesparse bench)", fontsize=8)
         ax.set_ylabel("Fashion-MNIST test top-1, %", fontsize=8)
