@@ -118,7 +118,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
 @main.command()
 @click.argument("package")
 @click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
-@click.option("--rounds", default=30, show_default=True, help="Interleaved rounds at most.")
+@click.option("--rounds", default=300, show_default=True,
+              help="Interleaved rounds at most; each thread count also stops after 5 s. Sub-ms models need the hundreds.")
 @click.option("--quick", is_flag=True, help="For `bench kernels`: a few shapes only.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(package, threads, rounds, quick, as_json):
