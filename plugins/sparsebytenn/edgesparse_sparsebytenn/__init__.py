@@ -130,7 +130,6 @@ class SparseByteNN(Pass):
                 if info.sparsity == 0.0 and self.sparsity > 0:
                     info.reason = f"the sparse kernel would not beat dense on {ctx.target.name} at {self.sparsity:.0%}"
 
-        dense_reference = None
         rearrangement = {"enabled": bool(self.rearrange)}
         if self.rearrange and self.sparsity > 0:
             rearrangement = self._rearrange(module, layers, batches, ctx)
@@ -149,8 +148,27 @@ class SparseByteNN(Pass):
                                    else "sensitivity allocation left it dense")
 
         pruned = [i for i in candidates if i.sparsity > 0]
-        if self.recovery != "none" and pruned:
-            dense_reference = recover.teacher_copy(module) if self.recovery == "distill" else None
+        recovery = self._prune_and_recover(module, pruned, batches, ctx)
+
+        self._plan = {}
+        for info in pruned:
+            w = info.module.weight.detach().cpu().numpy()
+            self._plan[info.param] = {  # mask: the groups holding a non-zero (what the kernel keeps)
+                "module": info.name, "kind": info.kind, "block": info.block, "shape": list(w.shape),
+                "mask": patterns.weight_group_mask(w, info.block), "sparsity": info.sparsity,
+            }
+
+        self._report_torch(ctx, layers, pruned, rearrangement, recovery, time.monotonic() - t_start)
+        self._gm = None
+        return module
+
+    def _prune_and_recover(self, module, pruned: list[LayerInfo], batches, ctx) -> dict:
+        """Zero the pruned groups (in `prune_stages` steps when recovering), re-estimate BatchNorm
+        statistics after each, recover with the masks kept. Returns the report's `recovery`."""
+        import torch
+
+        # the teacher of recovery=distill: the dense network, rearranged, before any pruning
+        dense_reference = recover.teacher_copy(module) if self.recovery == "distill" and pruned else None
         if self.prune_stages > 1 and self.recovery == "none":
             ctx.warn("prune_stages is ignored without recovery: the sparsity is reached in one step")
         stages = recover.stage_fractions(self.prune_stages if self.recovery != "none" else 1)
@@ -188,18 +206,7 @@ class SparseByteNN(Pass):
         if "cut_by_budget" in recovery:
             ctx.warn(f"recovery cut short by its time budget: {recovery['steps']} of {recovery['steps_requested']} "
                      f"steps in {recovery['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
-
-        self._plan = {}
-        for info in pruned:
-            w = info.module.weight.detach().cpu().numpy()
-            self._plan[info.param] = {  # mask: the groups holding a non-zero (what the kernel keeps)
-                "module": info.name, "kind": info.kind, "block": info.block, "shape": list(w.shape),
-                "mask": patterns.weight_group_mask(w, info.block), "sparsity": info.sparsity,
-            }
-
-        self._report_torch(ctx, layers, pruned, rearrangement, recovery, time.monotonic() - t_start)
-        self._gm = None
-        return module
+        return recovery
 
     def _static_reason(self, info: LayerInfo) -> str | None:
         if info.kind == "depthwise":
