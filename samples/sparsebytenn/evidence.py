@@ -49,6 +49,8 @@ SPARSITIES = tuple(float(s) for s in os.environ.get("SBNN_SPARSITIES", "0.3,0.5,
 GRID_STEPS, PKG_STEPS = 100, 200
 EPOCH_STEPS = 469  # one pass over the 60k training images at batch 128
 RECOVERY_STEPS = int(os.environ.get("SBNN_RECOVERY_STEPS", EPOCH_STEPS))
+# cnn-package-repeats: runs and rounds per run (sub-ms models: hundreds of rounds narrow the spread)
+REPEATS, REPEAT_ROUNDS = int(os.environ.get("SBNN_REPEATS", "3")), int(os.environ.get("SBNN_REPEAT_ROUNDS", "100"))
 PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: the pass's prune_stages
 # model.py's loop distills from SBNN_TEACHER when set; results are keyed by the teacher's file name
 TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
@@ -122,6 +124,7 @@ def torch_stage(module, calibration, train=None, **options):
     if rec.get("mode", "none") != "none":
         summary["recovery"] = {k: rec[k] for k in ("mode", "steps", "steps_requested", "cut_by_budget", "seconds",
                                                    "loss_first", "loss_last", "stages") if k in rec}
+    summary["layer_sparsity"] = {l["layer"]: l["sparsity"] for l in report["layers"] if l["kind"] != "depthwise"}
     return module, summary
 
 
@@ -318,20 +321,21 @@ def cnn_packages():
 
 
 def cnn_package_repeats():
-    """`edgesparse bench` of the built packages (cnn-packages) three more times, 100 rounds each,
-    under the timing lock: the spread of the speedup across runs, not only within one."""
+    """`edgesparse bench` of the built packages (cnn-packages) SBNN_REPEATS more times (3), SBNN_REPEAT_ROUNDS
+    rounds each (100), under the timing lock: the spread of the speedup across runs, not only within one."""
     data = load("cnn_packages")
     for s in SPARSITIES:
         key = package_key(s)
-        if key not in data or data[key].get("bench_repeats"):
+        field = "bench_repeats" if REPEAT_ROUNDS == 100 else f"bench_repeats_{REPEAT_ROUNDS}_rounds"
+        if key not in data or data[key].get(field):
             continue
         out = OUT / data[key]["package"]
-        runs = [bench(out, rounds=100) for _ in range(3)]
+        runs = [bench(out, rounds=REPEAT_ROUNDS) for _ in range(REPEATS)]
         repeats = [{"threads": b["threads"], "speedup": round(b["speedup"], 3),
                     "dense_ms": round(b["dense"]["median_ms"], 3), "package_ms": round(b["package"]["median_ms"], 3)}
                    for run in runs for b in run]
         save("cnn_packages", key, {k: v for k, v in data[key].items() if k not in ("date", "cpu")}
-             | {"bench_repeats": repeats})
+             | {field: repeats})
 
 
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------------

@@ -104,9 +104,8 @@ def merge_stage(total: dict, stage: dict, sparsity: float, stages: int) -> dict:
         merged = total | {k: total[k] + stage[k] for k in ("steps", "steps_requested", "seconds")}
         if "calls" in stage:
             merged["calls"] = total["calls"] + stage["calls"]
-        for k in ("loss_last",):
-            if k in stage:
-                merged[k] = stage[k]
+        if "loss_last" in stage:
+            merged["loss_last"] = stage["loss_last"]
     merged.pop("cut_by_budget", None)
     if merged["steps"] < merged["steps_requested"]:
         merged["cut_by_budget"] = (f"recovery_seconds={merged['seconds_budget']:g} allowed {merged['steps']} of "
