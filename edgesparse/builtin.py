@@ -48,7 +48,7 @@ def describe(node, arrays: dict, shapes: dict) -> dict:
         return {"shape": [k, n], "block": block, "kept_blocks": int(len(k_index)),
                 "sparsity": 1.0 - len(k_index) / total_blocks if total_blocks else 0.0}
     if node.op_type == "DepthwiseConv":
-        return {"sparsity": 0.0, "note": "dense depthwise conv kept in NCHW next to sparse convs (no layout reorders)"}
+        return {"sparsity": 0.0, "note": "dense depthwise conv kept in the sparse convs' layout (no ORT reorders)"}
     if node.op_type in ("BlockSparseConv", "BlockSparseConvAdd"):
         values, c_index, row_ptr = (arrays.get(n) for n in inputs[1:4])
         if values is None:
@@ -75,6 +75,9 @@ def densify(node, arrays: dict, shapes: dict):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     activation = attrs.get("activation", b"none")
     activation = activation.decode() if isinstance(activation, bytes) else activation
+    x_shape = shapes.get(inputs[0]) or []
+    if attrs.get("x_channel_block", 1) != 1 or attrs.get("y_channel_block", 1) != 1:
+        return None  # NCHW16c: the function converts the layouts
     if node.op_type == "DepthwiseConv":  # dense already: the standard Conv it stands for
         conv_attrs = {k: attrs[k] for k in ("group", "kernel_shape", "strides", "pads", "dilations") if k in attrs}
         nodes = [helper.make_node("Conv", inputs[:3], [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]
@@ -82,7 +85,6 @@ def densify(node, arrays: dict, shapes: dict):
     weights = [arrays.get(n) for n in inputs[1:4]]
     if node.op_type not in ("BlockSparseMatMul", "BlockSparseConv", "BlockSparseConvAdd") or any(w is None for w in weights):
         return None
-    x_shape = shapes.get(inputs[0]) or []
     if node.op_type == "BlockSparseMatMul":
         packed = dict(zip(("values", "k_index", "row_ptr"), weights))
         k = x_shape[-1] if x_shape and isinstance(x_shape[-1], int) else None
@@ -114,6 +116,8 @@ def _conv_in_channels(attrs: dict, x_shape, c_index) -> int:
     if "in_channels" in attrs:
         value = attrs["in_channels"]
         return int(value.i if hasattr(value, "i") else value)
+    if x_shape and len(x_shape) == 5 and isinstance(x_shape[1], int):  # NCHW16c
+        return x_shape[1] * 16
     if x_shape and len(x_shape) > 1 and isinstance(x_shape[1], int):
         return x_shape[1]
     return int(c_index.max(initial=-1)) + 1

@@ -94,6 +94,7 @@ def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
         dense.graph.initializer.extend(initializers)
         used_by_sparse.update(node.input[1:])
     if inline:
+        _fill_attribute_defaults(dense)
         dense = onnx.inliner.inline_local_functions(dense)
     del dense.functions[:]
     still_used = {i for n in dense.graph.node for i in n.input}
@@ -104,6 +105,18 @@ def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
         if opset.domain in by_domain:
             dense.opset_import.remove(opset)
     return dense
+
+
+def _fill_attribute_defaults(model: onnx.ModelProto) -> None:
+    """Give every node calling a model-local function the function's attribute defaults it does not
+    set (onnx's inliner leaves references to absent attributes unresolved, where ORT would use the
+    default)."""
+    defaults = {(f.domain, f.name): list(f.attribute_proto) for f in model.functions}
+    for node in model.graph.node:
+        have = {a.name for a in node.attribute}
+        for default in defaults.get((node.domain, node.op_type), []):
+            if default.name not in have:
+                node.attribute.append(default)
 
 
 def value_shapes(model: onnx.ModelProto) -> dict[str, list]:

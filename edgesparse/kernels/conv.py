@@ -14,6 +14,8 @@ channels x 1 input channel x all kh*kw taps (B in {4, 8, 16}), NB = ceil(O / B):
   ``strides`` [2] = (1, 1), ``pads`` [4] = (top, left, bottom, right) = 0,
   ``dilations`` [2] = (1, 1), ``activation`` ("none" | "relu" | "relu6" | "silu")
 - output 0 ``Y`` float [N, O, OH, OW] (ONNX Conv output size, explicit pads)
+- layouts: attributes ``x_channel_block`` / ``y_channel_block`` = 16 put X / Y (and the residual)
+  in NCHW16c [N, C/16, H, W, 16] (see nchw16c: 1x1, stride 1, no padding, B = 16 only)
 
 ``com.edgesparse::BlockSparseConvAdd`` is the same plus a required input 5 ``residual`` float
 [N, O, OH, OW], Y = act(conv(X) + bias) + residual: a conv and the residual Add after it in one
@@ -97,11 +99,17 @@ def conv2d_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilatio
 
 def block_sparse_conv_reference(x, packed, out_channels, kernel_shape, bias=None, strides=(1, 1),
                                 pads=(0, 0, 0, 0), dilations=(1, 1), activation="none",
-                                residual=None) -> np.ndarray:
-    """What BlockSparseConv computes (BlockSparseConvAdd when `residual` is given), in numpy."""
-    w = unpack_block_sparse_conv(packed, out_channels, np.asarray(x).shape[1], kernel_shape)
+                                residual=None, y_channel_block=1) -> np.ndarray:
+    """What BlockSparseConv computes (BlockSparseConvAdd when `residual` is given), in numpy. X may
+    be NCHW or NCHW16c (by its rank); Y and the residual are in the layout of `y_channel_block`."""
+    from edgesparse.kernels.nchw16c import in_layout, to_nchw
+
+    x = to_nchw(x)
+    w = unpack_block_sparse_conv(packed, out_channels, x.shape[1], kernel_shape)
     y = conv2d_reference(x, w, bias, strides, pads, dilations, activation)
-    return y if residual is None else (y.astype(np.float64) + np.asarray(residual, np.float64)).astype(np.float32)
+    if residual is not None:
+        y = (y.astype(np.float64) + to_nchw(np.asarray(residual, np.float64))).astype(np.float32)
+    return in_layout(y, y_channel_block)
 
 
 def make_block_sparse_conv(
@@ -120,11 +128,14 @@ def make_block_sparse_conv(
     prefix: str | None = None,
     in_channels: int | None = None,
     residual: str | None = None,
+    x_channel_block: int = 1,
+    y_channel_block: int = 1,
 ):
     """Node + initializers (``<prefix>.values``, ``.c_index``, ``.row_ptr``, ``.bias``).
     `in_channels` (optional, recommended) records C for tools that read the node without shape
     information: the packed groups cannot tell it when the last input channels are all pruned.
-    `residual` (a value name): a BlockSparseConvAdd node, Y = act(conv(X) + bias) + residual."""
+    `residual` (a value name): a BlockSparseConvAdd node, Y = act(conv(X) + bias) + residual.
+    `x_channel_block` / `y_channel_block` 16: X / Y in NCHW16c (see nchw16c)."""
     import onnx
     from onnx import numpy_helper
 
@@ -155,6 +166,8 @@ def make_block_sparse_conv(
         kernel_shape=[kh, kw], strides=[int(s) for s in strides], pads=[int(p) for p in pads],
         dilations=[int(d) for d in dilations], activation=activation,
         **({} if in_channels is None else {"in_channels": int(in_channels)}),
+        **({} if x_channel_block == 1 else {"x_channel_block": int(x_channel_block)}),
+        **({} if y_channel_block == 1 else {"y_channel_block": int(y_channel_block)}),
     )  # fmt: skip
     return node, inits
 

@@ -12,6 +12,8 @@ sits between two of our NCHW sparse convs costs two layout reorders; this op kee
   [kh, kw] (must match W), ``strides`` [2] = (1, 1), ``pads`` [4] = (top, left, bottom, right) = 0,
   ``dilations`` [2] = (1, 1), ``activation`` ("none" | "relu" | "relu6" | "silu")
 - output 0 ``Y`` float [N, C, OH, OW] (ONNX Conv output size, explicit pads)
+- layout: attributes ``x_channel_block`` = ``y_channel_block`` = 16 put X and Y in NCHW16c ([N, C/16, H, W, 16], see
+  nchw16c), where the kernel works on full vectors of 16 channels and beats ORT's own depthwise conv
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ DEPTHWISE_ACTIVATIONS = ("none", "relu", "relu6", "silu")
 
 
 def depthwise_conv_reference(x, w, bias=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
-                             activation="none") -> np.ndarray:
-    """What DepthwiseConv computes, in float64 numpy (float32 result)."""
+                             activation="none", y_channel_block=1) -> np.ndarray:
+    """What DepthwiseConv computes, in float64 numpy (float32 result); X's layout by its rank."""
     from edgesparse.kernels.conv import conv2d_reference
+    from edgesparse.kernels.nchw16c import in_layout, to_nchw
 
-    return conv2d_reference(x, w, bias, strides, pads, dilations, activation, depthwise=True)
+    y = conv2d_reference(to_nchw(x), w, bias, strides, pads, dilations, activation, depthwise=True)
+    return in_layout(y, y_channel_block)
 
 
 def make_depthwise_conv(x: str, y: str, w: np.ndarray, *, name: str, strides=(1, 1), pads=(0, 0, 0, 0),
                         dilations=(1, 1), bias: np.ndarray | None = None, activation: str = "none",
-                        prefix: str | None = None):
-    """Node + initializers (``<prefix>.weight``, ``<prefix>.bias``) for a depthwise weight [C, 1, kh, kw]."""
+                        prefix: str | None = None, y_channel_block: int = 1):
+    """Node + initializers (``<prefix>.weight``, ``<prefix>.bias``) for a depthwise weight [C, 1, kh, kw].
+    `y_channel_block` 16: X and Y in NCHW16c."""
     import onnx
     from onnx import numpy_helper
 
@@ -55,5 +60,7 @@ def make_depthwise_conv(x: str, y: str, w: np.ndarray, *, name: str, strides=(1,
         "DepthwiseConv", [x, *(t.name for t in inits)], [y], name=name, domain=DOMAIN, group=int(c),
         kernel_shape=[int(kh), int(kw)], strides=[int(s) for s in strides], pads=[int(p) for p in pads],
         dilations=[int(d) for d in dilations], activation=activation,
+        **({} if y_channel_block == 1 else {"x_channel_block": int(y_channel_block),
+                                            "y_channel_block": int(y_channel_block)}),
     )  # fmt: skip
     return node, inits

@@ -155,14 +155,36 @@ def _row_of_blocks(b: _Body, row_ptr: str, nnzb: str) -> str:
     return b.op("Slice", [b.op("CumSum", [marks, b.const(0, np.int64)]), b.const([0], np.int64), nnzb])
 
 
+def _to_nchw(b: _Body, x: str) -> str:
+    """X as NCHW whether it is NCHW or NCHW16c (without knowing which: a 4-D [N, C, H, W] is read
+    as [N, C, H, W, 1], whose transpose and reshape below leave it as it was)."""
+    five = b.op("Reshape", [x, b.op("Concat", [b.shape(x, end=4), b.const([-1], np.int64)], axis=0)])
+    t = b.op("Transpose", [five], perm=[0, 1, 4, 2, 3])
+    return b.op("Reshape", [t, b.op("Concat", [b.shape(x, end=1), b.const([-1], np.int64), b.shape(x, start=2, end=4)],
+                                   axis=0)])
+
+
+def _to_y_layout(b: _Body, y: str, out: str) -> None:
+    """out = NCHW y in the layout of the calling node's y_channel_block (1: as is; 16: NCHW16c):
+    [N, O/k, OH, OW, k] with the last axis dropped when k = 1."""
+    k = b.op("Reshape", [b.attr_const("value_int", "y_channel_block"), b.const([1], np.int64)])
+    n, hw, minus1 = b.shape(y, end=1), b.shape(y, start=2), b.const([-1], np.int64)
+    five = b.op("Reshape", [y, b.op("Concat", [n, minus1, k, hw], axis=0)])
+    t = b.op("Transpose", [five], perm=[0, 1, 3, 4, 2])
+    keep = b.op("Min", [b.op("Sub", [k, b.const([1], np.int64)]), b.const([1], np.int64)])  # 0 when k = 1
+    last = b.op("Slice", [k, b.const([0], np.int64), keep])
+    b.nodes.append(helper.make_node("Reshape", [t, b.op("Concat", [n, minus1, hw, last], axis=0)], [out]))
+
+
 def _block_sparse_conv(opset: int, residual: bool = False) -> onnx.FunctionProto:
     b = _Body(opset)
+    b.nodes.append(helper.make_node("Identity", [_to_nchw(b, "X")], ["_x"]))
     one = b.const([1], np.int64)
     zero = b.const([0], np.int64)
     nnzb = b.shape("values", end=1)
     taps = b.shape("values", start=1, end=2)
     block = b.shape("values", start=2)
-    c = b.shape("X", start=1, end=2)
+    c = b.shape("_x", start=1, end=2)
     nb = b.op("Sub", [b.shape("row_ptr"), one])
     row_of = _row_of_blocks(b, "row_ptr", nnzb)
     idx = b.op("Concat", [b.op("Unsqueeze", [row_of, one]),
@@ -175,26 +197,28 @@ def _block_sparse_conv(opset: int, residual: bool = False) -> onnx.FunctionProto
     w = b.op("Reshape", [wt, b.op("Concat", [b.const([-1], np.int64), c, ks], axis=0)])
     o1 = b.op("Reshape", [b.attr_const("value_int", "out_channels"), one])
     w = b.op("Slice", [w, zero, o1, zero])  # [O, C, kh, kw]
-    conv = helper.make_node("Conv", ["X", w, "bias"], ["_conv_out"])
+    conv = helper.make_node("Conv", ["_x", w, "bias"], ["_conv_out"])
     for name in ("kernel_shape", "strides", "pads", "dilations"):
         a = onnx.AttributeProto()
         a.name, a.ref_attr_name, a.type = name, name, onnx.AttributeProto.INTS
         conv.attribute.append(a)
     b.nodes.append(conv)
-    b.activation("_conv_out", ("relu", "relu6", "silu"), "_act_out" if residual else "Y")
+    b.activation("_conv_out", ("relu", "relu6", "silu"), "_act_out")
     if residual:
-        b.nodes.append(helper.make_node("Add", ["_act_out", "residual"], ["Y"]))
+        b.nodes.append(helper.make_node("Add", ["_act_out", _to_nchw(b, "residual")], ["_sum_out"]))
+    _to_y_layout(b, "_sum_out" if residual else "_act_out", "Y")
     return helper.make_function(
         DOMAIN, "BlockSparseConvAdd" if residual else "BlockSparseConv",
         ["X", "values", "c_index", "row_ptr", "bias", *(["residual"] if residual else [])], ["Y"], b.nodes,
         [helper.make_opsetid("", opset)], attributes=["out_channels", "in_channels", "kernel_shape", "strides", "pads", "dilations"],
-        attribute_protos=[_string_default("activation", "none")],
+        attribute_protos=[_string_default("activation", "none"), helper.make_attribute("x_channel_block", 1),
+                          helper.make_attribute("y_channel_block", 1)],
     )
 
 
 def _depthwise_conv(opset: int) -> onnx.FunctionProto:
     b = _Body(opset)
-    conv = helper.make_node("Conv", ["X", "W", "B"], ["_conv_out"])
+    conv = helper.make_node("Conv", [_to_nchw(b, "X"), "W", "B"], ["_conv_out"])
     for name, kind in (("group", onnx.AttributeProto.INT), ("kernel_shape", onnx.AttributeProto.INTS),
                        ("strides", onnx.AttributeProto.INTS), ("pads", onnx.AttributeProto.INTS),
                        ("dilations", onnx.AttributeProto.INTS)):
@@ -202,11 +226,13 @@ def _depthwise_conv(opset: int) -> onnx.FunctionProto:
         a.name, a.ref_attr_name, a.type = name, name, kind
         conv.attribute.append(a)
     b.nodes.append(conv)
-    b.activation("_conv_out", ("relu", "relu6", "silu"), "Y")
+    b.activation("_conv_out", ("relu", "relu6", "silu"), "_act_out")
+    _to_y_layout(b, "_act_out", "Y")
     return helper.make_function(
         DOMAIN, "DepthwiseConv", ["X", "W", "B"], ["Y"], b.nodes, [helper.make_opsetid("", opset)],
         attributes=["group", "kernel_shape", "strides", "pads", "dilations"],
-        attribute_protos=[_string_default("activation", "none")],
+        attribute_protos=[_string_default("activation", "none"), helper.make_attribute("x_channel_block", 1),
+                          helper.make_attribute("y_channel_block", 1)],
     )
 
 

@@ -70,6 +70,10 @@ typedef struct es_bsconv_args {
   /* Optional (NULL: none), [batch, cout, oh, ow]: added to act(conv + bias), i.e. a residual Add
    * that follows the conv. May not alias y. */
   const float* residual;
+  /* Channel layouts: 0 or 1 = NCHW; 16 = NCHW16c ([N, C/16, H, W, 16], C a multiple of 16). The
+   * residual has y's layout. Anything but NCHW in and out needs the bsconv16 contract (1x1, stride
+   * 1, no padding, block 16): see nchw16c_kernel.h. */
+  int32_t x_block, y_block;
 } es_bsconv_args;
 
 /* NCHW depthwise 2-D convolution (group = channels, one filter per channel), fused bias and
@@ -81,7 +85,8 @@ typedef struct es_dwconv_args {
   int64_t kh, kw, stride_h, stride_w, dil_h, dil_w;
   int64_t pad_top, pad_left; /* bottom/right pads are implied by oh/ow */
   int64_t oh, ow;
-  int32_t activation, _pad;
+  int32_t activation;
+  int32_t channel_block; /* 0 or 1: X and Y NCHW; 16: both NCHW16c (channels a multiple of 16) */
   const float* weights;
   const float* bias;
   float* y;
@@ -171,6 +176,11 @@ typedef struct es_kernel_table {
    * image n (callers split channels over threads, each with its own scratch). */
   int64_t (*dwconv_scratch)(const es_dwconv_args* a);
   void (*dwconv_range)(const es_dwconv_args* a, float* scratch, int64_t n, int64_t c_begin, int64_t c_end);
+  /* NCHW16c (nchw16c_kernel.h): pointwise conv, image n, positions [q_begin, q_end) of h*w, block
+   * rows [j_begin, j_end); depthwise conv, image n, 16-channel blocks [cb_begin, cb_end). */
+  void (*bsconv16_range)(const es_bsconv_args* a, int64_t n, int64_t q_begin, int64_t q_end, int64_t j_begin,
+                         int64_t j_end);
+  void (*dwconv16_range)(const es_dwconv_args* a, int64_t n, int64_t cb_begin, int64_t cb_end);
 } es_kernel_table;
 
 /* The table of the best ISA this CPU supports among those compiled in, or the

@@ -99,10 +99,14 @@ extern "C" ES_API void es_bsmm_f32(const es_bsmm_args* a) {
 
 extern "C" ES_API void es_bsconv_f32(const es_bsconv_args* a) {
   const es_kernel_table* t = es_kernels();
+  const int64_t nb = (a->cout + a->block - 1) / a->block;
+  if (a->x_block > 1 || a->y_block > 1) {
+    for (int64_t n = 0; n < a->batch; ++n) t->bsconv16_range(a, n, 0, a->h * a->w, 0, nb);
+    return;
+  }
   const int64_t need = t->bsconv_prepared_floats(a);
   float* prep = need ? (float*)malloc(sizeof(float) * (size_t)need) : nullptr;
   if (need && !prep) return;
-  const int64_t nb = (a->cout + a->block - 1) / a->block;
   for (int64_t n = 0; n < a->batch; ++n) {
     t->bsconv_prepare(a, prep, n, 0, a->cin, nullptr);
     t->bsconv_range(a, prep, n, 0, t->bsconv_positions(a), 0, nb);
@@ -120,6 +124,10 @@ extern "C" ES_API void es_gffn_f32(const es_gffn_args* a) {
 
 extern "C" ES_API void es_dwconv_f32(const es_dwconv_args* a) {
   const es_kernel_table* t = es_kernels();
+  if (a->channel_block > 1) {
+    for (int64_t n = 0; n < a->batch; ++n) t->dwconv16_range(a, n, 0, a->channels / 16);
+    return;
+  }
   float* scratch = (float*)malloc(sizeof(float) * (size_t)t->dwconv_scratch(a));
   if (!scratch) return;
   for (int64_t n = 0; n < a->batch; ++n) t->dwconv_range(a, scratch, n, 0, a->channels);

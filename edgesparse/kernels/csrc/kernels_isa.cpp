@@ -4,6 +4,7 @@
 #include "bsmm_kernel.h"
 #include "dwconv_kernel.h"
 #include "gffn_kernel.h"
+#include "nchw16c_kernel.h"
 #include "es_kernels.h"
 
 #ifndef ES_TABLE_NAME
@@ -30,4 +31,6 @@ extern "C" const es_kernel_table ES_TABLE_NAME = {
     ES_NS::bsmm_tile,
     ES_NS::dwconv_scratch,
     ES_NS::dwconv_range,
+    ES_NS::bsconv16_range,
+    ES_NS::dwconv16_range,
 };

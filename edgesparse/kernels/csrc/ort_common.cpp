@@ -140,4 +140,24 @@ int64_t chunk_count(double work) {
   return std::max<int64_t>(2, std::min<int64_t>(c, 128));
 }
 
+ImageDims image_dims(const std::vector<int64_t>& s, const char* what) {
+  ImageDims d;
+  if (s.size() == 4) {
+    d.n = s[0], d.c = s[1], d.h = s[2], d.w = s[3];
+    return d;
+  }
+  if (s.size() == 5 && s[4] == 16) {
+    d.n = s[0], d.c = s[1] * 16, d.h = s[2], d.w = s[3], d.block = 16;
+    return d;
+  }
+  throw NodeError(std::string(what) + " must be 4-D NCHW or 5-D NCHW16c [N, C/16, H, W, 16], got " + shape_str(s));
+}
+
+int32_t channel_block_attr(const OrtKernelInfo* info, const char* name) {
+  const int64_t b = attr_int_or(info, name, 1);
+  if (b != 1 && b != 16)
+    throw NodeError(std::string("attribute ") + name + " must be 1 (NCHW) or 16 (NCHW16c), got " + std::to_string(b));
+  return (int32_t)b;
+}
+
 }  // namespace es_ort

@@ -166,6 +166,21 @@ std::vector<int64_t> split_rows(const int32_t* row_ptr, int64_t nb, int64_t part
 // How many parallel chunks a job of `work` multiply-adds deserves.
 int64_t chunk_count(double work);
 
+// An image tensor in NCHW ([N, C, H, W], block 1) or NCHW16c ([N, C/16, H, W, 16], block 16): the
+// layout is told by the rank. Throws naming `what` for any other shape.
+struct ImageDims {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  int32_t block = 1;
+  std::vector<int64_t> shape() const {
+    if (block == 1) return {n, c, h, w};
+    return {n, c / block, h, w, block};
+  }
+};
+ImageDims image_dims(const std::vector<int64_t>& s, const char* what);
+
+// A layout attribute (x_channel_block, y_channel_block): 1 (NCHW, the default) or 16 (NCHW16c).
+int32_t channel_block_attr(const OrtKernelInfo* info, const char* name);
+
 }  // namespace es_ort
 
 #endif

@@ -2,11 +2,13 @@
 // BlockSparseConvAdd (the same plus a required input 5, residual [N, O, OH, OW], added after the
 // activation: a conv followed by a residual Add in one node).
 //
-// Inputs: X float [N, C, H, W], values float [nnzb, kh*kw, B], c_index int32
-// [nnzb], row_ptr int32 [ceil(O/B)+1], bias float [O] (optional).
+// Inputs: X float [N, C, H, W] (or NCHW16c [N, C/16, H, W, 16]), values float [nnzb, kh*kw, B],
+// c_index int32 [nnzb], row_ptr int32 [ceil(O/B)+1], bias float [O] (optional).
 // Attributes: out_channels (int, required), kernel_shape [kh, kw] (required),
 // strides [2] (1,1), pads [4] (top, left, bottom, right; 0), dilations [2]
-// (1,1), activation ("none"|"relu"|"relu6"|"silu"), group (must be 1).
+// (1,1), activation ("none"|"relu"|"relu6"|"silu"), group (must be 1), x_channel_block (1: X
+// NCHW; 16: X NCHW16c), y_channel_block (the same for Y and the residual). NCHW16c on either side:
+// 1x1, stride 1, no padding, B = 16.
 #include <algorithm>
 #include <cstring>
 
@@ -63,6 +65,7 @@ struct ConvKernel {
   bool constant = false;
   ConvWeights weights;
   bool residual = false;
+  int32_t x_block = 1, y_block = 1;
   const es_kernel_table* table = es_kernels();
 
   ConvKernel(const OrtKernelInfo* info, bool with_residual) : residual(with_residual) {
@@ -92,6 +95,9 @@ struct ConvKernel {
     pb = pa[2];
     pr = pa[3];
     activation = activation_code(attr_string_or(info, "activation", "none"), true, false);
+    x_block = channel_block_attr(info, "x_channel_block");
+    y_block = channel_block_attr(info, "y_channel_block");
+    if (y_block == 16 && cout % 16) throw NodeError("y_channel_block 16 needs out_channels a multiple of 16");
 
     ONNXTensorElementDataType xt;
     std::vector<int64_t> xshape;
@@ -99,8 +105,10 @@ struct ConvKernel {
     if (input_type(info, 0, &xt, &xshape)) {
       if (xt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         throw NodeError(std::string("X (input 0) must be float, got ") + dtype_name(xt));
-      if (!xshape.empty() && xshape.size() != 4) throw NodeError("X must be 4-D NCHW, got " + shape_str(xshape));
-      if (xshape.size() == 4 && xshape[1] >= 0) cin = xshape[1];
+      if (!xshape.empty()) {
+        const ImageDims d = image_dims(xshape, "X");
+        if (d.c >= 0 && xshape[1] >= 0) cin = d.c;
+      }
     }
     TensorView v, ci, rp;
     if (constant_input(info, 1, &v) && constant_input(info, 2, &ci) && constant_input(info, 3, &rp)) {
@@ -131,9 +139,11 @@ struct ConvKernel {
   void compute(Ort::KernelContext& ctx) {
     TensorView x;
     if (!context_input(ctx, 0, &x)) throw NodeError("missing input X");
-    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.size() != 4)
-      throw NodeError("X must be a 4-D float tensor (NCHW), got " + shape_str(x.shape));
-    const int64_t n = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3];
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw NodeError("X must be float");
+    const ImageDims xd = image_dims(x.shape, "X");
+    if (xd.block != x_block)
+      throw NodeError("X " + shape_str(x.shape) + " is not in the layout of x_channel_block " + std::to_string(x_block));
+    const int64_t n = xd.n, cin = xd.c, h = xd.h, w = xd.w;
     ConvWeights local;
     const ConvWeights* wt = &weights;
     if (!constant) {
@@ -157,16 +167,21 @@ struct ConvKernel {
     const int64_t ow = (w + pl + pr - dw * (kw - 1) - 1) / sw + 1;
     if (h + pt + pb < dh * (kh - 1) + 1 || w + pl + pr < dw * (kw - 1) + 1)
       throw NodeError("input " + shape_str(x.shape) + " is smaller than the dilated kernel");
+    const bool blocked = xd.block > 1 || y_block > 1;
+    if (blocked && (kh != 1 || kw != 1 || sh != 1 || sw != 1 || pt || pl || pb || pr || wt->block != 16))
+      throw NodeError("the NCHW16c layout needs a 1x1 kernel, stride 1, no padding and 16 x 1 blocks");
+    ImageDims yd;
+    yd.n = n, yd.c = cout, yd.h = oh, yd.w = ow, yd.block = y_block;
     const float* res = nullptr;
     if (residual) {
       TensorView r;
       if (!context_input(ctx, 5, &r)) throw NodeError("missing input residual");
-      const std::vector<int64_t> want{n, cout, oh, ow};
+      const std::vector<int64_t> want = yd.shape();
       if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || r.shape != want)
         throw NodeError("residual must be float " + shape_str(want) + " (the output's shape), got " + shape_str(r.shape));
       res = r.as<float>();
     }
-    auto y = ctx.GetOutput(0, std::vector<int64_t>{n, cout, oh, ow});
+    auto y = ctx.GetOutput(0, yd.shape());
     if (n == 0 || oh * ow == 0) return;
 
     es_bsconv_args a{};
@@ -194,7 +209,33 @@ struct ConvKernel {
     a.bias = bias;
     a.y = y.GetTensorMutableData<float>();
     a.residual = res;
-    run(ctx, a, *wt);
+    a.x_block = xd.block;
+    a.y_block = y_block;
+    if (blocked)
+      run16(ctx, a);
+    else
+      run(ctx, a, *wt);
+  }
+
+  // NCHW16c: positions split in multiples of 42 (every ISA's register tile divides it).
+  void run16(Ort::KernelContext& ctx, const es_bsconv_args& a) {
+    const es_kernel_table* t = table;
+    const int64_t nb = a.cout / 16 + (a.cout % 16 ? 1 : 0), positions = a.h * a.w;
+    const double work = (double)positions * (double)a.row_ptr[nb] * 16;
+    const int64_t chunks = chunk_count(work / 8);
+    const int64_t steps = (positions + 41) / 42;
+    const int64_t q_parts = std::max<int64_t>(1, std::min<int64_t>(steps, chunks));
+    const std::vector<int64_t> rows = split_rows(a.row_ptr, nb, std::max<int64_t>(1, chunks / q_parts));
+    const int64_t row_parts = (int64_t)rows.size() - 1;
+    for (int64_t img = 0; img < a.batch; ++img) {
+      auto body = [&](size_t i) {
+        const int64_t r = (int64_t)i % row_parts, s = (int64_t)i / row_parts;
+        const int64_t q0 = std::min(positions, steps * s / q_parts * 42);
+        const int64_t q1 = std::min(positions, steps * (s + 1) / q_parts * 42);
+        t->bsconv16_range(&a, img, q0, q1, rows[r], rows[r + 1]);
+      };
+      parallel_for(ctx, (size_t)(q_parts * row_parts), body);
+    }
   }
 
   void run(Ort::KernelContext& ctx, const es_bsconv_args& a, const ConvWeights& wt) {

@@ -1,9 +1,10 @@
 // ORT glue for com.edgesparse::DepthwiseConv (NCHW, group = channels, dense weights).
 //
-// Inputs: X float [N, C, H, W], W float [C, 1, kh, kw] (ONNX Conv's depthwise weight as is),
-// B float [C] (optional). Attributes: kernel_shape [kh, kw] (optional, must match W), strides [2]
-// (1,1), pads [4] (top, left, bottom, right; 0), dilations [2] (1,1), activation
-// ("none"|"relu"|"relu6"|"silu").
+// Inputs: X float [N, C, H, W] (or NCHW16c [N, C/16, H, W, 16]), W float [C, 1, kh, kw] (ONNX
+// Conv's depthwise weight as is), B float [C] (optional). Attributes: kernel_shape [kh, kw]
+// (optional, must match W), strides [2] (1,1), pads [4] (top, left, bottom, right; 0), dilations
+// [2] (1,1), activation ("none"|"relu"|"relu6"|"silu"), x_channel_block and y_channel_block (1:
+// NCHW; 16: NCHW16c; the same for both).
 #include <algorithm>
 
 #include "ort_common.h"
@@ -17,6 +18,7 @@ struct DwKernel {
   int64_t kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1;
   int64_t pt = 0, pl = 0, pb = 0, pr = 0;
   int activation = ES_ACT_NONE;
+  int32_t y_block = 1;
   const es_kernel_table* table = es_kernels();
 
   explicit DwKernel(const OrtKernelInfo* info) {
@@ -38,6 +40,9 @@ struct DwKernel {
     sh = st[0], sw = st[1], dh = di[0], dw = di[1];
     pt = pa[0], pl = pa[1], pb = pa[2], pr = pa[3];
     activation = activation_code(attr_string_or(info, "activation", "none"), true, false);
+    y_block = channel_block_attr(info, "y_channel_block");
+    if (channel_block_attr(info, "x_channel_block") != y_block)
+      throw NodeError("x_channel_block and y_channel_block must be equal (X and Y in the same layout)");
     ONNXTensorElementDataType t;
     std::vector<int64_t> s;
     if (input_type(info, 0, &t, &s) && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
@@ -70,10 +75,12 @@ struct DwKernel {
   void compute(Ort::KernelContext& ctx) {
     TensorView x, wt, b;
     if (!context_input(ctx, 0, &x) || !context_input(ctx, 1, &wt)) throw NodeError("missing input X or W");
-    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.size() != 4)
-      throw NodeError("X must be a 4-D float tensor (NCHW), got " + shape_str(x.shape));
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw NodeError("X must be float");
     if (wt.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw NodeError("W must be float");
-    const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
+    const ImageDims xd = image_dims(x.shape, "X");
+    if (xd.block != y_block)
+      throw NodeError("X " + shape_str(x.shape) + " is not in the layout of x_channel_block " + std::to_string(y_block));
+    const int64_t n = xd.n, c = xd.c, h = xd.h, w = xd.w;
     check_weight_shape(wt.shape, c);
     const int64_t fh = wt.shape[2], fw = wt.shape[3];
     const float* bias = nullptr;
@@ -86,7 +93,9 @@ struct DwKernel {
       throw NodeError("input " + shape_str(x.shape) + " is smaller than the dilated kernel");
     const int64_t oh = (h + pt + pb - dh * (fh - 1) - 1) / sh + 1;
     const int64_t ow = (w + pl + pr - dw * (fw - 1) - 1) / sw + 1;
-    auto y = ctx.GetOutput(0, std::vector<int64_t>{n, c, oh, ow});
+    ImageDims yd = xd;
+    yd.h = oh, yd.w = ow;
+    auto y = ctx.GetOutput(0, yd.shape());
     if (n == 0 || c == 0 || oh * ow == 0) return;
 
     es_dwconv_args a{};
@@ -98,8 +107,18 @@ struct DwKernel {
     a.weights = wt.as<float>();
     a.bias = bias;
     a.y = y.GetTensorMutableData<float>();
+    a.channel_block = y_block;
 
     const es_kernel_table* t = table;
+    if (y_block == 16) {  // NCHW16c: threads split the 16-channel blocks
+      const int64_t cbs = c / 16, parts = std::min<int64_t>(cbs, chunk_count((double)c * oh * ow * fh * fw));
+      auto body16 = [&](size_t i) {
+        const int64_t img = (int64_t)i / parts, part = (int64_t)i % parts;
+        t->dwconv16_range(&a, img, cbs * part / parts, cbs * (part + 1) / parts);
+      };
+      parallel_for(ctx, (size_t)(n * parts), body16);
+      return;
+    }
     const size_t scratch = (size_t)t->dwconv_scratch(&a);
     // channels per chunk: chunk_count's rule on the multiply-adds of the whole image
     const int64_t parts = std::min<int64_t>(c, chunk_count((double)c * oh * ow * fh * fw));
