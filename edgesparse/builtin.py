@@ -75,9 +75,9 @@ def densify(node, arrays: dict, shapes: dict):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     activation = attrs.get("activation", b"none")
     activation = activation.decode() if isinstance(activation, bytes) else activation
+    # Layout attributes (x/y_channel_block) are ignored: NCHW16c tensors only ever pass between
+    # edgesparse nodes, which are all replaced here, so the dense equivalent is NCHW throughout.
     x_shape = shapes.get(inputs[0]) or []
-    if attrs.get("x_channel_block", 1) != 1 or attrs.get("y_channel_block", 1) != 1:
-        return None  # NCHW16c: the function converts the layouts
     if node.op_type == "DepthwiseConv":  # dense already: the standard Conv it stands for
         conv_attrs = {k: attrs[k] for k in ("group", "kernel_shape", "strides", "pads", "dilations") if k in attrs}
         nodes = [helper.make_node("Conv", inputs[:3], [f"{name}.conv"], name=f"{name}.Conv", **conv_attrs)]

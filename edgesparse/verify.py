@@ -81,7 +81,7 @@ def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
     del dense.graph.node[:]
-    used_by_sparse, inline = set(), False
+    used_by_sparse, replaced_outputs, inline = set(), set(), False
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         replacement = lib.densify(node, arrays, shapes) if lib is not None else None
@@ -90,9 +90,14 @@ def dense_equivalent(model: onnx.ModelProto, libraries) -> onnx.ModelProto:
             inline = inline or lib is not None
             continue
         nodes, initializers = replacement
+        replaced_outputs.update(node.output)
         dense.graph.node.extend(nodes)
         dense.graph.initializer.extend(initializers)
         used_by_sparse.update(node.input[1:])
+    # a replaced node's outputs may change shape (a layout that only the sparse ops used)
+    kept_info = [v for v in dense.graph.value_info if v.name not in replaced_outputs]
+    del dense.graph.value_info[:]
+    dense.graph.value_info.extend(kept_info)
     if inline:
         _fill_attribute_defaults(dense)
         dense = onnx.inliner.inline_local_functions(dense)

@@ -145,10 +145,11 @@ def prefers_sparse(op: str, shape: dict, sparsity: float, block: int, isa: str |
     return be is not None and sparsity >= be
 
 
-# Operators for layout rather than sparsity, next to sparse convs: the ISAs where they pay
-# (docs/kernels.md, "Depthwise convolution"). BlockSparseConvAdd folds a residual Add into the sparse
-# conv (one node and one pass over memory less): measured on AVX-512. DepthwiseConv keeps a
-# depthwise conv between sparse convs in NCHW (no NCHWc reorders), but measured slower than ORT's
-# NCHWc depthwise plus its two reorders on every layer of the sample CNN: asked for nowhere yet
-# (dispatch=measure still tries it and keeps it only when the whole model gets faster).
-LAYOUT_OPS = {"BlockSparseConvAdd": ("avx512",), "DepthwiseConv": ()}
+# Operators and layouts that pay next to sparse convs, and the ISAs where they were measured to
+# (docs/kernels.md, "Depthwise convolution" and "NCHW16c"). BlockSparseConvAdd folds a residual Add
+# into the sparse conv (one node and one pass over memory less). DepthwiseConv in NCHW16c between
+# two sparse 1x1 convs in NCHW16c (no reorders at all) beat ORT's NCHWc depthwise plus its two
+# reorders on every layer of the sample CNN; in NCHW it was slower on every one, so a depthwise conv
+# is rewritten only where it can be blocked ("NCHW16c"). dispatch=measure also tries the NCHW one and
+# keeps a rewrite only when the whole model gets faster.
+LAYOUT_OPS = {"BlockSparseConvAdd": ("avx512",), "DepthwiseConv": ("avx512",), "NCHW16c": ("avx512",)}

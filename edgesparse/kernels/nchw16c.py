@@ -7,6 +7,10 @@ same for both); BlockSparseConvAdd's residual has Y's layout. X's rank must agre
 NCHW16c): the dense functions read the layout from it. Chains of these ops then pass tensors
 between them without layout changes (docs/kernels.md, "NCHW16c").
 
+The pass blocks only tensors between these ops, never a graph input or output, so the model's
+dense equivalent (every op replaced by its standard ops) is NCHW throughout and ignores the layout
+attributes.
+
 Contract of the kernels: C (and O for an NCHW16c Y) a multiple of 16; BlockSparseConv on either
 side in NCHW16c needs a 1x1 kernel, stride 1, no padding and 16 x 1 blocks.
 """

@@ -19,7 +19,8 @@ machines. Environment: SBNN_OUT (package folder, default out/sparsebytenn), SBNN
   recovery=train, and the dense control fine-tuned by the same loop for the same steps
   (SBNN_RECOVERY_RUNS picks the runs).
 - cnn-packages: full builds (dispatch=measure, recovery=train one epoch, rearrangement per
-  SBNN_PKG_REARRANGE) at each sparsity: package top-1 on the test set (ONNX Runtime),
+  SBNN_PKG_REARRANGE; SBNN_PKG_TAG tags a rebuild with newer kernels) at each sparsity: package
+  top-1 on the test set (ONNX Runtime),
   `edgesparse bench` at 1 and 2 threads; cnn-package-repeats benches them three more times.
 - eff-grid / eff-packages: the same for the real pretrained EfficientNet-Lite0; the metric is the
   agreement with the dense model's top-1 on 200 views of 5 real photos never used for calibration.
@@ -54,6 +55,8 @@ REPEATS, REPEAT_ROUNDS = int(os.environ.get("SBNN_REPEATS", "3")), int(os.enviro
 PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: the pass's prune_stages
 # model.py's loop distills from SBNN_TEACHER when set; results are keyed by the teacher's file name
 TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
+# cnn-packages: a tag that tells a rebuild of the same recipe with newer kernels from the older one
+PKG_TAG = f"/{os.environ['SBNN_PKG_TAG']}" if os.environ.get("SBNN_PKG_TAG") else ""
 EFF_DISTILL_STEPS = 60
 
 
@@ -276,7 +279,7 @@ def cnn_ablations():
 
 def package_key(sparsity: float) -> str:
     return (f"s{sparsity:.1f}/steps={RECOVERY_STEPS}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "")
-            + TEACHER_KEY)
+            + TEACHER_KEY + PKG_TAG)
 
 
 def cnn_packages():

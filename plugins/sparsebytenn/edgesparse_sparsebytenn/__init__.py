@@ -401,7 +401,8 @@ class SparseByteNN(Pass):
 
     def _nchw_layout(self, model, ctx) -> None:
         """Residual Adds after sparse convs -> BlockSparseConvAdd, depthwise convs next to sparse
-        convs -> DepthwiseConv (layout.py), each where the target's dispatch rule asks for the op.
+        convs -> DepthwiseConv, in the NCHW16c layout where the target asks for it (layout.py), each
+        where the target's dispatch rule asks for the op.
         With dispatch=measure the depthwise rewrite is also tried where the rule does not ask for
         it, and each rewrite is kept only when the whole model, timed against the model without it
         (interleaved), runs faster."""
@@ -416,14 +417,19 @@ class SparseByteNN(Pass):
             return
         report = {}
         steps = (("residual", True), ("depthwise", wanted("DepthwiseConv") or self._measurer is not None))
+        nchw16c = wanted("NCHW16c")
         for kind, on in steps:
             if not on:
                 report[kind] = {"applied": [], "reason": f"the target's dispatch rule does not ask for it "
                                 f"({'DepthwiseConv' if kind == 'depthwise' else 'BlockSparseConvAdd'})"}
                 continue
             before = ir.to_proto(model) if self._measurer is not None else None
-            done = rewrite_layout(model, depthwise=kind == "depthwise", residual=kind == "residual")[kind]
+            rewritten = rewrite_layout(model, depthwise=kind == "depthwise", residual=kind == "residual",
+                                       nchw16c=nchw16c)
+            done = rewritten[kind]
             entry = {"applied": done}
+            if kind == "depthwise" and nchw16c:
+                entry["nchw16c"] = rewritten["nchw16c"]
             if before is not None and done:
                 from .measure import whole_model_speedup
 
@@ -433,6 +439,7 @@ class SparseByteNN(Pass):
                 if check["speedup"] < 1.0:
                     _restore(model, before)
                     entry["applied"] = []
+                    entry.pop("nchw16c", None)
                     entry["reason"] = f"whole model {check['speedup']:.2f}x of the model without it: not used"
             report[kind] = entry
         ctx.report("nchw_layout", report)

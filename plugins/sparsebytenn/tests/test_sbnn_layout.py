@@ -1,5 +1,6 @@
-"""NCHW layout rewrite after the sparse one: residual Adds fold into BlockSparseConvAdd, depthwise
-convs next to sparse convs become DepthwiseConv, each only where the target's rule asks for it."""
+"""Layout rewrites after the sparse one: residual Adds fold into BlockSparseConvAdd, depthwise
+convs next to sparse convs become DepthwiseConv, the tensors between them NCHW16c, each only where
+the target's rule asks for it."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,8 @@ from sbnn_testing import StubTarget, make_ctx, ort_session, run_torch_stage
 
 class Block(nn.Module):
     """Inverted residual (expand 1x1 -> depthwise 3x3 -> project 1x1, residual add), as in
-    MobileNetV2 and the sample CNN, then a stride-2 one without a residual."""
+    MobileNetV2 and the sample CNN, then a stride-2 one without a residual, then global average
+    pooling."""
 
     def __init__(self):
         super().__init__()
@@ -23,7 +25,7 @@ class Block(nn.Module):
         self.b = nn.Sequential(cbr(32, 64), cbr(64, 64, 3, 2, 64), cbr(64, 48, act=False))
 
     def forward(self, x):
-        return self.b(x + self.a(x))
+        return self.b(x + self.a(x)).mean((2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,11 @@ def _build(pruned, rule):
     return sparse, ctx, x, want
 
 
-def test_residual_and_depthwise_rewrites_keep_the_function(pruned):
+def _attr(node, name, default=1):
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def test_residual_depthwise_and_nchw16c_rewrites_keep_the_function(pruned):
     sparse, ctx, x, want = _build(pruned, lambda op, *a: True)
     ops = [n.op_type for n in sparse.graph.node]
     assert ops.count("BlockSparseConvAdd") == 1 and ops.count("DepthwiseConv") == 2
@@ -73,9 +79,27 @@ def test_residual_and_depthwise_rewrites_keep_the_function(pruned):
     assert len(report["residual"]["applied"]) == 1
     assert [d["strides"] for d in report["depthwise"]["applied"]] == [[1, 1], [2, 2]]
     assert all(d["activation"] == "relu6" for d in report["depthwise"]["applied"])
+    # both blocks stay in NCHW16c from the expand conv's output to the project conv's input; the
+    # first block's output stays NCHW (its residual is the NCHW graph input); the second's goes
+    # blocked into the mean, which becomes a mean over axes 2, 3 and a Reshape
+    assert len(report["depthwise"]["nchw16c"]) == 5
+    assert ops[-2:] == ["ReduceMean", "Reshape"]
+    by_op = {}
+    for n in sparse.graph.node:
+        by_op.setdefault(n.op_type, []).append((_attr(n, "x_channel_block"), _attr(n, "y_channel_block")))
+    assert by_op["DepthwiseConv"] == [(16, 16), (16, 16)]
+    assert sorted(by_op["BlockSparseConv"] + by_op["BlockSparseConvAdd"]) == [(1, 16), (1, 16), (16, 1), (16, 16)]
     np.testing.assert_allclose(ort_session(sparse).run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
     # without the library ORT inlines the ops' functions: same result
     np.testing.assert_allclose(ort_session(sparse, library=False).run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_nchw_depthwise_where_the_rule_does_not_ask_for_nchw16c(pruned):
+    sparse, ctx, x, want = _build(pruned, lambda op, *a: op != "NCHW16c")
+    dws = [n for n in sparse.graph.node if n.op_type == "DepthwiseConv"]
+    assert len(dws) == 2 and all(_attr(n, "y_channel_block") == 1 for n in sparse.graph.node)
+    assert "nchw16c" not in ctx.reports["sparsebytenn"]["nchw_layout"]["depthwise"]
+    np.testing.assert_allclose(ort_session(sparse).run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
 
 
 def test_targets_without_the_ops_keep_dense_adds_and_depthwise_convs(pruned):
@@ -88,12 +112,14 @@ def test_targets_without_the_ops_keep_dense_adds_and_depthwise_convs(pruned):
     np.testing.assert_allclose(ort_session(sparse).run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
 
 
-def test_x86_rule_folds_residuals_but_keeps_ort_depthwise():
-    """The kernels' dispatch rule: residual fold on AVX-512; DepthwiseConv asked for nowhere yet
-    (measured slower than ORT's NCHWc depthwise plus its reorders); neither on other ISAs."""
+def test_x86_rule_folds_residuals_and_blocks_depthwise_convs():
+    """The kernels' dispatch rule: residual fold and NCHW16c depthwise convs on AVX-512 (measured
+    faster than ORT's NCHWc depthwise plus its reorders); neither on other ISAs."""
     from edgesparse.kernels import dispatch
 
     assert dispatch.prefers_sparse("BlockSparseConvAdd", {}, 0.0, 16, isa="avx512")
-    assert not dispatch.prefers_sparse("DepthwiseConv", {}, 0.0, 16, isa="avx512")
+    assert dispatch.prefers_sparse("DepthwiseConv", {}, 0.0, 16, isa="avx512")
+    assert dispatch.prefers_sparse("NCHW16c", {}, 0.0, 16, isa="avx512")
+    assert not dispatch.prefers_sparse("NCHW16c", {}, 0.0, 16, isa="avx2")
     assert not dispatch.prefers_sparse("BlockSparseConvAdd", {}, 0.0, 16, isa="neon")
     assert not dispatch.prefers_sparse("BlockSparseConvAdd", {}, 0.0, 16, isa="generic")
