@@ -33,7 +33,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     missing = []
     for node in model.graph.node:
         if node.domain == DOMAIN:
-            ok = node.op_type in SUPPORTED_CUSTOM
+            # the TIR kernels take NCHW only (x/y_channel_block 16 is ORT's NCHW16c kernels)
+            ok = node.op_type in SUPPORTED_CUSTOM and all(
+                onnx.helper.get_attribute_value(a) == 1 for a in node.attribute if a.name.endswith("_channel_block"))
         elif node.domain in STANDARD_DOMAINS:
             ok = node.op_type in known
         else:

@@ -140,6 +140,22 @@ def test_edgesparse_op_without_tir_kernel_is_named():
     assert frontend.unsupported_ops(model) == ["com.edgesparse.deltallm::DeltaAttention", "com.example::Foo"]
 
 
+def test_nchw16c_layout_is_not_imported():
+    """The TIR kernels take NCHW: a BlockSparseConv in ORT's NCHW16c layout is named unsupported."""
+    from onnx import TensorProto
+
+    from edgesparse.kernels.conv import make_block_sparse_conv, pack_block_sparse_conv
+
+    packed = pack_block_sparse_conv(np.ones((16, 16, 1, 1), np.float32), 16)
+    node, inits = make_block_sparse_conv("x", "y", packed, 16, (1, 1), name="pw", y_channel_block=16)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    assert frontend.unsupported_ops(helper.make_model(graph)) == ["com.edgesparse::BlockSparseConv"]
+    node.attribute.pop()  # y_channel_block
+    graph = helper.make_graph([node], "g", list(graph.input), list(graph.output), inits)
+    assert frontend.unsupported_ops(helper.make_model(graph)) == []
+
+
 def test_pinned_dims(monkeypatch):
     monkeypatch.setenv(frontend.DIMS_ENV, "batch=4")
     mod, calls = frontend.import_model(mlp_model(), "cpu")

@@ -21,6 +21,9 @@
 #include "es_activation.h"
 #include "es_kernels.h"
 #include "es_simd.h"
+#if defined(__AVX512F__) && !defined(__clang__)
+#include <immintrin.h>  // masked stores of the transposed NCHW tile
+#endif
 
 namespace ES_NS {
 
@@ -39,6 +42,36 @@ ES_INLINE cvec cv_load(const float* p) {
 ES_INLINE void cv_store(float* p, const cvec& c) {
   for (int i = 0; i < CB_R; ++i) vstore<vfloat>(p + i * ES_VEC_FLOATS, c.v[i]);
 }
+
+#if ES_VEC_FLOATS == 16 && !defined(__clang__) && defined(__AVX512F__)
+#define ES_HAVE_TRANSPOSE16 1
+// In-register transpose of 16 vectors of 16 floats: at each level k the off-diagonal k x k blocks of
+// rows i and i + k swap (4 levels x 16 two-input shuffles, against 256 scalar moves).
+template <int K>
+ES_INLINE void vtranspose16_level(vfloat (&r)[16]) {
+  typedef Vec<16>::itype I;
+  constexpr I lo = {(0 & K) ? 16 + 0 - K : 0 + 0, (1 & K) ? 16 + 1 - K : 1, (2 & K) ? 16 + 2 - K : 2,
+                    (3 & K) ? 16 + 3 - K : 3, (4 & K) ? 16 + 4 - K : 4, (5 & K) ? 16 + 5 - K : 5,
+                    (6 & K) ? 16 + 6 - K : 6, (7 & K) ? 16 + 7 - K : 7, (8 & K) ? 16 + 8 - K : 8,
+                    (9 & K) ? 16 + 9 - K : 9, (10 & K) ? 16 + 10 - K : 10, (11 & K) ? 16 + 11 - K : 11,
+                    (12 & K) ? 16 + 12 - K : 12, (13 & K) ? 16 + 13 - K : 13, (14 & K) ? 16 + 14 - K : 14,
+                    (15 & K) ? 16 + 15 - K : 15};
+  constexpr I hi = lo + K;  // (l & K) ? 16 + l : l + K
+  for (int i = 0; i < 16; ++i) {
+    if (i & K) continue;
+    const vfloat a = r[i], b = r[i + K];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + K] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+ES_INLINE void vtranspose16(vfloat (&r)[16]) {
+  vtranspose16_level<8>(r);
+  vtranspose16_level<4>(r);
+  vtranspose16_level<2>(r);
+  vtranspose16_level<1>(r);
+}
+#endif
 
 // Positions per register tile: P x CB_R accumulators plus the weight vectors.
 constexpr int PW_P0 = (ES_NUM_VREGS - 2 * CB_R) / CB_R;
@@ -76,12 +109,28 @@ ES_INLINE void pw16_tile(const es_bsconv_args* a, int64_t n, int64_t q0, int64_t
         if (ro) v += vload<vfloat>(ro + i * ES_CB + r * ES_VEC_FLOATS);
         vstore<vfloat>(yo + i * ES_CB + r * ES_VEC_FLOATS, v);
       }
-  } else {  // NCHW: transpose the tile through a buffer
+  } else {  // NCHW: transpose the tile (16 channels x P positions)
+    const int cn = a->cout - j * ES_CB < ES_CB ? (int)(a->cout - j * ES_CB) : ES_CB;
+#ifdef ES_HAVE_TRANSPOSE16
+    if (P > 1) {
+      vfloat rows[16];
+      for (int i = 0; i < 16; ++i) rows[i] = i < P ? vactivate(acc[i < P ? i : 0][0] + bias[0], ACT) : vzero<vfloat>();
+      vtranspose16(rows);
+      const __mmask16 m = (__mmask16)((1u << P) - 1);  // masked loads and stores: no spill past P
+      for (int c = 0; c < cn; ++c) {
+        float* yo = a->y + ybase + (j * ES_CB + c) * hw + q0;
+        __m512 v = (__m512)rows[c];
+        if (a->residual)
+          v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a->residual + ybase + (j * ES_CB + c) * hw + q0));
+        _mm512_mask_storeu_ps(yo, m, v);
+      }
+      return;
+    }
+#endif
     float buf[P * ES_CB];
     for (int i = 0; i < P; ++i)
       for (int r = 0; r < CB_R; ++r)
         vstore<vfloat>(buf + i * ES_CB + r * ES_VEC_FLOATS, vactivate(acc[i][r] + bias[r], ACT));
-    const int cn = a->cout - j * ES_CB < ES_CB ? (int)(a->cout - j * ES_CB) : ES_CB;
     for (int c = 0; c < cn; ++c) {
       float* yo = a->y + ybase + (j * ES_CB + c) * hw + q0;
       const float* ro = a->residual ? a->residual + ybase + (j * ES_CB + c) * hw + q0 : nullptr;

@@ -116,10 +116,13 @@ def test_build_fashion_cnn_package(trained_tiny, fashion_subset, verifying_regis
     assert manifest["verification"]["passed"]
     assert manifest["verification"]["fraction_on_sparse_kernels"] == 1.0
     # 1x1 convs: 2 blocks x (expand, project) + head; stem (1 input channel) and classifier (10) dense;
-    # a project conv followed by its residual Add is one BlockSparseConvAdd where the target asks for it
-    assert len(manifest["layers"]) == 5
-    assert {l["op"] for l in manifest["layers"]} <= {"BlockSparseConv", "BlockSparseConvAdd"}
-    assert all(abs(l["sparsity"] - 0.3) < 0.02 for l in manifest["layers"])
+    # a project conv followed by its residual Add is one BlockSparseConvAdd where the target asks for it;
+    # on AVX-512 the depthwise convs between sparse convs run in NCHW16c (DepthwiseConv, dense)
+    sparse = [l for l in manifest["layers"] if l["op"] != "DepthwiseConv"]
+    assert len(sparse) == 5
+    assert {l["op"] for l in sparse} <= {"BlockSparseConv", "BlockSparseConvAdd"}
+    assert all(abs(l["sparsity"] - 0.3) < 0.02 for l in sparse)
+    assert all(l["sparsity"] == 0 for l in manifest["layers"] if l["op"] == "DepthwiseConv")
     report = manifest["passes"][0]["report"]
     assert report["rearrangement"]["spaces_permuted"]
     assert report["rearrangement"]["retained_mass_after"] > report["rearrangement"]["retained_mass_before"]
