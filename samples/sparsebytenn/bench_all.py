@@ -3,7 +3,7 @@ results/cnn_bench.json (speed only: a package's speed depends on which groups it
 not on their values, so packages built without recovery time the same as recovered ones).
 
     flock /tmp/edgesparse-timing.lock python samples/sparsebytenn/bench_all.py \
-        out/sparsebytenn/fashion-30 out/sparsebytenn/prof-50 ... [--rounds 100]
+        out/sparsebytenn/fashion-30 out/sparsebytenn/prof-50 ... [--rounds 100] [--tag T]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("packages", nargs="+")
     ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--tag", default="", help="appended to the result keys (keeps earlier records)")
     args = ap.parse_args(argv)
     for package in args.packages:
         manifest = json.loads((Path(package) / "manifest.json").read_text())
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
                "--rounds", str(args.rounds)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         records = json.loads(out[out.index("["):])
-        key = f"s{rep['target_sparsity']:.1f}"
+        key = f"s{rep['target_sparsity']:.1f}" + (f"/{args.tag}" if args.tag else "")
         save("cnn_bench", key, {
             "package": os.path.basename(package.rstrip("/")), "options": manifest["passes"][0].get("options", {}),
             "sparse_nodes": manifest["verification"]["sparse_nodes"],
