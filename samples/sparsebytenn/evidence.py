@@ -57,6 +57,8 @@ PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: th
 TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
 # cnn-packages: a tag that tells a rebuild of the same recipe with newer kernels from the older one
 PKG_TAG = f"/{os.environ['SBNN_PKG_TAG']}" if os.environ.get("SBNN_PKG_TAG") else ""
+# plot: the records of the current kernels (bench_all.py --tag, SBNN_PKG_TAG)
+PLOT_BENCH_TAG, PLOT_PACKAGE_TAG = "nchw16c-default", "nchw16c"
 EFF_DISTILL_STEPS = 60
 
 
@@ -421,7 +423,11 @@ def plot():
     import matplotlib.pyplot as plt
 
     bench, grid, rec = load("cnn_bench"), load("cnn_grid"), load("cnn_recovery")
+    # the newest kernels' speed where recorded (tagged keys, e.g. 's0.7/nchw16c-default'), else the untagged
+    tagged = {k.split("/")[0]: v for k, v in bench.items() if k.endswith(f"/{PLOT_BENCH_TAG}")}
+    bench = tagged or {k: v for k, v in bench.items() if "/" not in k}
     pkgs = {k: v for k, v in load("cnn_packages").items() if "/steps=" in k}
+    pkgs = {k: v for k, v in pkgs.items() if k.endswith(f"/{PLOT_PACKAGE_TAG}")} or pkgs
     if not bench or "dense" not in grid:
         print("plot: needs results/cnn_bench.json and the grid's dense entry")
         return
@@ -478,7 +484,7 @@ def plot():
 
 def _package_label(key: str) -> str:
     """'s0.7/steps=938/teacher=dense_control_938' -> '70 % 938 st. KD'."""
-    parts = dict(p.split("=", 1) for p in key.split("/")[1:])
+    parts = dict(p.split("=", 1) for p in key.split("/")[1:] if "=" in p)
     extra = (" KD" if "teacher" in parts else "") + (f" {parts['stages']} stages" if "stages" in parts else "")
     return f"{float(key[1:4]):.0%} {parts['steps']} st.{extra}"
 
