@@ -55,6 +55,8 @@ REPEATS, REPEAT_ROUNDS = int(os.environ.get("SBNN_REPEATS", "3")), int(os.enviro
 PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: the pass's prune_stages
 # model.py's loop distills from SBNN_TEACHER when set; results are keyed by the teacher's file name
 TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
+# model.py's loop seed (SBNN_SEED) when set: a second paired run of a recipe (dense control and package)
+SEED_KEY = f"/seed={os.environ['SBNN_SEED']}" if os.environ.get("SBNN_SEED") else ""
 # cnn-packages: a tag that tells a rebuild of the same recipe with newer kernels from the older one
 PKG_TAG = f"/{os.environ['SBNN_PKG_TAG']}" if os.environ.get("SBNN_PKG_TAG") else ""
 # plot: the records of the current kernels (bench_all.py --tag, SBNN_PKG_TAG)
@@ -198,8 +200,8 @@ def cnn_recovery():
     for run in runs:
         lr = os.environ.get("SBNN_LR", "1e-3")
         if run == "dense":
-            key = f"dense/steps={steps}/lr={lr}" + TEACHER_KEY
-            keep = cnn.weights_path(f"dense_control_{steps}")  # kept: a teacher for SBNN_TEACHER
+            key = f"dense/steps={steps}/lr={lr}" + TEACHER_KEY + SEED_KEY
+            keep = cnn.weights_path(f"dense_control_{steps}" + SEED_KEY.replace("/seed=", "_seed"))  # a teacher
             if key in load("cnn_recovery") and (TEACHER_KEY or keep.is_file()):
                 continue
             t0 = time.time()
@@ -214,7 +216,7 @@ def cnn_recovery():
             continue
         s, rearrange, block, stages = (run.split("/") + ["1"])[:4]
         key = f"s{float(s):.1f}/rearrange={rearrange}/block={block}/steps={steps}/lr={lr}"
-        key += (f"/stages={stages}" if stages != "1" else "") + TEACHER_KEY
+        key += (f"/stages={stages}" if stages != "1" else "") + TEACHER_KEY + SEED_KEY
         if key in load("cnn_recovery"):
             continue
         m, summary = torch_stage(dense, calib, train, sparsity=float(s), dispatch="off", rearrange=rearrange == "1",
@@ -281,7 +283,7 @@ def cnn_ablations():
 
 def package_key(sparsity: float) -> str:
     return (f"s{sparsity:.1f}/steps={RECOVERY_STEPS}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "")
-            + TEACHER_KEY + PKG_TAG)
+            + TEACHER_KEY + SEED_KEY + PKG_TAG)
 
 
 def cnn_packages():

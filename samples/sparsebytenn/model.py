@@ -8,7 +8,8 @@ calibration: one image, then 7 batches of 128 real training images; train: the u
 labelled training set, augmentation as in the original training, a cosine learning-rate schedule over the steps
 of each call), used by recovery=train. One epoch is 469 steps of 128 images.
 Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning peak learning rate, 1e-3),
-SBNN_TEACHER (a state dict of this CNN to distill from while fine-tuning, with the labels).
+SBNN_TEACHER (a state dict of this CNN to distill from while fine-tuning, with the labels), SBNN_SEED
+(the fine-tuning loop's batch order and augmentation; default: its step count).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def train_loop(module, steps: int) -> None:
     SBNN_TEACHER (a saved state dict of this CNN), the labels are mixed with distillation from it."""
     x, y = data.load("train")
     lr = float(os.environ.get("SBNN_LR", "1e-3"))
-    cnn.train_steps(module, x, y, steps, lr=lr, seed=steps, teacher=teacher())
+    seed = int(os.environ.get("SBNN_SEED", steps))
+    cnn.train_steps(module, x, y, steps, lr=lr, seed=seed, teacher=teacher())
 
 
 def teacher() -> cnn.FashionMobileNet | None:
