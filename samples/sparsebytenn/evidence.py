@@ -436,7 +436,8 @@ def plot():
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 5.0), dpi=100)
     axes = (ax, zoom)
     for ax in axes:
-        controls = sorted((v["steps"], v["top1"] * 100) for k, v in rec.items() if k.startswith("dense/"))
+        controls = sorted((v["steps"], v["top1"] * 100) for k, v in rec.items()
+                          if k.startswith("dense/") and "/seed=" not in k)
         for threads, color in ((1, "tab:blue"), (2, "tab:orange")):
             lat = {k: next(b for b in r["bench"] if b["threads"] == threads) for k, r in bench.items()}
             dense_ms = float(np.median([b["dense"]["median_ms"] for b in lat.values()]))
