@@ -30,33 +30,21 @@ namespace ES_NS {
 #define ES_CB 16  // channels per block of the layout
 constexpr int CB_R = ES_CB / ES_VEC_FLOATS;  // native vectors per 16 channels
 
-// One pixel's 16 channels.
-struct cvec {
-  vfloat v[CB_R];
-};
-ES_INLINE cvec cv_load(const float* p) {
-  cvec r;
-  for (int i = 0; i < CB_R; ++i) r.v[i] = vload<vfloat>(p + i * ES_VEC_FLOATS);
-  return r;
-}
-ES_INLINE void cv_store(float* p, const cvec& c) {
-  for (int i = 0; i < CB_R; ++i) vstore<vfloat>(p + i * ES_VEC_FLOATS, c.v[i]);
-}
-
 #if ES_VEC_FLOATS == 16 && !defined(__clang__) && defined(__AVX512F__)
 #define ES_HAVE_TRANSPOSE16 1
 // In-register transpose of 16 vectors of 16 floats: at each level k the off-diagonal k x k blocks of
 // rows i and i + k swap (4 levels x 16 two-input shuffles, against 256 scalar moves).
+// Lane l of the new row i (i & K == 0) in the two-input shuffle of rows i and i + K (b = lanes 16..31).
+constexpr int tr_lo(int l, int k) { return (l & k) ? 16 + l - k : l; }
+
+// Constant masks (a mask built in a loop made GCC emit slow code).
 template <int K>
 ES_INLINE void vtranspose16_level(vfloat (&r)[16]) {
   typedef Vec<16>::itype I;
-  constexpr I lo = {(0 & K) ? 16 + 0 - K : 0 + 0, (1 & K) ? 16 + 1 - K : 1, (2 & K) ? 16 + 2 - K : 2,
-                    (3 & K) ? 16 + 3 - K : 3, (4 & K) ? 16 + 4 - K : 4, (5 & K) ? 16 + 5 - K : 5,
-                    (6 & K) ? 16 + 6 - K : 6, (7 & K) ? 16 + 7 - K : 7, (8 & K) ? 16 + 8 - K : 8,
-                    (9 & K) ? 16 + 9 - K : 9, (10 & K) ? 16 + 10 - K : 10, (11 & K) ? 16 + 11 - K : 11,
-                    (12 & K) ? 16 + 12 - K : 12, (13 & K) ? 16 + 13 - K : 13, (14 & K) ? 16 + 14 - K : 14,
-                    (15 & K) ? 16 + 15 - K : 15};
-  constexpr I hi = lo + K;  // (l & K) ? 16 + l : l + K
+  constexpr I lo = {tr_lo(0, K),  tr_lo(1, K),  tr_lo(2, K),  tr_lo(3, K),  tr_lo(4, K),  tr_lo(5, K),
+                    tr_lo(6, K),  tr_lo(7, K),  tr_lo(8, K),  tr_lo(9, K),  tr_lo(10, K), tr_lo(11, K),
+                    tr_lo(12, K), tr_lo(13, K), tr_lo(14, K), tr_lo(15, K)};
+  constexpr I hi = lo + K;  // new row i + K: (l & K) ? 16 + l : l + K
   for (int i = 0; i < 16; ++i) {
     if (i & K) continue;
     const vfloat a = r[i], b = r[i + K];
@@ -114,7 +102,8 @@ ES_INLINE void pw16_tile(const es_bsconv_args* a, int64_t n, int64_t q0, int64_t
 #ifdef ES_HAVE_TRANSPOSE16
     if (P > 1) {
       vfloat rows[16];
-      for (int i = 0; i < 16; ++i) rows[i] = i < P ? vactivate(acc[i < P ? i : 0][0] + bias[0], ACT) : vzero<vfloat>();
+      for (int i = 0; i < 16; ++i)  // rows past P are zero (the index stays in bounds for the compiler)
+        rows[i] = i < P ? vactivate(acc[i < P ? i : 0][0] + bias[0], ACT) : vzero<vfloat>();
       vtranspose16(rows);
       const __mmask16 m = (__mmask16)((1u << P) - 1);  // masked loads and stores: no spill past P
       for (int c = 0; c < cn; ++c) {
