@@ -19,7 +19,8 @@ machines. Environment: SBNN_OUT (package folder, default out/sparsebytenn), SBNN
   recovery=train, and the dense control fine-tuned by the same loop for the same steps
   (SBNN_RECOVERY_RUNS picks the runs).
 - cnn-packages: full builds (dispatch=measure, recovery=train one epoch, rearrangement per
-  SBNN_PKG_REARRANGE; SBNN_PKG_TAG tags a rebuild with newer kernels) at each sparsity: package
+  SBNN_PKG_REARRANGE; SBNN_PKG_DISPATCH the dispatch option; SBNN_PKG_TAG tags a rebuild with
+  newer kernels) at each sparsity: package
   top-1 on the test set (ONNX Runtime),
   `edgesparse bench` at 1 and 2 threads; cnn-package-repeats benches them three more times.
 - eff-grid / eff-packages: the same for the real pretrained EfficientNet-Lite0; the metric is the
@@ -57,6 +58,8 @@ PRUNE_STAGES = int(os.environ.get("SBNN_PRUNE_STAGES", "1"))  # cnn-packages: th
 TEACHER_KEY = f"/teacher={Path(os.environ['SBNN_TEACHER']).stem}" if os.environ.get("SBNN_TEACHER") else ""
 # model.py's loop seed (SBNN_SEED) when set: a second paired run of a recipe (dense control and package)
 SEED_KEY = f"/seed={os.environ['SBNN_SEED']}" if os.environ.get("SBNN_SEED") else ""
+# cnn-packages: the pass's dispatch option (SBNN_PKG_DISPATCH, default measure; keyed when not the default)
+PKG_DISPATCH = os.environ.get("SBNN_PKG_DISPATCH", "measure")
 # cnn-packages: a tag that tells a rebuild of the same recipe with newer kernels from the older one
 PKG_TAG = f"/{os.environ['SBNN_PKG_TAG']}" if os.environ.get("SBNN_PKG_TAG") else ""
 # plot: the records of the current kernels (bench_all.py --tag, SBNN_PKG_TAG)
@@ -283,7 +286,7 @@ def cnn_ablations():
 
 def package_key(sparsity: float) -> str:
     return (f"s{sparsity:.1f}/steps={RECOVERY_STEPS}" + (f"/stages={PRUNE_STAGES}" if PRUNE_STAGES > 1 else "")
-            + TEACHER_KEY + SEED_KEY + PKG_TAG)
+            + TEACHER_KEY + SEED_KEY + (f"/dispatch={PKG_DISPATCH}" if PKG_DISPATCH != "measure" else "") + PKG_TAG)
 
 
 def cnn_packages():
@@ -301,7 +304,7 @@ def cnn_packages():
         if key in load("cnn_packages"):
             continue
         out = OUT / f"fashion-{int(s * 100)}"
-        opts = {"sparsity": s, "dispatch": "measure", "rearrange": rearr.get(f"{s:g}", "1") == "1",
+        opts = {"sparsity": s, "dispatch": PKG_DISPATCH, "rearrange": rearr.get(f"{s:g}", "1") == "1",
                 "recovery": "train", "recovery_steps": steps, "recovery_seconds": 0, "prune_stages": PRUNE_STAGES}
         t0 = time.time()
         manifest = build_package(f"{HERE / 'model.py'}:build", out, opts)
