@@ -9,7 +9,11 @@ Convs are timed *in context*: depthwise conv -> layer -> depthwise conv, the nei
 a sparse (NCHW) node between them forces a ReorderOutput before it and a ReorderInput after it.
 A one-node benchmark charges those reorders to the *dense* side (its input and output are NCHW),
 which is why one-node speedups of 1.1-1.4x at 30 % sparsity turned into 1.0x for the whole model;
-in context they land on the sparse side, where they belong. A layer stays sparse when the
+in context they land on the sparse side, where they belong. Where the target asks for the NCHW16c
+layout and the layer can take it (1x1, stride 1, no padding, 16 x 1 blocks, channels multiples of
+16), the sparse side's context is what the layout rewrite will build: edgesparse's depthwise convs
+and the layer all in NCHW16c, one conversion at each end (as the dense side's NCHWc reorders). A
+layer stays sparse when the
 context model gets at least MARGIN faster. Results are cached per (shape, sparsity, block,
 threads) for the build.
 
@@ -47,15 +51,16 @@ class Measurer:
     def prefers_sparse(self, info, shape: dict, sparsity: float, threads: int) -> bool:
         key = (info.kind, tuple(sorted((k, str(v)) for k, v in shape.items())), round(sparsity, 4), info.block, threads)
         if key not in self.cache:
-            dense_ms, sparse_ms = self._time(info, shape, sparsity, threads)
+            dense_ms, sparse_ms, layout = self._time(info, shape, sparsity, threads)
             speedup = dense_ms / sparse_ms
             self.cache[key] = speedup >= MARGIN
             self.records.append({"layer": info.name, "kind": info.kind, "sparsity": round(sparsity, 4), "block": info.block,
                                  "threads": threads, "dense_ms": round(dense_ms, 5), "sparse_ms": round(sparse_ms, 5),
-                                 "speedup": round(speedup, 3)})
+                                 "speedup": round(speedup, 3), "layout": layout})
         return self.cache[key]
 
-    def _time(self, info, shape: dict, sparsity: float, threads: int) -> tuple[float, float]:
+    def _time(self, info, shape: dict, sparsity: float, threads: int) -> tuple[float, float, str]:
+        """(dense ms, sparse ms, the sparse side's layout: 'NCHW' or 'NCHW16c')."""
         from onnx import TensorProto, helper, numpy_helper
 
         from edgesparse import kernels
@@ -67,6 +72,7 @@ class Measurer:
         keep = np.ones(nb * c, bool)
         keep[rng.choice(nb * c, int(round(sparsity * nb * c)), replace=False)] = False
         groups = np.repeat(keep.reshape(nb, 1, c), info.block, axis=1).reshape(nb * info.block, c)[:o]
+        blocked = False
         if info.kind == "linear":
             m = int(shape.get("M") or 1)
             w = (rng.standard_normal((c, o)) * groups.T).astype(np.float32)  # [K, N]
@@ -93,19 +99,52 @@ class Measurer:
             dense_nodes = [before, helper.make_node("Conv", ["A", "W"], ["B"], kernel_shape=[kh, kw], strides=[sh, sw],
                                                     pads=pads), after]
             inits = [numpy_helper.from_array(w, "W"), *context]
-            node, sparse_inits = kernels.make_block_sparse_conv("A", "B", kernels.pack_block_sparse_conv(w, info.block), o,
-                                                                (kh, kw), name="sparse", strides=(sh, sw), pads=tuple(pads))
+            blocked = self._blocked(info, pads)
+            node, sparse_inits = kernels.make_block_sparse_conv(
+                "A", "B", kernels.pack_block_sparse_conv(w, info.block), o, (kh, kw), name="sparse", strides=(sh, sw),
+                pads=tuple(pads), x_channel_block=16 if blocked else 1, y_channel_block=16 if blocked else 1)
         opset = [helper.make_opsetid("", 18)]
         dense = helper.make_model(helper.make_graph(dense_nodes, "d", [xi], [yi], inits), opset_imports=opset)
         sparse_nodes = [node] if info.kind == "linear" else [before, node, after]
         sparse_inits = sparse_inits if info.kind == "linear" else [*sparse_inits, *context]
+        if info.kind != "linear" and blocked:
+            sparse_nodes, sparse_inits = _nchw16c_context(node, sparse_inits, c, o, h, wd)
         sparse = helper.make_model(helper.make_graph(sparse_nodes, "s", [xi], [yi], sparse_inits), opset_imports=opset)
         kernels.attach_functions(sparse)
 
         sd, ss = _session(dense, threads), _session(sparse, threads, self.library())
         feed = {"X": x}
         with _timing_lock():
-            return _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
+            dense_ms, sparse_ms = _interleaved(lambda: sd.run(None, feed), lambda: ss.run(None, feed), self.budget_s)
+        return dense_ms, sparse_ms, "NCHW16c" if blocked else "NCHW"
+
+
+    def _blocked(self, info, pads) -> bool:
+        """Whether the layout rewrite will put this conv in NCHW16c (see layout.py)."""
+        return (self.ctx.target.prefers_sparse("NCHW16c", {}, 0.0, 16, self.ctx.threads)
+                and tuple(info.kernel) == (1, 1) and tuple(info.stride) == (1, 1) and not any(pads)
+                and info.block == 16 and info.in_channels % 16 == 0 and info.out_channels % 16 == 0)
+
+
+def _nchw16c_context(node, sparse_inits, c: int, o: int, h: int, w: int):
+    """X (NCHW) -> NCHW16c -> DepthwiseConv -> the sparse node -> DepthwiseConv -> NCHW -> Y."""
+    from onnx import helper, numpy_helper
+
+    from edgesparse import kernels
+
+    rng = np.random.default_rng(1)
+    dw_in, i1 = kernels.make_depthwise_conv("Xb", "A", rng.standard_normal((c, 1, 3, 3)).astype(np.float32) / 3,
+                                            name="dw_in", pads=(1, 1, 1, 1), y_channel_block=16)
+    dw_out, i2 = kernels.make_depthwise_conv("B", "Yb", rng.standard_normal((o, 1, 3, 3)).astype(np.float32) / 3,
+                                             name="dw_out", pads=(1, 1, 1, 1), y_channel_block=16)
+    shapes = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("to5", [1, c // 16, 16, h, w]), ("to4", [1, o, h, w]))]
+    nodes = [helper.make_node("Reshape", ["X", "to5"], ["X5"]),
+             helper.make_node("Transpose", ["X5"], ["Xb"], perm=[0, 1, 3, 4, 2]),
+             dw_in, node, dw_out,
+             helper.make_node("Transpose", ["Yb"], ["Y5"], perm=[0, 1, 4, 2, 3]),
+             helper.make_node("Reshape", ["Y5", "to4"], ["Y"])]
+    return nodes, [*sparse_inits, *i1, *i2, *shapes]
 
 
 def whole_model_speedup(dense_proto, sparse_proto, feed: dict, library, threads: int, budget_s: float = 2.0,

@@ -213,6 +213,29 @@ def test_dispatch_measure_times_the_layer_here():
     assert all((l["sparsity"] == 0.9) == (r["speedup"] >= MARGIN) for l in layers if l["kind"] == "pointwise")
 
 
+@pytest.mark.parametrize("nchw16c", [True, False])
+def test_dispatch_measure_times_the_layer_in_the_layout_it_will_run_in(nchw16c):
+    """Where the target asks for NCHW16c, a blockable 1x1 conv is timed between depthwise convs in
+    that layout (as the layout rewrite will build it); elsewhere in NCHW between ORT's."""
+    from edgesparse.plugins import registry
+
+    class LayoutRule:  # the x86 target, with the NCHW16c answer fixed
+        def __init__(self, base):
+            self.base = base
+
+        def __getattr__(self, name):
+            return getattr(self.base, name)
+
+        def prefers_sparse(self, op, *args, **kw):
+            return nchw16c if op == "NCHW16c" else self.base.prefers_sparse(op, *args, **kw)
+
+    target = LayoutRule(registry().get("targets", "x86"))
+    model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 64, 3, padding=1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), target=target, sparsity=0.7, dispatch="measure")
+    layouts = {r["layer"]: r["layout"] for r in ctx.reports["sparsebytenn"]["dispatch_measurements"]}
+    assert layouts["0"] == ("NCHW16c" if nchw16c else "NCHW") and layouts["2"] == "NCHW"  # a 3x3 conv stays NCHW
+
+
 def test_dispatch_measure_needs_a_target_that_runs_here():
     class Elsewhere(StubTarget):
         def runs_here(self):
