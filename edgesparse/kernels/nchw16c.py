@@ -45,8 +45,3 @@ def in_layout(y: np.ndarray, channel_block: int) -> np.ndarray:
         raise ValueError(f"y_channel_block must be 1 or {CHANNEL_BLOCK}, got {channel_block}")
     return to_nchw16c(y) if channel_block == CHANNEL_BLOCK else y
 
-
-def blocked_shape(shape) -> list:
-    """Static shape [N, C, H, W] -> [N, C/16, H, W, 16]."""
-    n, c, h, w = shape
-    return [n, c // CHANNEL_BLOCK, h, w, CHANNEL_BLOCK]

@@ -211,40 +211,19 @@ struct ConvKernel {
     a.residual = res;
     a.x_block = xd.block;
     a.y_block = y_block;
-    if (blocked)
-      run16(ctx, a);
-    else
-      run(ctx, a, *wt);
-  }
-
-  // NCHW16c: positions split in multiples of 42 (every ISA's register tile divides it).
-  void run16(Ort::KernelContext& ctx, const es_bsconv_args& a) {
-    const es_kernel_table* t = table;
-    const int64_t nb = a.cout / 16 + (a.cout % 16 ? 1 : 0), positions = a.h * a.w;
-    const double work = (double)positions * (double)a.row_ptr[nb] * 16;
-    const int64_t chunks = chunk_count(work / 8);
-    const int64_t steps = (positions + 41) / 42;
-    const int64_t q_parts = std::max<int64_t>(1, std::min<int64_t>(steps, chunks));
-    const std::vector<int64_t> rows = split_rows(a.row_ptr, nb, std::max<int64_t>(1, chunks / q_parts));
-    const int64_t row_parts = (int64_t)rows.size() - 1;
-    for (int64_t img = 0; img < a.batch; ++img) {
-      auto body = [&](size_t i) {
-        const int64_t r = (int64_t)i % row_parts, s = (int64_t)i / row_parts;
-        const int64_t q0 = std::min(positions, steps * s / q_parts * 42);
-        const int64_t q1 = std::min(positions, steps * (s + 1) / q_parts * 42);
-        t->bsconv16_range(&a, img, q0, q1, rows[r], rows[r + 1]);
-      };
-      parallel_for(ctx, (size_t)(q_parts * row_parts), body);
-    }
+    run(ctx, a, *wt);
   }
 
   void run(Ort::KernelContext& ctx, const es_bsconv_args& a, const ConvWeights& wt) {
     const es_kernel_table* t = table;
+    // NCHW16c (either side; 1x1, stride 1): positions are h*w, split in multiples of 42 (every
+    // ISA's register tile divides it), no prepared input.
+    const bool blocked = a.x_block > 1 || a.y_block > 1;
     const int64_t nb = (a.cout + a.block - 1) / a.block;
-    const int64_t positions = t->bsconv_positions(&a);
-    const int64_t tile = t->bsconv_tile(a.block);
+    const int64_t positions = blocked ? a.h * a.w : t->bsconv_positions(&a);
+    const int64_t tile = blocked ? 42 : t->bsconv_tile(a.block);
     const int64_t tiles = (positions + tile - 1) / tile;
-    const int64_t prep_floats = t->bsconv_prepared_floats(&a);
+    const int64_t prep_floats = blocked ? 0 : t->bsconv_prepared_floats(&a);
     float* prep = prep_floats ? scratch_floats((size_t)prep_floats) : nullptr;
     // `used` covers channels [0, max_c); channels beyond are never read.
     std::vector<uint8_t> used(wt.used);
@@ -271,7 +250,10 @@ struct ConvKernel {
       auto body = [&](size_t i) {
         const int64_t r = (int64_t)i % row_parts, s = (int64_t)i / row_parts;
         const int64_t q0 = tiles * s / q_parts * tile, q1 = std::min(positions, tiles * (s + 1) / q_parts * tile);
-        t->bsconv_range(&a, prep, img, q0, q1, rows[r], rows[r + 1]);
+        if (blocked)
+          t->bsconv16_range(&a, img, q0, q1, rows[r], rows[r + 1]);
+        else
+          t->bsconv_range(&a, prep, img, q0, q1, rows[r], rows[r + 1]);
       };
       parallel_for(ctx, (size_t)(q_parts * row_parts), body);
     }
