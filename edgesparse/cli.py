@@ -78,17 +78,21 @@ def _emit(data, as_json: bool, text: str):
 @click.option("--threads", type=int, help="Threads for verification. Default 1.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
 @click.option("--calibration-batches", type=int, help="Batches taken from the model factory's calibration(). Default 8.")
+@click.option("--calibration-text", type=click.Path(path_type=Path),
+              help="hf: models: a text file whose token windows are the calibration batches.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, force,
-          as_json):
-    """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches,
+          calibration_text, force, as_json):
+    """Build MODEL (an .onnx file, path/to/model.py:factory, or hf:PATH for a Hugging Face causal LM
+    folder or .gguf file) into a verified package."""
     from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
     from .recipe import load_recipe, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
-             "tolerance": tolerance, "threads": threads, "inputs": inputs, "calibration_batches": calibration_batches}
+             "tolerance": tolerance, "threads": threads, "inputs": inputs, "calibration_batches": calibration_batches,
+             "calibration_text": calibration_text}
     settings.update({k: v for k, v in flags.items() if v is not None})
     if pass_specs:
         settings["passes"] = [parse_pass(s) for s in pass_specs]
@@ -101,6 +105,7 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
+        calibration_text=Path(settings["calibration_text"]) if settings.get("calibration_text") else None,
         calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
         quiet=as_json, name=settings.get("name"),
     )

@@ -39,6 +39,7 @@ class BuildRequest:
     threads: int = 1
     inputs: Path | None = None
     calibration_batches: int = CALIBRATION_BATCHES
+    calibration_text: Path | None = None  # hf: models: calibrate on windows of this text
     force: bool = False
     quiet: bool = False
     name: str | None = None
@@ -60,7 +61,9 @@ def build(request: BuildRequest, registry=None) -> dict:
     target.check_environment()
 
     # load
-    source = load_factory(request.model) if is_factory(request.model) else None
+    if request.calibration_text is not None and not is_factory(request.model):
+        raise EdgesparseError("--calibration-text is for hf: models; an ONNX model takes --inputs")
+    source = load_factory(request.model, request.calibration_text) if is_factory(request.model) else None
     torch_passes = [p for p in passes if "torch" in p.stages()]
     if torch_passes and source is None:
         raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")

@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import EdgesparseError
 
 KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "calibration_batches", "passes",
-        "name"}
+        "name", "calibration_text"}
 
 
 def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
@@ -66,7 +66,7 @@ def load_recipe(path: Path) -> dict:
     if unknown:
         raise EdgesparseError(f"recipe {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(KEYS))})")
     base = Path(path).parent
-    for key in ("model", "output", "inputs"):
+    for key in ("model", "output", "inputs", "calibration_text"):
         if key in data:
             data[key] = _relative(base, data[key])
     passes = []
@@ -80,6 +80,8 @@ def load_recipe(path: Path) -> dict:
 
 
 def _relative(base: Path, value: str) -> str:
+    if str(value).startswith("hf:"):
+        return "hf:" + _relative(base, str(value)[3:])
     spec, colon, func = str(value).partition(".py:")
     if colon:
         p = Path(spec + ".py")

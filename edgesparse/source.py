@@ -1,5 +1,5 @@
-"""Model inputs to a build: an .onnx file, or a Python factory `path/to/model.py:build` that
-returns a TorchModel."""
+"""Model inputs to a build: an .onnx file, a Python factory `path/to/model.py:build` that
+returns a TorchModel, or `hf:PATH`, a Hugging Face causal LM (edgesparse/hf.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +33,15 @@ class TorchModel:
     train: Callable | None = None
 
 
-def load_factory(spec: str) -> TorchModel:
-    """Import `path/to/model.py:build` and call it."""
+def load_factory(spec: str, calibration_text=None) -> TorchModel:
+    """Import `path/to/model.py:build` and call it; `hf:PATH` loads a Hugging Face causal LM
+    (edgesparse.hf), calibrated on `calibration_text` when given."""
+    if spec.startswith("hf:"):
+        from . import hf
+
+        return hf.load(spec[len("hf:"):], calibration_text=calibration_text)
+    if calibration_text is not None:
+        raise EdgesparseError("--calibration-text is for hf: models; a model factory provides calibration=")
     path_str, _, func = spec.rpartition(":")
     path = Path(path_str)
     if not path.is_file():
@@ -60,4 +67,4 @@ def load_factory(spec: str) -> TorchModel:
 
 
 def is_factory(spec: str) -> bool:
-    return ".py:" in spec
+    return ".py:" in spec or spec.startswith("hf:")

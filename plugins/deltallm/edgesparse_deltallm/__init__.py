@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
 
-from . import calibrate, rewrite
+from . import calibrate, masks, rewrite
 from .rewrite import DOMAIN, OP
 
 __version__ = "0.1.0"
@@ -56,19 +56,31 @@ class DeltaLLM(Pass):
     targets = ("x86", "snapdragon")  # jetson: no DeltaAttention kernel in the tvm backend yet
 
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        found = rewrite.find_attention(model)
+        misses: list = []
+        found = rewrite.find_attention(model, misses)
         if not found:
             raise rewrite.not_found_error(model)
+        partial = rewrite.partial_error(misses, len(found))
+        if partial is not None:
+            raise partial
         for option in ("theta_q", "theta_v"):
             value = getattr(self, option)
             if value < 0 and value != -1.0:
                 raise EdgesparseError(f"option {self.name}.{option}={value}: must be >= 0, or -1 to calibrate")
         dense = self._proto(model)
         batches = ctx.calibration_inputs()[:MAX_CALIBRATION_BATCHES]
-        rewrite.apply(model, window=max(self.window, 1), sinks=self.sinks, carry=True)
+        spans = masks.read_spans(dense, found, batches[0], ctx.threads)
+        rewrite.apply(model, window=max(self.window, 1), sinks=self.sinks, carry=True, spans=spans)
         delta = self._proto(model)
         library = ctx.kernel_library(DOMAIN).build(ctx.target.toolchain())
         ctx.log(f"[deltallm] {len(found)} attention blocks replaced; calibrating on {len(batches)} batch(es)")
+        local = [(i, s) for i, s in enumerate(spans) if s]
+        if local:
+            ctx.log(f"[deltallm] sliding-window layers (exact inside their window): "
+                    + ", ".join(f"{i} ({s} keys)" for i, s in local))
+        capped = sorted({a.softcap for a in found if a.softcap})
+        if capped:
+            ctx.log(f"[deltallm] attention logits soft-capped at {', '.join(f'{c:g}' for c in capped)}")
         cal = calibrate.Calibrator(dense, delta, batches, str(library), ctx.threads, ctx.log)
         context = cal.context
 
@@ -92,8 +104,9 @@ class DeltaLLM(Pass):
         # decode: the same text continued one token at a time, when the model has a KV cache
         final = self._proto(model)
         plan = calibrate.decode_plan(final, batches[0], cal.tokens)
-        layers = [{"layer": i, "node": l.node, "prefill": round(s, 4)} for i, (l, s) in
-                  enumerate(zip(cal.layers, chosen.layer_sparsity))]
+        layers = [{"layer": i, "node": l.node, "prefill": round(s, 4), "sliding_window": spans[i] or None,
+                   "softcap": found[i].softcap or None}
+                  for i, (l, s) in enumerate(zip(cal.layers, chosen.layer_sparsity))]
         sparsity = {"prefill": round(chosen.sparsity, 4), "decode": None, "overall": None,
                     "qk_prefill": round(chosen.qk_sparsity, 4), "pv_prefill": round(chosen.pv_sparsity, 4)}
         if plan is not None and self.decode_steps > 0:

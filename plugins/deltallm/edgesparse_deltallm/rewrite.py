@@ -5,16 +5,18 @@ What the matcher accepts (ONNX standard domain), read from the Softmax outwards:
     scores = MatMul(q', kT')              q' = q * c1 (optional scalar Mul/Div)
                                           kT' = layout(k) * c2: Transpose / Reshape / Expand /
                                           Unsqueeze (the GQA repeat) and scalar Mul/Div
-    logits = [scores * c3] [+ mask | Where(mask, scores, -inf)]
-    p = Softmax(logits, axis=-1) [then Where(IsNaN(p), 0, p), Cast, Identity]
+    capped = [cap * Tanh(scores * c3 / cap)]   attention logit soft-capping (Gemma 2)
+    logits = [capped * c3] [+ mask | Where(mask, logits, -inf) | Where(mask, -inf, logits)]
+    p = Softmax(logits, axis=-1) [then Where(IsNaN(p), 0, p), Cast, Identity, Dropout]
     out = MatMul(p, layout(v))
 
-This is what torch.onnx.export(dynamo=True) makes of transformers' sdpa and eager attention for
-Llama-family models (SmolLM2, Llama, Qwen2, Mistral without sliding windows). q must be
-[B, H, T, D] after RoPE, k and v [B, Hkv, N, D] (the cache concatenated with the new keys).
-The mask is not read by the operator: it assumes causal attention over the whole cache (batch
-rows without padding). Whether the match is right is checked numerically by the pass, which
-runs the rewritten model with an exact window against the original.
+This is what torch.onnx.export(dynamo=True) makes of transformers' sdpa and eager attention in
+the Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 families (QK-norm, biased or fused
+QKV projections all sit upstream of q and k). q must be [B, H, T, D] after RoPE, k and v
+[B, Hkv, N, D] (the cache concatenated with the new keys). The operator does not read the mask:
+masks.py reads what it means (causal, or a sliding window of S keys) from the calibration run,
+and the node gets the window as its `span`. Whether the match is right is checked numerically
+by the pass, which runs the rewritten model with an exact window against the original.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ DOMAIN = "com.edgesparse.deltallm"
 OP = "DeltaAttention"
 LAYOUT = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity"}
 PASS_THROUGH = {"Cast", "Identity", "Dropout"}
+FUSED = {"Attention", "GroupQueryAttention", "MultiHeadAttention", "PackedAttention"}  # ORT contrib / opset 23
 
 
 @dataclass
@@ -40,6 +43,10 @@ class Attention:
     v: ir.Value
     scale: float
     removed: list = field(default_factory=list)   # nodes of the dense attention (for profiling)
+    softcap: float = 0.0        # logits = softcap * tanh(scale * q.k / softcap); 0: none
+    mask: ir.Value | None = None
+    mask_keeps: bool = False    # mask is a boolean "attend here" (Where); else additive (0 / -inf)
+    span: int = 0               # sliding window read from the mask (masks.py); 0: causal over the cache
 
     @property
     def name(self) -> str:
@@ -108,30 +115,55 @@ def _dim(value: ir.Value, axis: int):
     return d if isinstance(d, int) else None
 
 
-def _match(softmax: ir.Node) -> Attention | None:
+class Unmatched(Exception):
+    """Why a Softmax is not an attention block this pass understands (one line). `attention`: it
+    had a Q.K^T MatMul before it, so it is attention in a form the pass does not take."""
+
+    def __init__(self, why: str, attention: bool = False):
+        super().__init__(why)
+        self.attention = attention
+
+
+def _match(softmax: ir.Node) -> Attention:
     axis = softmax.attributes.get("axis")
     axis = axis.value if axis is not None else -1
     x = softmax.inputs[0]
     if axis not in (-1, (_rank(x) or 0) - 1):
-        return None
+        raise Unmatched(f"Softmax over axis {axis}, not the key axis")
     seen: list = []
-    # input side: optional mask, optional scale, the scores MatMul
+    mask, keeps = None, False
+    # input side: optional mask, scale, soft-capping, the scores MatMul
     node = x.producer()
     if _standard(node) and node.op_type == "Add":
         seen.append(node)
         a, b = node.inputs
-        pa, pb = a.producer(), b.producer()
         scores = a if _is_scores(a) else b if _is_scores(b) else None
         if scores is None:
-            return None
-        x = scores
+            raise Unmatched("Add before the Softmax has no Q.K^T MatMul on either side")
+        x, mask = scores, (b if scores is a else a)
     elif _standard(node) and node.op_type == "Where":
         seen.append(node)
-        x = node.inputs[1]
+        cond, a, b = node.inputs
+        if _is_scores(a):
+            x, mask, keeps = a, cond, True
+        elif _is_scores(b):
+            x, mask, keeps = b, cond, False
+        else:
+            raise Unmatched("Where before the Softmax has no Q.K^T MatMul on either branch")
     x, c3 = _peel_scale(x, seen)
+    softcap, c_in = 0.0, 1.0
+    tanh = x.producer()
+    if _standard(tanh) and tanh.op_type == "Tanh":
+        seen.append(tanh)
+        x, c_in = _peel_scale(tanh.inputs[0], seen)
+        softcap = c3
+        if not softcap > 0:
+            raise Unmatched(f"soft-capping Tanh with a non-positive cap ({softcap})")
     mm = x.producer()
     if not _standard(mm) or mm.op_type != "MatMul":
-        return None
+        what = mm.op_type if mm is not None else "a graph input"
+        raise Unmatched(f"the Softmax's scores come from {what}, not from a Q.K^T MatMul "
+                        "(through scalar scales, soft-capping and a mask)")
     seen.append(mm)
     q, c1 = _peel_scale(mm.inputs[0], seen)
     k, c2 = _peel_layout(mm.inputs[1], seen)
@@ -139,29 +171,32 @@ def _match(softmax: ir.Node) -> Attention | None:
     p = softmax.outputs[0]
     consumer = _single_after_guard(p, seen)
     if consumer is None or not _standard(consumer) or consumer.op_type != "MatMul":
-        return None
+        raise Unmatched("the probabilities do not feed one P.V MatMul", True)
     v, c4 = _peel_layout(consumer.inputs[1], seen)
     if c4 != 1.0:
-        return None
+        raise Unmatched("the values are scaled before P.V", True)
     if _rank(q) != 4 or _rank(k) != 4 or _rank(v) != 4:
-        return None
+        raise Unmatched(f"q, k, v of ranks {_rank(q)}, {_rank(k)}, {_rank(v)}; needs [B, H, T, D] and [B, Hkv, N, D]", True)
     d = _dim(q, 3)
     if d is not None and (_dim(k, 3) not in (None, d) or _dim(v, 3) not in (None, d)):
-        return None
+        raise Unmatched("q, k and v head dims differ", True)
     h, hkv = _dim(q, 1), _dim(k, 1)
     if h is not None and hkv is not None and h % hkv:
-        return None
-    scale = c1 * c2 * c3
+        raise Unmatched(f"{h} query heads do not group over {hkv} key/value heads", True)
+    scale = c1 * c2 * c_in * (softcap if softcap else c3)
     if not scale > 0:
-        return None
+        raise Unmatched(f"non-positive attention scale {scale}", True)
     seen.append(softmax)
     seen.append(consumer)
-    return Attention(softmax, consumer, q, k, v, scale, seen)
+    return Attention(softmax, consumer, q, k, v, scale, seen, softcap, mask, keeps)
 
 
 def _is_scores(value: ir.Value) -> bool:
     inner, _ = _peel_scale(value, [])
     node = inner.producer()
+    if _standard(node) and node.op_type == "Tanh":
+        inner, _ = _peel_scale(node.inputs[0], [])
+        node = inner.producer()
     return _standard(node) and node.op_type == "MatMul"
 
 
@@ -188,13 +223,16 @@ def _single_after_guard(p: ir.Value, seen: list):
         return node
 
 
-def find_attention(model: ir.Model) -> list[Attention]:
+def find_attention(model: ir.Model, misses: list | None = None) -> list[Attention]:
+    """Every attention block; Softmax nodes that are not one go to `misses` as (node name, why)."""
     found = []
     for node in model.graph:
         if _standard(node) and node.op_type == "Softmax":
-            match = _match(node)
-            if match is not None:
-                found.append(match)
+            try:
+                found.append(_match(node))
+            except Unmatched as why:
+                if misses is not None:
+                    misses.append((node.name or node.outputs[0].name, str(why), why.attention))
     return found
 
 
@@ -206,8 +244,12 @@ def replace(model: ir.Model, att: Attention, index: int, *, window: int, sinks: 
     tq = graph.initializer(model, f"{base}.theta_q", np.asarray(theta_q, np.float32))
     tv = graph.initializer(model, f"{base}.theta_v", np.asarray(theta_v, np.float32).reshape(-1))
     outputs = 3 if macs_output else 1
-    node = ir.node(OP, [att.q, att.k, att.v, tq, tv],
-                   {"scale": float(att.scale), "window": int(window), "sinks": int(sinks), "carry": int(carry)},
+    attributes = {"scale": float(att.scale), "window": int(window), "sinks": int(sinks), "carry": int(carry)}
+    if att.softcap:
+        attributes["softcap"] = float(att.softcap)
+    if att.span:
+        attributes["span"] = int(att.span)
+    node = ir.node(OP, [att.q, att.k, att.v, tq, tv], attributes,
                    domain=DOMAIN, num_outputs=outputs, name=graph.node_name(model, f"{base}.DeltaAttention"))
     if macs_output:
         node.outputs[1].name = f"{base}.state"
@@ -235,20 +277,44 @@ def remove_dead(model: ir.Model) -> None:
 
 
 def not_found_error(model: ir.Model) -> EdgesparseError:
-    softmax = sum(1 for n in model.graph if n.op_type == "Softmax")
-    detail = (f"{softmax} Softmax node(s), none fed by a Q.K^T MatMul and feeding a P.V MatMul with [B, H, T, D] "
-              "queries" if softmax else "no Softmax node")
+    misses: list = []
+    find_attention(model, misses)
+    fused = sorted({n.op_type for n in model.graph if n.op_type in FUSED})
+    if fused:
+        detail = f"fused {'/'.join(fused)} node(s): export without ONNX Runtime's attention fusion"
+    elif misses:
+        name, why, _ = next((m for m in misses if m[2]), misses[0])
+        detail = f"{len(misses)} Softmax node(s); the first, '{name}': {why}"
+    else:
+        detail = "no Softmax node"
     return EdgesparseError(f"deltallm: no attention block found ({detail}); it needs a decoder LLM exported "
-                           "with plain attention ops (torch.onnx.export(..., dynamo=True) of a Llama-family model)")
+                           "with plain attention ops (torch.onnx.export(..., dynamo=True), as edgesparse build does)")
 
 
-def apply(model: ir.Model, *, window: int, sinks: int, theta_q=0.0, theta_v=0.0, carry: bool = True) -> list[Attention]:
+def partial_error(misses: list, found: int) -> EdgesparseError | None:
+    """Some attention blocks matched and others not: name the first layer that did not."""
+    attention = [m for m in misses if m[2]]
+    if not attention or not found:
+        return None
+    name, why, _ = attention[0]
+    return EdgesparseError(f"deltallm: {found} attention block(s) understood, but Softmax '{name}' "
+                           f"looks like attention and is not: {why}")
+
+
+def apply(model: ir.Model, *, window: int, sinks: int, theta_q=0.0, theta_v=0.0, carry: bool = True,
+          spans=None) -> list[Attention]:
     """Replace every attention block; theta_q / theta_v: a float, or one value (or per-head list)
-    per layer. Returns the matches (their `removed` nodes name the dense attention)."""
-    found = find_attention(model)
+    per layer; spans: the sliding window of each layer (0: none), as masks.read_spans finds them.
+    Returns the matches (their `removed` nodes name the dense attention)."""
+    misses: list = []
+    found = find_attention(model, misses)
     if not found:
         raise not_found_error(model)
+    partial = partial_error(misses, len(found))
+    if partial is not None:
+        raise partial
     for i, att in enumerate(found):
+        att.span = int(spans[i]) if spans is not None else 0
         heads, dims = _dim(att.q, 1) or 1, _dim(att.q, 3) or 1
         tq = np.asarray(theta_q[i] if np.ndim(theta_q) else theta_q, np.float32)
         tq = np.broadcast_to(tq.reshape(tq.shape + (1,) * (2 - tq.ndim)) if tq.ndim < 2 else tq, (heads, dims))

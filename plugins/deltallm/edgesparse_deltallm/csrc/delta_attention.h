@@ -31,7 +31,9 @@ extern "C" {
 typedef struct {
   int64_t t, n, d;              // query rows, keys (cache + new), head dim
   int64_t window, sinks;
+  int64_t span;                 // sliding window: keys j <= p - span are not attended (0: none)
   float scale;
+  float softcap;                // logits = softcap * tanh(scale q.k / softcap) (0: plain scale q.k)
   const float* theta_q;         // [D] per-dimension query thresholds
   float theta_v;
   const float* q;               // [T, D] this head's queries

@@ -131,6 +131,17 @@ inline float sexp(float x) {
   vf v = vexp(splat(x));
   return v[0];
 }
+// attention logit soft-capping, cap * tanh(x / cap) (identity when cap is 0); tanh(u) is
+// 1 - 2 / (exp(2u) + 1): absolute error ~1e-7, i.e. ~cap * 1e-7 on the logit
+inline vf capv(vf x, float cap) {
+  if (cap <= 0.f) return x;
+  const vf e = vexp(x * splat(2.f / cap));
+  return splat(cap) - splat(2.f * cap) / (e + splat(1.f));
+}
+inline float capf(float x, float cap) {
+  vf v = capv(splat(x), cap);
+  return v[0];
+}
 
 
 constexpr float kNegInf = -INFINITY;
@@ -239,7 +250,7 @@ void far_scores(const float* sh, float* const* rows, int n_rows, const float* kt
 // are summed into *kept. `first`: compute the current weights exp(s - c) into wb; otherwise
 // reuse wb (a later pass of the same row, with a lower threshold).
 template <int NV, bool first>
-float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, float c, float thr, const float* v,
+float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, float c, float cap, float thr, const float* v,
                Acc<NV>& U, float& zh, float& removed, float* kept, float* kept_up, int64_t& n_upd, int32_t* idx,
                float* dw) {
   const vf cv = splat(c), thrv = splat(thr), thr2 = splat(2.f * thr), zero = splat(0.f);
@@ -248,7 +259,7 @@ float far_pass(const float* s, float* wb, float* wh, int64_t lo, int64_t hi, flo
   for (int64_t j0 = lo / W * W; j0 < hi; j0 += W) {
     vf w;
     if (first) {
-      w = vexp(ld(s + j0) - cv);
+      w = vexp(capv(ld(s + j0), cap) - cv);
       st(wb + j0, w);
     } else {
       w = ld(wb + j0);
@@ -327,7 +338,8 @@ void head_impl(dl_head_args* a) {
   constexpr int64_t D = NV * W;
   const int64_t T = a->t, N = a->n, NP = a->n_pad, P = N - T;
   const int64_t win = a->window, sinks = a->sinks;
-  const float scale = a->scale, thv = a->theta_v;
+  const float scale = a->scale, thv = a->theta_v, cap = a->softcap;
+  const int64_t span = a->span;
   const float* thq = a->theta_q;
   const float* kt = a->kt;
   float* sh = a->scratch;             // far scores (scaled), as of the last finished chunk
@@ -444,7 +456,9 @@ void head_impl(dl_head_args* a) {
         nb[j] = dotv<NV>(qs, a->k + j * D);
         m = nb[j] > m ? nb[j] : m;
       }
-      const int64_t ws = fe_new > sink_hi ? fe_new : sink_hi;  // window keys [ws, p]
+      int64_t ws = fe_new > sink_hi ? fe_new : sink_hi;  // window keys [ws, p]
+      const int64_t first = span > 0 && p - span + 1 > 0 ? p - span + 1 : 0;  // sliding window: older keys unseen
+      if (ws < first) ws = first;
       if (ws <= p) m = fmaxf(m, window_scores<NV>(qs, kt, NP, ws, p, nb));
 
       // exp reference: the larger of the row maximum and the largest applied far score (so no
@@ -454,6 +468,7 @@ void head_impl(dl_head_args* a) {
         zh = 0.f;
         held_peak = 0.f;
       }
+      m = capf(m, cap);  // monotone: the capped maximum is the maximum of the capped logits
       const float target = wmax > 0.f ? fmaxf(m, c + logf(wmax)) : m;
       if (!have_c || target > c + kDrift || target < c - kDrift) {
         if (have_c) {
@@ -480,12 +495,12 @@ void head_impl(dl_head_args* a) {
         for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) rows[r][j] = sh[j];
         float ratio = thr_grow ? (thr_ratio * 2.f < 1.f ? thr_ratio * 2.f : 1.f) : thr_ratio;
         float kept = 0.f, kept_up = 0.f;
-        wmax = far_pass<NV, true>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
+        wmax = far_pass<NV, true>(rows[r], wb, wh, sinks, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
                                   &kept_up, n_upd, ridx, rdw);
         thr_grow = kept_up <= budget && ratio < 1.f;
         for (int level = 0; kept > budget; ++level) {
           ratio = level < kMaxHalvings ? ratio * 0.5f : 0.f;
-          wmax = far_pass<NV, false>(rows[r], wb, wh, sinks, new_lo, c, ratio * budget, a->v, U, zh, removed, &kept,
+          wmax = far_pass<NV, false>(rows[r], wb, wh, sinks, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
                                      &kept_up, n_upd, ridx, rdw);
           thr_grow = false;
           if (ratio == 0.f) break;
@@ -508,7 +523,7 @@ void head_impl(dl_head_args* a) {
         held_peak = zh;
       }
       for (int64_t j = new_lo; j < fe_new; ++j) {
-        const float w = sexp(sh[j] - c);
+        const float w = sexp(capf(sh[j], cap) - c);
         U.fma(w, a->v + j * D);
         zh += w;
         wh[j] = w;
@@ -519,7 +534,7 @@ void head_impl(dl_head_args* a) {
       O2.zero();
       float zn = 0.f;
       for (int64_t j = 0; j < sink_hi; ++j) {
-        const float w = sexp(nb[j] - c);
+        const float w = sexp(capf(nb[j], cap) - c);
         zn += w;
         O.fma(w, a->v + j * D);
       }
@@ -527,7 +542,7 @@ void head_impl(dl_head_args* a) {
         vf zv = splat(0.f);
         for (int64_t j = ws / W * W; j <= p; j += W) {
           const vi keep = in_range(j, ws, p + 1);
-          const vf e = keep ? vexp(ld(nb + j) - splat(c)) : splat(0.f);
+          const vf e = keep ? vexp(capv(ld(nb + j), cap) - splat(c)) : splat(0.f);
           st(nb + j, e);
           zv += e;
         }
@@ -547,7 +562,7 @@ void head_impl(dl_head_args* a) {
 
       const int64_t n_new = fe_new - new_lo;
       const int64_t n_near = sink_hi + (ws <= p ? p - ws + 1 : 0);
-      dense += 2 * D * (p + 1);
+      dense += 2 * D * (p + 1 - first);
       qk += (n_near + n_new) * D + (int64_t)na * n_old;
       pv += (n_near + n_new) * D + (n_upd + n_rebuilt) * D;
       fe = fe_new;

@@ -9,7 +9,10 @@
 // Outputs: 0 Y float [B, H, T, D]
 //          1 state float [B, H, 2 * D + 4 + 2 * N] (optional)
 //          2 macs int64 [B, H, 3] (optional: dense causal MACs, QK MACs spent, PV MACs spent)
-// Attributes: scale (float), window (int >= 1), sinks (int >= 0), carry (int, default 0).
+// Attributes: scale (float), window (int >= 1), sinks (int >= 0), carry (int, default 0),
+//             softcap (float, default 0: none; logits = softcap * tanh(scale q.k / softcap)),
+//             span (int, default 0: none; a sliding window: row p sees keys p - span < j <= p,
+//             all exactly: window and sinks do not apply).
 // carry = 1 keeps the state inside the node between calls when no state input is given: a call
 // whose cache is the previous call's keys plus new ones (same length, same first and last key
 // rows) continues the sequence (decode); any other call starts afresh. The graph's inputs and
@@ -97,8 +100,8 @@ Input input(Ort::KernelContext& ctx, size_t i, const char* what) {
 
 struct Kernel {
   std::string where;
-  float scale = 1.f;
-  int64_t window = 1, sinks = 0;
+  float scale = 1.f, softcap = 0.f;
+  int64_t window = 1, sinks = 0, span = 0;
   bool carry = false;
   const dl_table* table = dl_kernels();
   // carry = 1: the state of the last call, and what identifies its sequence
@@ -121,6 +124,14 @@ struct Kernel {
     const OrtApi& api = Ort::GetApi();
     if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "carry", &c)) api.ReleaseStatus(st);
     carry = c != 0;
+    if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "softcap", &softcap)) api.ReleaseStatus(st);
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "span", &span)) api.ReleaseStatus(st);
+    if (!(softcap >= 0.f)) throw Error("softcap must be >= 0");
+    if (span < 0) throw Error("span must be >= 0");
+    if (span > 0) {  // a sliding-window layer: exact inside its window, nothing far
+      window = int64_t(1) << 40;
+      sinks = 0;
+    }
     if (window < 1) throw Error("window must be >= 1");
     if (sinks < 0) throw Error("sinks must be >= 0");
     if (!(scale > 0.f)) throw Error("scale must be positive");
@@ -272,6 +283,8 @@ struct Kernel {
         a.window = window;
         a.sinks = sinks;
         a.scale = scale;
+        a.softcap = softcap;
+        a.span = span;
         a.theta_q = thq.data() + h * D;
         a.theta_v = thv[(size_t)h];
         a.q = q.data + i * T * D;
