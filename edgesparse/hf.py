@@ -99,7 +99,9 @@ def causal_lm(lm, calibration=None) -> TorchModel:
     calibration: a list of batches (calibration_batches) or a callable returning them."""
     import torch
 
-    lm = lm.float().eval()
+    if any(p.dtype != torch.float32 for p in lm.parameters()):
+        lm = lm.float()
+    lm = lm.eval()
     layers, kv, dim = geometry(lm.config)
     vocab = lm.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -147,6 +149,7 @@ def _load_pretrained(path: Path):
         raise EdgesparseError(f"hf:{path}: cannot load it as a causal LM: {first}") from exc
     if getattr(lm, "hf_quantizer", None) is not None:  # GGUF: the weights are dequantized already
         lm.hf_quantizer = None
+        lm.is_quantized = False
     return tokenizer, lm.eval()
 
 
