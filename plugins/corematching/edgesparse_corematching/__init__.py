@@ -35,13 +35,17 @@ def _span(text):
 
 
 def find_lm(module):
-    """The Llama-style causal LM inside the factory's module (it may be a wrapper)."""
+    """The decoder causal LM inside the factory's module (it may be a wrapper): Llama, Mistral,
+    Qwen2/3, Gemma 2/3, Phi-3 and models laid out like them (family.py)."""
+    from .family import decoder_parts
+
     for m in module.modules():
         inner = getattr(m, "model", None)
-        if hasattr(m, "lm_head") and hasattr(inner, "layers") and all(hasattr(l.mlp, "gate_proj") for l in inner.layers):
+        if hasattr(m, "lm_head") and hasattr(inner, "layers"):
+            decoder_parts(m)  # one line naming what is missing
             return m
-    raise EdgesparseError("corematching: no Llama-style decoder (model.layers[i].mlp.gate_proj/up_proj/down_proj and "
-                          "lm_head) inside the model")
+    raise EdgesparseError("corematching: no decoder LM (model.layers[i] with self_attn and a gated mlp, and lm_head) "
+                          "inside the model")
 
 
 class CoreMatching(Pass):
@@ -80,6 +84,7 @@ class CoreMatching(Pass):
         ids = torch.tensor(np.asarray(prompts[0][:, :MAX_VERIFY_TOKENS], np.int64))
         if ids.shape[1] < 4:
             raise EdgesparseError("corematching: calibration prompts need at least 4 tokens")
+        verify.engine_reproduces(lm, ids[:1])
         ctx.log(f"[corematching] exporting the prefill and decode graphs (keep {settings.keep}, layers {self.layers})")
         with torch.no_grad():
             prefill, decode = onnx_graphs.export(lm, settings, ids[:1, :min(16, ids.shape[1])])
@@ -110,6 +115,13 @@ class CoreMatching(Pass):
 
         from . import onnx_graphs, verify
 
+        from .family import Family
+
+        family = Family(lm)
+        windowed = [i for i in range(len(family.layers)) if family.window(i)]
+        if windowed:
+            raise EdgesparseError(f"corematching: token pruning (token_layers) does not support sliding-window layers "
+                                  f"(layer {windowed[0]} has a window of {family.window(windowed[0])} keys)")
         batches = [b for b in ctx.calibration_inputs() if "inputs_embeds" in b and "image_mask" in b]
         if not batches:
             raise EdgesparseError("corematching: token_layers needs calibration batches with 'inputs_embeds' [B, T, D] "

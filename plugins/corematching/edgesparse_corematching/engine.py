@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import selection
+from .family import Family, decoder_parts
 from .settings import Settings
 
 
@@ -39,21 +40,14 @@ class State:
     notes: list[str] = field(default_factory=list)
 
 
-def llama_parts(model):
-    """The pieces of a LlamaForCausalLM the engine uses; a clear error for other models."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or not all(hasattr(l, "mlp") and hasattr(l.mlp, "gate_proj") for l in layers):
-        from edgesparse import EdgesparseError
-
-        raise EdgesparseError("corematching: the model is not a Llama-style decoder (model.layers[i].mlp.gate_proj/up_proj/down_proj)")
-    return inner, layers
+llama_parts = decoder_parts  # the name earlier code imported
 
 
 class Engine:
     def __init__(self, model, settings: Settings):
         self.model = model.eval()
-        self.inner, self.layers = llama_parts(model)
+        self.family = Family(model)
+        self.inner, self.layers = self.family.inner, self.family.layers
         cfg = model.config
         self.settings = settings.check(len(self.layers))
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -62,17 +56,9 @@ class Engine:
         self.keep = max(1, int(round(settings.keep * self.inter)))
 
     # ---------------------------------------------------------------- building blocks
-    def _attention(self, layer, x, positions, cache: LayerCache | None, valid_q):
+    def _attention(self, i, x, positions, cache: LayerCache | None, valid_q):
         """x [B, T, D]; attends the cache (if any) and the new tokens; returns output, new cache."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        attn = layer.self_attn
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.inner.rotary_emb(x, positions)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self.family.qkv(i, x, positions)
         if cache is not None:
             keys = torch.cat([cache.keys, k], 2)
             values = torch.cat([cache.values, v], 2)
@@ -80,27 +66,17 @@ class Engine:
             kpos = torch.cat([cache.positions, positions], 1)
         else:
             keys, values, kvalid, kpos = k, v, valid_q, positions
-        rep = self.heads // self.kv_heads
-        kk = keys.repeat_interleave(rep, 1)
-        vv = values.repeat_interleave(rep, 1)
-        allowed = kvalid[:, None, :] & (kpos[:, None, :] <= positions[:, :, None])   # [B, T, N]
+        allowed = self.family.allowed(i, positions, kpos, kvalid)   # [B, T, N]
         allowed = allowed | ~valid_q[:, :, None]   # padded query rows: anything finite, discarded
-        scores = (q @ kk.transpose(-1, -2)) * self.head_dim ** -0.5
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        out = torch.softmax(scores, -1) @ vv
-        out = attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        return out, LayerCache(keys, values, kvalid, kpos)
+        return self.family.attend(i, q, keys, values, allowed), LayerCache(keys, values, kvalid, kpos)
 
-    @staticmethod
-    def _ffn_activation(mlp, x):
-        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    def _ffn_activation(self, mlp, x):
+        return self.family.activation(mlp, x)
 
     def _slice(self, mlp, neurons):
         """Per sequence, the rows of gate/up and the columns of down for its core neurons."""
-        wg = mlp.gate_proj.weight[neurons]            # [B, k, D]
-        wu = mlp.up_proj.weight[neurons]
-        wd = mlp.down_proj.weight.t()[neurons]        # [B, k, D]
-        return wg, wu, wd
+        wg, wu, wd = self.family.weights(mlp)
+        return wg[neurons], wu[neurons], wd[neurons]   # [B, k, D] each
 
     @staticmethod
     def _count(stats: dict, layer: int, **macs):
@@ -130,11 +106,11 @@ class Engine:
         for i, layer in enumerate(self.layers):
             n_valid = int(valid.sum())
             keys_valid = int((valid[:, :, None] & valid[:, None, :] & (positions[:, None, :] <= positions[:, :, None])).sum())
-            x = layer.input_layernorm(h)
-            out, cache = self._attention(layer, x, positions, None, valid)
-            h = h + out
-            act = self._ffn_activation(layer.mlp, layer.post_attention_layernorm(h))
-            h = h + layer.mlp.down_proj(act)
+            x = self.family.attn_in(i, h)
+            out, cache = self._attention(i, x, positions, None, valid)
+            h = self.family.attn_out(i, h, out)
+            act = self._ffn_activation(layer.mlp, self.family.ffn_in(i, h))
+            h = self.family.ffn_out(i, h, layer.mlp.down_proj(act))
             state.caches.append(cache)
             self._count(state.stats["prefill"], i, tokens=n_valid,
                         macs=n_valid * 3 * self.hidden * self.inter + self._attn_macs(n_valid, 0) + keys_valid * 2 * self.heads * self.head_dim)
@@ -152,14 +128,13 @@ class Engine:
                 keep = selection.elbow_keep(selection.token_scores(core, neurons), prunable)
                 keep = self._floor(keep, prunable, selection.token_scores(core, neurons))
                 h, positions, valid, prunable = self._compact(keep & valid, h, positions, valid, prunable)
-        h = self.inner.norm(h)
         last = (valid.long().cumsum(1) * valid).argmax(1)   # index of each sequence's last valid token
         self._count(state.stats["prefill"], "lm_head", macs=b * self.hidden * self.vocab)
         if keep_logits:
             if self.settings.token_layers is not None:
                 raise ValueError("keep_logits needs every position: use it without token pruning")
-            return state, self.model.lm_head(h)
-        return state, self.model.lm_head(h[torch.arange(b), last])
+            return state, self.family.logits(h)
+        return state, self.family.logits(h[torch.arange(b), last])
 
     def _floor(self, keep, prunable, scores):
         """Keep at least min_tokens of each sequence's prunable tokens (the best-scored ones)."""
@@ -194,25 +169,25 @@ class Engine:
         for i, layer in enumerate(self.layers):
             cache = state.caches[i]
             n_keys = int(cache.valid.sum())
-            x = layer.input_layernorm(h)
-            out, state.caches[i] = self._attention(layer, x, positions, cache, valid)
-            h = h + out
-            x = layer.post_attention_layernorm(h)
+            x = self.family.attn_in(i, h)
+            out, state.caches[i] = self._attention(i, x, positions, cache, valid)
+            h = self.family.attn_out(i, h, out)
+            x = self.family.ffn_in(i, h)
             sliced = state.sliced[i]
             if sliced is None:
-                h = h + layer.mlp.down_proj(self._ffn_activation(layer.mlp, x))
+                h = self.family.ffn_out(i, h, layer.mlp.down_proj(self._ffn_activation(layer.mlp, x)))
                 neurons = self.inter
             else:
                 wg, wu, wd = sliced
-                act = layer.mlp.act_fn(x @ wg.transpose(1, 2)) * (x @ wu.transpose(1, 2))
-                h = h + act @ wd
+                act = self.family.act_fn(layer.mlp)(x @ wg.transpose(1, 2)) * (x @ wu.transpose(1, 2))
+                h = self.family.ffn_out(i, h, act @ wd)
                 neurons = wg.shape[1]
             keys = t * n_keys + b * t * (t + 1) // 2
             self._count(state.stats["decode"], i, tokens=b * t, neurons=neurons * b * t,
                         macs=b * t * 3 * self.hidden * neurons + self._attn_macs(b * t, 0) + keys * 2 * self.heads * self.head_dim)
         state.next_position = state.next_position + t
         self._count(state.stats["decode"], "lm_head", macs=b * t * self.hidden * self.vocab)
-        return self.model.lm_head(self.inner.norm(h))
+        return self.family.logits(h)
 
     # ---------------------------------------------------------------- report
     def report(self, state: State, dense: "State") -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import selection
-from .engine import llama_parts
+from .family import Family
 from .settings import Settings
 
 
@@ -26,42 +26,37 @@ class _Base(torch.nn.Module):
     def __init__(self, model, settings: Settings):
         super().__init__()
         self.model = model
-        self.inner, self.layers = llama_parts(model)
+        self.family = Family(model)
+        self.inner, self.layers = self.family.inner, self.family.layers
         cfg = model.config
         self.settings = settings.check(len(self.layers))
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.inter = cfg.intermediate_size
         self.keep = max(1, int(round(settings.keep * self.inter)))
         self.sliced = [i for i in range(len(self.layers)) if settings.prunes_neurons(i) and self.keep < self.inter]
 
-    def _qkv(self, layer, x, positions):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def _qkv(self, i, x, positions):
+        return self.family.qkv(i, x, positions)
 
-        attn = layer.self_attn
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.inner.rotary_emb(x, positions)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+    def _attend(self, i, q, keys, values, qpos, kpos):
+        """Causal attention within layer i's window, from the query and key positions ([B, T], [B, N])."""
+        return self.family.attend(i, q, keys, values, self.family.allowed(i, qpos, kpos))
 
-    def _attend(self, layer, q, keys, values, causal):
-        b, _, t, _ = q.shape
-        rep = self.heads // self.kv_heads
-        kk = keys[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
-        vv = values[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
-        out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
-        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    def _ffn(self, i, mlp, x):
+        """(activation, layer i's FFN output) on the dense weights."""
+        act = self.family.activation(mlp, x)
+        return act, mlp.down_proj(act)
+
+    def _sliced_weights(self, mlp, idx):
+        wg, wu, wd = self.family.weights(mlp)
+        return torch.cat([wg[idx], wu[idx]], 1).transpose(1, 2), wd[idx]
 
     def _decode_ffn(self, i, mlp, x, weights):
         """Layer i's FFN in decode: on the prefill's sliced weights where it is sliced, dense elsewhere."""
         if i not in self.sliced:
-            return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            return self._ffn(i, mlp, x)[1]
         s = self.sliced.index(i)
         gate, up = (x @ weights[2 * s]).split(self.keep, -1)
-        return (mlp.act_fn(gate) * up) @ weights[2 * s + 1]
+        return (self.family.act_fn(mlp)(gate) * up) @ weights[2 * s + 1]
 
     def _bind_forward(self, leading: list[str], groups: list[list[str]]):
         """forward(self, *leading, *every name in groups) calling self.run(*leading, *groups as lists):
@@ -82,21 +77,23 @@ class PrefillGraph(_Base):
         valid = torch.ones(b, t, dtype=torch.bool)
         h = self.inner.embed_tokens(input_ids)
         keys, values, neurons, gate_ups, downs = [], [], [], [], []
+        f = self.family
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            q, k, v = self._qkv(i, f.attn_in(i, h), positions)
             keys.append(k)
             values.append(v)
-            h = h + self._attend(layer, q, k, v, causal=True)
+            h = f.attn_out(i, h, self._attend(i, q, k, v, positions, positions))
             mlp = layer.mlp
-            act = mlp.act_fn(mlp.gate_proj(layer.post_attention_layernorm(h))) * mlp.up_proj(layer.post_attention_layernorm(h))
-            h = h + mlp.down_proj(act)
+            act, y = self._ffn(i, mlp, f.ffn_in(i, h))
+            h = f.ffn_out(i, h, y)
             if i in self.sliced:
                 core = selection.token_core_neurons(act, self.settings.rho)
                 idx = selection.sentence_core_neurons(core, act, valid, self.keep)     # [B, k]
                 neurons.append(idx)
-                gate_ups.append(torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]], 1).transpose(1, 2))
-                downs.append(mlp.down_proj.weight.t()[idx])
-        logits = self.model.lm_head(self.inner.norm(h))
+                gate_up, down = self._sliced_weights(mlp, idx)
+                gate_ups.append(gate_up)
+                downs.append(down)
+        logits = f.logits(h)
         weights = [w.contiguous() for pair in zip(gate_ups, downs) for w in pair]
         return (logits, torch.stack(keys), torch.stack(values), torch.stack(neurons), *weights)
 
@@ -118,15 +115,17 @@ class DecodeGraph(_Base):
         positions = (torch.arange(t) + past).unsqueeze(0).expand(b, t)
         h = self.inner.embed_tokens(input_ids)
         keys, values = [], []
+        f = self.family
+        kpos = torch.arange(past + t).unsqueeze(0).expand(b, past + t)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            q, k, v = self._qkv(i, f.attn_in(i, h), positions)
             k = torch.cat([past_keys[i], k], 2)
             v = torch.cat([past_values[i], v], 2)
             keys.append(k)
             values.append(v)
-            h = h + self._attend(layer, q, k, v, causal=False)   # t == 1: the new token sees everything
-            h = h + self._decode_ffn(i, layer.mlp, layer.post_attention_layernorm(h), weights)
-        logits = self.model.lm_head(self.inner.norm(h))
+            h = f.attn_out(i, h, self._attend(i, q, k, v, positions, kpos))
+            h = f.ffn_out(i, h, self._decode_ffn(i, layer.mlp, f.ffn_in(i, h), weights))
+        logits = f.logits(h)
         return logits, torch.stack(keys), torch.stack(values)
 
 
@@ -172,14 +171,14 @@ class MatchingPrefillGraph(_Base):
         prunable = image_mask
         h = inputs_embeds
         caches, gate_ups, downs = [], [], []
+        f = self.family
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            q, k, v = self._qkv(i, f.attn_in(i, h), positions)
             caches += [k, v]
-            h = h + self._attend(layer, q, k, v, causal=True)
+            h = f.attn_out(i, h, self._attend(i, q, k, v, positions, positions))
             mlp = layer.mlp
-            x = layer.post_attention_layernorm(h)
-            act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-            h = h + mlp.down_proj(act)
+            act, y = self._ffn(i, mlp, f.ffn_in(i, h))
+            h = f.ffn_out(i, h, y)
             slice_here = i in self.sliced
             if not (slice_here or self.settings.prunes_tokens(i)):
                 continue
@@ -187,8 +186,9 @@ class MatchingPrefillGraph(_Base):
             core = selection.token_core_neurons(act, self.settings.rho)
             idx = selection.sentence_core_neurons(core, act, valid, self.keep)
             if slice_here:
-                gate_ups.append(torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]], 1).transpose(1, 2))
-                downs.append(mlp.down_proj.weight.t()[idx])
+                gate_up, down = self._sliced_weights(mlp, idx)
+                gate_ups.append(gate_up)
+                downs.append(down)
             if self.settings.prunes_tokens(i):
                 keep = selection.elbow_keep(selection.token_scores(core, idx), prunable)
                 kept = keep[0].nonzero().squeeze(1)
@@ -199,7 +199,7 @@ class MatchingPrefillGraph(_Base):
                 h = h.index_select(1, kept)
                 positions = positions.index_select(1, kept)
                 prunable = prunable.index_select(1, kept)
-        logits = self.model.lm_head(self.inner.norm(h[:, -1]))
+        logits = f.logits(h[:, -1])
         weights = [w.contiguous() for pair in zip(gate_ups, downs) for w in pair]
         return (logits, torch.full((1,), t, dtype=torch.int64), *caches, *weights)
 
@@ -217,14 +217,15 @@ class MatchingDecodeGraph(_Base):
         positions = position.unsqueeze(0)
         h = self.inner.embed_tokens(input_ids)
         caches = []
+        f = self.family
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            q, k, v = self._qkv(i, f.attn_in(i, h), positions)
             k = torch.cat([pasts[2 * i], k], 2)
             v = torch.cat([pasts[2 * i + 1], v], 2)
             caches += [k, v]
-            h = h + self._attend(layer, q, k, v, causal=False)
-            h = h + self._decode_ffn(i, layer.mlp, layer.post_attention_layernorm(h), weights)
-        return (self.model.lm_head(self.inner.norm(h)), *caches)
+            h = f.attn_out(i, h, f.attend(i, q, k, v, None))   # one new token: it sees every kept key
+            h = f.ffn_out(i, h, self._decode_ffn(i, layer.mlp, f.ffn_in(i, h), weights))
+        return (f.logits(h), *caches)
 
 
 def export_matching(model, settings: Settings, embeds: torch.Tensor, image_mask: torch.Tensor):
@@ -232,7 +233,7 @@ def export_matching(model, settings: Settings, embeds: torch.Tensor, image_mask:
     from edgesparse import TorchModel
     from edgesparse.export import export_torch
 
-    n = len(llama_parts(model)[1])
+    n = len(Family(model).layers)
     cache_names = [f"{kind}_{i}" for i in range(n) for kind in ("key", "value")]
     prefill = MatchingPrefillGraph(model, settings).eval()
     with torch.no_grad():

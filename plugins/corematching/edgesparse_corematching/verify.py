@@ -20,6 +20,22 @@ def _session(proto, threads):
 
 
 @torch.no_grad()
+def engine_reproduces(lm, ids: torch.Tensor) -> float:
+    """The engine's own layer loop with nothing pruned must give transformers' logits on a
+    calibration prompt; a family it misreads stops the build here with one line."""
+    from edgesparse import EdgesparseError
+
+    want = lm(input_ids=ids).logits
+    _, got = Engine(lm, Settings(keep=1.0)).prefill(lm.model.embed_tokens(ids), keep_logits=True)
+    err = float((got - want).abs().max())
+    if not err <= 1e-3 * max(1.0, float(want.abs().max())):
+        raise EdgesparseError(f"corematching: its layer loop does not reproduce this {type(lm).__name__} (max logit "
+                              f"difference {err:.3g} on the calibration prompt); it knows Llama, Mistral, Qwen2/3, "
+                              "Gemma 2/3 and Phi-3 layouts")
+    return err
+
+
+@torch.no_grad()
 def against_engine(lm, settings: Settings, prefill, decode, ids: torch.Tensor, steps: int, threads: int) -> dict:
     """Prefill a calibration prompt and greedily decode `steps` tokens in ORT and in the engine."""
     pre, dec = _session(prefill, threads), _session(decode, threads)
