@@ -66,3 +66,20 @@ def test_a_model_the_layer_loop_misreads_stops_with_one_line():
     with pytest.raises(EdgesparseError, match="does not reproduce this LlamaForCausalLM") as info:
         verify.engine_reproduces(lm, _ids())
     assert "\n" not in str(info.value)
+
+
+def test_hf_folder_builds_with_corematching(tmp_path):
+    """The whole build on a Gemma 3 folder through hf: (QK-norm, sandwich norms, a local layer)."""
+    from edgesparse.pipeline import BuildRequest, build
+
+    folder = tiny_families.save("gemma3", tmp_path / "gemma3")
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_families.text())
+    manifest = build(BuildRequest(model=f"hf:{folder}", target="x86", output=tmp_path / "pkg",
+                                  passes=[("corematching", {"keep": 0.5})], calibration_text=text,
+                                  calibration_batches=1, quiet=True))
+    report = manifest["passes"][0]["report"]
+    assert report["verification"]["same_core_neurons"]
+    assert report["verification"]["max_abs_error"] < 1e-4 * max(1.0, report["verification"]["max_abs_logit"])
+    assert [row["neurons_kept"] for row in report["layers"]] == [0.5, 0.5]
+    assert manifest["verification"]["passed"]
