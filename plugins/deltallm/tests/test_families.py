@@ -44,10 +44,6 @@ def _session(package):
 
 @pytest.mark.parametrize("family", tiny_families.FAMILIES)
 def test_family_builds_and_is_exact_when_nothing_is_skipped(family, tmp_path, text_file, library):
-    import torch
-
-    from edgesparse import hf
-
     folder = tiny_families.save(family, tmp_path / family)
     manifest = build(BuildRequest(model=f"hf:{folder}", target="x86", output=tmp_path / "pkg",
                                   passes=[("deltallm", {"window": 4096, "decode_steps": 0})],
@@ -55,12 +51,32 @@ def test_family_builds_and_is_exact_when_nothing_is_skipped(family, tmp_path, te
     report = manifest["passes"][0]["report"]
     assert [(row["sliding_window"], row["softcap"]) for row in report["layers"]] == EXPECTED[family]
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
+    _equals_transformers(family, tmp_path / "pkg")
 
-    # the package against transformers itself: prefill, then decode one token at a time
+
+def test_a_window_longer_than_the_calibration_text_is_still_read(tmp_path, library):
+    """Real windows (512 to 4096 keys) are longer than calibration windows; the masks are read
+    after a long empty cache, so a 4-token text still shows Mistral's 6-key window."""
+    folder = tiny_families.save("mistral", tmp_path / "mistral")
+    text = tmp_path / "short.txt"
+    text.write_text("the river rises in")
+    manifest = build(BuildRequest(model=f"hf:{folder}", target="x86", output=tmp_path / "pkg",
+                                  passes=[("deltallm", {"window": 4096, "decode_steps": 0})],
+                                  calibration_text=text, calibration_batches=1, quiet=True))
+    assert [row["sliding_window"] for row in manifest["passes"][0]["report"]["layers"]] == [tiny_families.SLIDING] * 2
+    _equals_transformers("mistral", tmp_path / "pkg")
+
+
+def _equals_transformers(family, package):
+    """The package against transformers itself: prefill, then decode one token at a time."""
+    import torch
+
+    from edgesparse import hf
+
     lm = tiny_families.model(family)
     ids = np.asarray(tiny_families.tokenizer()(PROMPT, add_special_tokens=False)["input_ids"], np.int64)
     assert ids.size > 2 * tiny_families.SLIDING
-    session = _session(tmp_path / "pkg")
+    session = _session(package)
     past_k, past_v = hf.empty_cache(lm.config)
     feed, seq, got = ids[None], list(ids), []
     for step in range(DECODE + 1):
