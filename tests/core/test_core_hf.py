@@ -109,3 +109,14 @@ def test_calibration_windows_split_the_text():
     assert hf.calibration_batches(np.arange(40), config)[0]["input_ids"].shape == (1, 40)
     with pytest.raises(EdgesparseError, match="fewer than 2 tokens"):
         hf.calibration_batches(np.arange(1), config)
+
+
+def test_recipe_holds_the_hf_model_and_its_calibration_text(tmp_path):
+    from edgesparse.recipe import load_recipe
+
+    (tmp_path / "r").mkdir()
+    recipe = tmp_path / "r" / "llm.toml"
+    recipe.write_text('model = "hf:models/llama"\ncalibration_text = "text/wiki.txt"\ntarget = "x86"\n')
+    settings = load_recipe(recipe)
+    assert settings["model"] == f"hf:{tmp_path / 'r' / 'models' / 'llama'}"
+    assert settings["calibration_text"] == str(tmp_path / "r" / "text" / "wiki.txt")
