@@ -125,3 +125,17 @@ def test_attention_in_a_form_not_understood_is_one_line_naming_the_layer(tmp_pat
     assert "'layers.3.attn.softmax'" in message and "values are scaled before P.V" in message
     # the same graph without the scaled values is understood
     assert len(rewrite.find_attention(ir.load(str(_attention_graph(tmp_path / "b.onnx"))))) == 1
+
+
+def test_local_layers_stay_exact_while_global_ones_skip(tmp_path, text_file, library):
+    """Gemma 2 with delta attention: the local (sliding) layer is exact inside its window and
+    skips nothing more; the global, soft-capped layer skips work in prefill and decode."""
+    folder = tiny_families.save("gemma2", tmp_path / "gemma2")
+    manifest = build(BuildRequest(model=f"hf:{folder}", target="x86", output=tmp_path / "pkg",
+                                  passes=[("deltallm", {"window": 4, "theta_q": 0.5, "theta_v": 0.01,
+                                                        "decode_steps": 4})],
+                                  calibration_text=text_file, calibration_batches=1, tolerance=1.0, quiet=True))
+    local, full = manifest["passes"][0]["report"]["layers"]
+    assert local["sliding_window"] == tiny_families.SLIDING and local["prefill"] == 0.0 and local["decode"] == 0.0
+    assert full["sliding_window"] is None and full["prefill"] > 0.1 and full["decode"] > 0.1
+    assert manifest["verification"]["passed"]
