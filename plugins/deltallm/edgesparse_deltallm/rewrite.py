@@ -5,8 +5,8 @@ What the matcher accepts (ONNX standard domain), read from the Softmax outwards:
     scores = MatMul(q', kT')              q' = q * c1 (optional scalar Mul/Div)
                                           kT' = layout(k) * c2: Transpose / Reshape / Expand /
                                           Unsqueeze (the GQA repeat) and scalar Mul/Div
-    capped = [cap * Tanh(scores * c3 / cap)]   attention logit soft-capping (Gemma 2)
-    logits = [capped * c3] [+ mask | Where(mask, logits, -inf) | Where(mask, -inf, logits)]
+    logits = scores * c3, or cap * Tanh(scores * c3 / cap) (logit soft-capping, Gemma 2)
+    logits = logits [+ mask | Where(mask, logits, -inf) | Where(mask, -inf, logits)]
     p = Softmax(logits, axis=-1) [then Where(IsNaN(p), 0, p), Cast, Identity, Dropout]
     out = MatMul(p, layout(v))
 
@@ -14,8 +14,8 @@ This is what torch.onnx.export(dynamo=True) makes of transformers' sdpa and eage
 the Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 families (QK-norm, biased or fused
 QKV projections all sit upstream of q and k). q must be [B, H, T, D] after RoPE, k and v
 [B, Hkv, N, D] (the cache concatenated with the new keys). The operator does not read the mask:
-masks.py reads what it means (causal, or a sliding window of S keys) from the calibration run,
-and the node gets the window as its `span`. Whether the match is right is checked numerically
+masks.py reads what it means (causal, or a sliding window of S keys) from the dense model, and
+the node gets the window as its `span`. Whether the match is right is checked numerically
 by the pass, which runs the rewritten model with an exact window against the original.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def _match(softmax: ir.Node) -> Attention:
     h, hkv = _dim(q, 1), _dim(k, 1)
     if h is not None and hkv is not None and h % hkv:
         raise Unmatched(f"{h} query heads do not group over {hkv} key/value heads", True)
-    scale = c1 * c2 * c_in * (softcap if softcap else c3)
+    scale = c1 * c2 * c_in * c3  # soft-capped: cap * tanh(c1 c2 c_in q.k) = cap * tanh(scale q.k / cap), cap = c3
     if not scale > 0:
         raise Unmatched(f"non-positive attention scale {scale}", True)
     seen.append(softmax)
