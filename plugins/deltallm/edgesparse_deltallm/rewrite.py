@@ -281,7 +281,8 @@ def not_found_error(model: ir.Model) -> EdgesparseError:
     find_attention(model, misses)
     fused = sorted({n.op_type for n in model.graph if n.op_type in FUSED})
     if fused:
-        detail = f"fused {'/'.join(fused)} node(s): export without ONNX Runtime's attention fusion"
+        detail = (f"fused {'/'.join(fused)} node(s): it needs attention as MatMul/Softmax ops, i.e. an export at "
+                  "opset <= 22 without ONNX Runtime's attention fusion, as edgesparse build's own export")
     elif misses:
         name, why, _ = next((m for m in misses if m[2]), misses[0])
         detail = f"{len(misses)} Softmax node(s); the first, '{name}': {why}"

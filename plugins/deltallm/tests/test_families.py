@@ -139,3 +139,21 @@ def test_local_layers_stay_exact_while_global_ones_skip(tmp_path, text_file, lib
     assert local["sliding_window"] == tiny_families.SLIDING and local["prefill"] == 0.0 and local["decode"] == 0.0
     assert full["sliding_window"] is None and full["prefill"] > 0.1 and full["decode"] > 0.1
     assert manifest["verification"]["passed"]
+
+
+def test_fused_attention_nodes_are_named():
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from edgesparse_deltallm import rewrite
+
+    f = TensorProto.FLOAT
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4,
+                            kv_num_heads=2)
+    g = helper.make_graph([node], "gqa", [helper.make_tensor_value_info(n, f, [1, 8, 64]) for n in "qkv"],
+                          [helper.make_tensor_value_info("y", f, [1, 8, 64])])
+    model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18),
+                                                              helper.make_opsetid("com.microsoft", 1)]))
+    message = str(rewrite.not_found_error(model))
+    assert "fused GroupQueryAttention node(s)" in message and "opset <= 22" in message
