@@ -13,6 +13,7 @@ Batch, sequence and past length are dynamic. Calibration batches are consecutive
 text file the user names (`--calibration-text`); without one, a few built-in sentences.
 
 Python API: `load(path, calibration_text=None)` -> TorchModel (what `hf:` builds from);
+`load_pretrained(path)` -> (tokenizer, float32 model), the same loading without the export;
 `causal_lm(model, calibration=...)` wraps an already loaded transformers model the same way;
 `empty_cache(config)` gives the past arrays of a fresh sequence; `generate(...)` is greedy
 decoding of a built package with its KV cache (what an app does; see the deltallm README).
@@ -122,7 +123,7 @@ def causal_lm(lm, calibration=None) -> TorchModel:
                       dynamic_axes=axes, calibration=batches)
 
 
-def _load_pretrained(path: Path):
+def load_pretrained(path: Path):
     """(tokenizer, float32 model) from a model folder or a .gguf file, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -167,7 +168,7 @@ def load(path, calibration_text=None) -> TorchModel:
             raise EdgesparseError(f"calibration text {calibration_text} is empty")
     else:
         text = DEFAULT_TEXT
-    tokenizer, lm = _load_pretrained(path)
+    tokenizer, lm = load_pretrained(Path(path))
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     return causal_lm(lm, calibration_batches(ids, lm.config))
 
