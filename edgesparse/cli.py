@@ -139,7 +139,7 @@ def bench(package, threads, rounds, quick, as_json):
     from .plugins import registry
 
     pkg = runtime.load(package, check_target=False)
-    target = registry().targets.get(pkg.manifest["target"]["name"])
+    target = _package_target(pkg)
     if target is None:
         raise EdgesparseError(f"target '{pkg.manifest['target']['name']}' of {package} is not installed")
     domains = set(pkg.manifest["runtime"].get("custom_domains", []))
@@ -150,6 +150,46 @@ def bench(package, threads, rounds, quick, as_json):
              f"[{r['package']['p25_ms']:.3f}-{r['package']['p75_ms']:.3f}], speedup {r['speedup']:.2f}x"
              for r in records]
     _emit(records, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A few minutes: block 16, the common FFN and conv shapes, short timings.")
+@click.option("--isa", help="Kernel code to measure (default: what the library runs here; avx2 on an AVX-512 machine "
+              "measures the AVX2 code against ORT's AVX-512 dense kernel: a pessimistic table).")
+@click.option("--threads", default=None, help="Comma-separated thread counts. Default 1 (--quick) or 1,2.")
+@click.option("--import", "import_file", type=click.Path(path_type=Path), help="Take in a table measured elsewhere.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the table here instead of the user cache.")
+@click.option("--merge", is_flag=True, help="With --out: keep the entries of that file this run does not measure.")
+def tune(quick, isa, threads, import_file, out, merge):
+    """Measure this machine's dispatch table (sparse kernels vs ORT's dense ones), or --import one.
+
+    Builds for this machine then use it ahead of the shipped table; `edgesparse inspect` names the
+    table that decided each layer."""
+    from .kernels import dispatch, tune as tuning
+
+    if import_file is not None:
+        path = tuning.import_table(import_file)
+        click.echo(f"imported: {path} (used by builds for {json.loads(path.read_text())['isa']})")
+        return
+    isa = isa or dispatch.current_isa()
+    counts = [int(t) for t in (threads or ("1" if quick else "1,2")).split(",") if t]
+    if not counts or min(counts) < 1:
+        raise EdgesparseError(f"--threads needs positive thread counts (got {threads!r})")
+    path = tuning.tune(isa, counts, quick, progress=lambda line: click.echo(line, err=True), out=out, merge=merge)
+    click.echo(f"tuned: {path} ({isa}, {dispatch.host_cpu()})")
+
+
+def _package_target(pkg):
+    """The installed target a package was built for, with the options it was built with (an x86
+    package built for avx2 runs its AVX2 code), or None when that target is not installed."""
+    from .plugins import registry
+
+    recorded = pkg.manifest["target"]
+    target = registry().targets.get(recorded["name"])
+    if target is None:
+        return None
+    known = {o.name for o in target.options}
+    return target.configure({k: v for k, v in recorded.get("config", {}).items() if k in known})
 
 
 def _shape(record) -> str:
@@ -181,9 +221,18 @@ def inspect(package, as_json):
         "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["inputs"]),
         f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
         f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
+        f"dispatch table: {_table_label(m['target'].get('dispatch_table'))}",
         f"layers ({len(m['layers'])} sparse):",
-    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}" for l in m["layers"]]
+    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}"
+         + (f"  dispatch table: {l['dispatch_table']}" if l.get("dispatch_table") else "") for l in m["layers"]]
     _emit(m, as_json, "\n".join(lines))
+
+
+def _table_label(table: dict | None) -> str:
+    if not table:
+        return "none recorded"
+    where = ", ".join(x for x in (table.get("cpu"), (table.get("generated") or "")[:10]) if x)
+    return f"{table['source']} ({where}; {table['entries']} entries) {table['path']}"
 
 
 @main.command()
@@ -199,7 +248,7 @@ def verify(package):
 
     pkg = runtime.load(package, check_target=False)
     target_name = pkg.manifest["target"]["name"]
-    target = registry().targets.get(target_name)
+    target = _package_target(pkg)
     data = np.load(pkg.root / VERIFICATION_DATA)
     batch = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
     expected = [data[k] for k in data.files if k.startswith("output:")]

@@ -70,6 +70,10 @@ def build(request: BuildRequest, registry=None) -> dict:
     calibration, input_kind = _calibration(request, source, model)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
                        threads=request.threads, quiet=request.quiet)
+    table = target.dispatch_table()
+    ctx.log(f"target {target.name}, ISA {target.isa}; dispatch table: {table.label}")
+    for warning in table.warnings:
+        ctx.warn(warning)
     if source is not None:
         for p in torch_passes:
             ctx.begin_pass(p.name)
@@ -106,7 +110,7 @@ def build(request: BuildRequest, registry=None) -> dict:
             "inputs": inputs.signature(model, "input"),
             "outputs": inputs.signature(model, "output"),
             "passes": [{"name": p.name, "options": _jsonable(p.config), "report": ctx.reports.get(p.name, {})} for p in passes],
-            "layers": _layers(model, libraries),
+            "layers": _layers(model, libraries, target, request.threads),
             "warnings": ctx.warnings,
             "tools": _tool_versions(target),
         }
@@ -135,6 +139,8 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
     cover = verify.coverage(verify.sparse_nodes(model, libraries), runs[0].kernel_nodes, libraries)
     if cover["fraction_on_sparse_kernels"] is not None and cover["fraction_on_sparse_kernels"] < 1:
         ctx.warn(f"only {cover['sparse_nodes_on_kernel']}/{cover['sparse_nodes']} sparse nodes run on a sparse kernel: the rest run dense")
+    if "not_verified" in runs[0].details:
+        ctx.warn(f"not verified here: {runs[0].details['not_verified']}")
     _save_verification_data(staging, batches[0], reference[0], model)
     return {
         "max_abs_error": error,
@@ -144,6 +150,7 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
         "inputs": input_kind,
         "calibration_batches": len(calibration),
         **cover,
+        **runs[0].details,
     }
 
 
@@ -198,16 +205,22 @@ def _attach_functions(model: onnx.ModelProto, registry) -> list:
     return libraries
 
 
-def _layers(model: onnx.ModelProto, libraries) -> list[dict]:
-    """Sparsity actually present in the packaged weights, per sparse node."""
+def _layers(model: onnx.ModelProto, libraries, target, threads: int) -> list[dict]:
+    """Sparsity actually present in the packaged weights, per sparse node, and the dispatch table
+    whose measurements decided the layer's kind."""
     by_domain = {lib.domain: lib for lib in libraries}
     arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     shapes = verify.value_shapes(model)
+    table = target.dispatch_table()
     layers = []
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         if lib is not None:
-            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))})
+            layer = {"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))}
+            decided = table.source_for(node.op_type.removesuffix("Add"), layer.get("block"), threads)
+            if decided:
+                layer["dispatch_table"] = decided
+            layers.append(layer)
     return layers
 
 

@@ -7,7 +7,8 @@ kernel taps, the shape the kernels skip. Within each layer, the blocks with the 
 are zeroed until `sparsity` of them are. Grouped and depthwise convs stay dense: each output
 channel there sees few inputs, so there is nothing for a block to skip in bulk.
 Layers the target's dispatch rule says would not get faster stay dense and unpruned: pruning them
-would cost accuracy and buy no time.
+would cost accuracy and buy no time. `dispatch=off` skips that question (every eligible layer is
+pruned, whatever the host): the documented switch for tests and experiments.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class Magnitude(Pass):
         Option("skip", tuple, (), "layers to leave dense: node-name substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("dispatch", str, "target", "target: keep a layer dense where the target's measured dispatch table "
+               "says sparse is slower; off: make every eligible layer sparse (tests, experiments)",
+               choices=("target", "off")),
     )
     needs = "none"
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
@@ -93,7 +97,7 @@ class Magnitude(Pass):
             op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
         if features < self.min_features:
             return f"fewer than {self.min_features} features"
-        if not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
+        if self.dispatch == "target" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
 
