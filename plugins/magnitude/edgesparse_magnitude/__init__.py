@@ -50,6 +50,8 @@ class Magnitude(Pass):
         Option("skip", tuple, (), "layers to leave dense: node-name substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("dispatch", str, "target", "'target': layers the target's measured dispatch table says would be slower "
+               "sparse stay dense; 'off': every eligible layer is made sparse", choices=("target", "off")),
     )
     needs = "none"
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
@@ -93,7 +95,7 @@ class Magnitude(Pass):
             op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
         if features < self.min_features:
             return f"fewer than {self.min_features} features"
-        if not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
+        if self.dispatch != "off" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
 
