@@ -130,12 +130,13 @@ def build(request: BuildRequest, registry=None) -> dict:
             "tools": _tool_versions(target),
         }
         package.finalize(staging, manifest)  # the target runs the package as an app would: complete it first
-        manifest["verification"] = _verify(target, staging, model, libraries, calibration, input_kind, request, ctx)
+        run_package = _runner(target, staging, request.threads, keep=calibration[:VERIFY_BATCHES])
+        manifest["verification"] = _verify(run_package, staging, model, libraries, calibration, input_kind, request, ctx)
         if not manifest["verification"]["passed"]:
             v = manifest["verification"]
             raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance {v['tolerance']:.3g}")
         ctx.log(f"comparing the package with the original on {len(held_out)} {held_out_kind} batches")
-        manifest["quality"] = quality.compare(baseline, lambda b: target.run_package(staging, b, request.threads).outputs,
+        manifest["quality"] = quality.compare(baseline, lambda b: run_package(b).outputs,
                                               [o["name"] for o in manifest["outputs"]], evaluate)
         manifest["quality"]["budget"] = quality.check_budget(manifest["quality"], budget)  # a miss raises
         manifest["warnings"] = ctx.warnings
@@ -144,13 +145,28 @@ def build(request: BuildRequest, registry=None) -> dict:
     return manifest
 
 
-def _verify(target, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
+def _runner(target, staging: Path, threads: int, keep: list[dict]):
+    """target.run_package on the staged package. The runs of the `keep` batches are kept, so that
+    verification and a quality comparison on calibration batches run them once (a run can be a
+    browser or an emulator)."""
+    kept = {id(b): None for b in keep}  # `keep` outlives the build: its ids stay unique
+
+    def run(batch: dict):
+        if id(batch) not in kept:
+            return target.run_package(staging, batch, threads)
+        if kept[id(batch)] is None:
+            kept[id(batch)] = target.run_package(staging, batch, threads)
+        return kept[id(batch)]
+    return run
+
+
+def _verify(run_package, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
             request: BuildRequest, ctx) -> dict:
     """Run the package where it runs against the dense reference, and count the sparse nodes that
     really ran on a sparse kernel."""
     batches = calibration[:VERIFY_BATCHES]
     ctx.log(f"verifying on {len(batches)} input batches")
-    runs = [target.run_package(staging, b, request.threads) for b in batches]
+    runs = [run_package(b) for b in batches]
     reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
     error = verify.max_abs_error([r.outputs for r in runs], reference)
     scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
