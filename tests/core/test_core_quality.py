@@ -272,3 +272,31 @@ def test_factory_bad_input(factory, tmp_path, func, flags, expect):
     assert lines[-1].startswith("error: ") and expect in lines[-1], result.output
     assert "Traceback" not in result.output
     nothing_written(tmp_path, out)
+
+
+# --- the metrics themselves --------------------------------------------------------------------------
+
+def test_metrics_on_known_outputs():
+    from edgesparse.quality import check_budget, output_quality
+
+    rng = np.random.default_rng(0)
+    a = [rng.standard_normal((2, 3, 5)).astype(np.float32), rng.standard_normal((4, 3, 5)).astype(np.float32)]
+    same = output_quality("y", a, [x.copy() for x in a])
+    assert same == {"rows": 18, "cosine": 1.0, "cosine_min": 1.0, "rel_l2": 0.0, "top1_agreement": 1.0}
+    flipped = output_quality("y", a, [-x for x in a])
+    assert flipped["cosine"] == -1.0 and flipped["rel_l2"] == pytest.approx(2.0) and flipped["top1_agreement"] == 0.0
+    # one row zeroed: that row scores 0, the others 1; rel_l2 is that row's share of the norm
+    b = [x.copy() for x in a]
+    b[0][0, 0] = 0
+    hit = output_quality("y", a, b)
+    assert hit["cosine_min"] == 0.0 and hit["cosine"] == pytest.approx(17 / 18)
+    assert hit["rel_l2"] == pytest.approx(np.linalg.norm(a[0][0, 0]) / np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in a)))
+    # a NaN in the package is the worst case, and fails any budget
+    b[1][0, 0, 0] = np.nan
+    bad = output_quality("y", a, b)
+    assert bad["cosine_min"] == -1.0 and bad["rel_l2"] == float("inf")
+    with pytest.raises(Exception, match="quality budget missed: rel_l2 inf > 1"):
+        check_budget({"summary": bad, "metrics": {}}, {"cosine_min": -1, "rel_l2": 1})
+    # integer outputs: the fraction of equal elements; a last axis of 1: no top-1 agreement
+    assert output_quality("ids", [np.array([1, 2, 3, 4])], [np.array([1, 2, 0, 4])]) == {"exact_match": 0.75}
+    assert "top1_agreement" not in output_quality("p", [np.ones((3, 1), np.float32)], [np.ones((3, 1), np.float32)])
