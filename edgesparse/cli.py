@@ -78,20 +78,28 @@ def _emit(data, as_json: bool, text: str):
 @click.option("--threads", type=int, help="Threads for verification. Default 1.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
 @click.option("--calibration-batches", type=int, help="Batches taken from the model factory's calibration(). Default 8.")
+@click.option("--eval-inputs", type=click.Path(path_type=Path),
+              help=".npz of held-out inputs for an ONNX model: the package is compared with the original on them.")
+@click.option("--min-quality", "min_quality", multiple=True, metavar="METRIC=VALUE",
+              help="Quality budget vs the original (repeatable): cosine, cosine_min, top1_agreement, rel_l2 (a maximum), "
+                   "or a factory evaluate() metric NAME / NAME_drop. A build that misses it fails and writes nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, force,
-          as_json):
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, eval_inputs,
+          min_quality, force, as_json):
     """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
     from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
+    from .quality import parse_budget_flags, summary_line
     from .recipe import load_recipe, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
-             "tolerance": tolerance, "threads": threads, "inputs": inputs, "calibration_batches": calibration_batches}
+             "tolerance": tolerance, "threads": threads, "inputs": inputs, "calibration_batches": calibration_batches,
+             "eval_inputs": eval_inputs}
     settings.update({k: v for k, v in flags.items() if v is not None})
     if pass_specs:
         settings["passes"] = [parse_pass(s) for s in pass_specs]
+    settings["min_quality"] = parse_budget_flags(min_quality, settings.get("min_quality"))
     for required in ("model", "target", "output"):
         if not settings.get(required):
             raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
@@ -102,6 +110,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
         calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
+        eval_inputs=Path(settings["eval_inputs"]) if settings.get("eval_inputs") else None,
+        min_quality=settings["min_quality"],
         quiet=as_json, name=settings.get("name"),
     )
     manifest = run_build(request)
@@ -111,7 +121,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         f"package: {request.output} (archive {request.output}.zip)\n"
         f"verified: max abs error {v['max_abs_error']:.2e} <= {v['tolerance']:.1e}; "
         f"sparse nodes on sparse kernels: {v['sparse_nodes_on_kernel']}/{v['sparse_nodes']}"
-        + ("" if frac is None else f" ({frac:.0%})")
+        + ("" if frac is None else f" ({frac:.0%})") + "\n"
+        + summary_line(manifest.get("quality"))
     ))
 
 
@@ -210,8 +221,9 @@ def _verification_inputs(pkg) -> dict:
 @click.argument("package")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(package, as_json):
-    """Show what PACKAGE holds: target, passes, per-layer sparsity, verification."""
+    """Show what PACKAGE holds: target, passes, per-layer sparsity, verification, quality."""
     from . import runtime
+    from .quality import summary_line
 
     m = runtime.load(package, check_target=False).manifest
     v = m.get("verification", {})
@@ -222,6 +234,7 @@ def inspect(package, as_json):
         f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
         f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
         f"dispatch table: {_table_label(m['target'].get('dispatch_table'))}",
+        summary_line(m.get("quality")),
         f"layers ({len(m['layers'])} sparse):",
     ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}"
          + (f"  dispatch table: {l['dispatch_table']}" if l.get("dispatch_table") else "") for l in m["layers"]]

@@ -55,11 +55,23 @@ def from_npz(path: Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
         data = np.load(path)
     except Exception as exc:
         raise EdgesparseError(f"cannot read inputs file {path}: {type(exc).__name__}") from exc
-    names = [s["name"] for s in signature(model)]
-    missing = [n for n in names if n not in data]
+    specs = signature(model)
+    missing = [s["name"] for s in specs if s["name"] not in data]
     if missing:
         raise EdgesparseError(f"inputs file {path} lacks input '{missing[0]}'")
-    return [{n: data[n] for n in names}]
+    extra = [n for n in data.files if n not in {s["name"] for s in specs}]
+    if extra:
+        raise EdgesparseError(f"inputs file {path} holds '{extra[0]}', which is not an input of the model "
+                              f"(inputs: {', '.join(s['name'] for s in specs)})")
+    for spec in specs:  # caught here, in one line, rather than as an ONNX Runtime error mid-build
+        array, shape = data[spec["name"]], spec["shape"]
+        fits = not shape or array.ndim == len(shape) and all(not isinstance(d, int) or d == a for d, a in zip(shape, array.shape))
+        if not fits:
+            raise EdgesparseError(f"inputs file {path}: '{spec['name']}' has shape {list(array.shape)}, "
+                                  f"the model takes {shape}")
+        if array.dtype != np.dtype(spec["dtype"]):
+            raise EdgesparseError(f"inputs file {path}: '{spec['name']}' is {array.dtype}, the model takes {spec['dtype']}")
+    return [{s["name"]: data[s["name"]] for s in specs}]
 
 
 def to_numpy(batch: dict) -> dict[str, np.ndarray]:

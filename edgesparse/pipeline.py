@@ -1,6 +1,7 @@
 """The build, top to bottom:
 
-    load -> torch passes -> export -> check -> ONNX passes -> check -> compile -> package -> verify -> publish
+    load -> keep the original -> torch passes -> export -> check -> ONNX passes -> check -> compile -> package
+         -> verify -> quality (vs the original) -> publish
 
 Every stage is a call into a small module; this file only orders them and records what happened.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, package, verify
+from . import __version__, export, inputs, package, quality, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -38,6 +39,8 @@ class BuildRequest:
     tolerance: float = 1e-4
     threads: int = 1
     inputs: Path | None = None
+    eval_inputs: Path | None = None  # held-out inputs for the quality comparison (ONNX models)
+    min_quality: dict = field(default_factory=dict)  # the quality budget: {metric: value}
     calibration_batches: int = CALIBRATION_BATCHES
     force: bool = False
     quiet: bool = False
@@ -55,6 +58,7 @@ def build(request: BuildRequest, registry=None) -> dict:
     for p in passes:
         if p.targets is not None and target.name not in p.targets:
             raise EdgesparseError(f"pass '{p.name}' cannot run on target '{target.name}' (supports: {', '.join(p.targets)})")
+    budget = quality.parse_budget(request.min_quality)
     out = Path(request.output)
     package.check_destination(out, request.force)
     target.check_environment()
@@ -65,16 +69,24 @@ def build(request: BuildRequest, registry=None) -> dict:
     if torch_passes and source is None:
         raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
     model = export.load_onnx(Path(request.model)) if source is None else None
+    evaluate = source.evaluate if source is not None else None
+    if evaluate is None:
+        quality.check_metric_names(budget, None)
 
     # torch passes and export
     calibration, input_kind = _calibration(request, source, model)
+    held_out, held_out_kind = quality.held_out_batches(request.eval_inputs, source, model, calibration)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
                        threads=request.threads, quiet=request.quiet)
     table = target.dispatch_table()
     ctx.log(f"target {target.name}, ISA {target.isa}; dispatch table: {table.label}")
     for warning in table.warnings:
         ctx.warn(warning)
+    original = None
     if source is not None:
+        if torch_passes:  # the module as the user gave it, before the passes change it
+            ctx.log("exporting the original model to ONNX")
+            original = export.export_torch(source)
         for p in torch_passes:
             ctx.begin_pass(p.name)
             ctx.log(f"[{p.name}] transforming the PyTorch module")
@@ -82,6 +94,13 @@ def build(request: BuildRequest, registry=None) -> dict:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")
+
+    # the original, run once now on the held-out batches: the package is compared with it at the end
+    ctx.log(f"running the original model on {len(held_out)} {held_out_kind} batches")
+    baseline = quality.measure_original(_dense_original(original or model, registry), held_out, held_out_kind,
+                                        evaluate, request.threads)
+    if evaluate is not None:
+        quality.check_metric_names(budget, set(baseline.metrics))
 
     # ONNX passes
     graph = ir.from_proto(model)
@@ -115,23 +134,43 @@ def build(request: BuildRequest, registry=None) -> dict:
             "tools": _tool_versions(target),
         }
         package.finalize(staging, manifest)  # the target runs the package as an app would: complete it first
-        manifest["verification"] = _verify(target, staging, model, libraries, calibration, input_kind, request, ctx)
-        manifest["warnings"] = ctx.warnings
-        manifest = package.finalize(staging, manifest)
+        run_package = _runner(target, staging, request.threads, keep=calibration[:VERIFY_BATCHES])
+        manifest["verification"] = _verify(run_package, staging, model, libraries, calibration, input_kind, request, ctx)
         if not manifest["verification"]["passed"]:
             v = manifest["verification"]
             raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance {v['tolerance']:.3g}")
+        ctx.log(f"comparing the package with the original on {len(held_out)} {held_out_kind} batches")
+        manifest["quality"] = quality.compare(baseline, lambda b: run_package(b).outputs,
+                                              [o["name"] for o in manifest["outputs"]], evaluate)
+        manifest["quality"]["budget"] = quality.check_budget(manifest["quality"], budget)  # a miss raises
+        manifest["warnings"] = ctx.warnings
+        manifest = package.finalize(staging, manifest)
         package.publish(staging, out, request.force)
     return manifest
 
 
-def _verify(target, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
+def _runner(target, staging: Path, threads: int, keep: list[dict]):
+    """target.run_package on the staged package. The runs of the `keep` batches are kept, so that
+    verification and a quality comparison on calibration batches run them once (a run can be a
+    browser or an emulator)."""
+    kept = {id(b): None for b in keep}  # `keep` outlives the build: its ids stay unique
+
+    def run(batch: dict):
+        if id(batch) not in kept:
+            return target.run_package(staging, batch, threads)
+        if kept[id(batch)] is None:
+            kept[id(batch)] = target.run_package(staging, batch, threads)
+        return kept[id(batch)]
+    return run
+
+
+def _verify(run_package, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
             request: BuildRequest, ctx) -> dict:
     """Run the package where it runs against the dense reference, and count the sparse nodes that
     really ran on a sparse kernel."""
     batches = calibration[:VERIFY_BATCHES]
     ctx.log(f"verifying on {len(batches)} input batches")
-    runs = [target.run_package(staging, b, request.threads) for b in batches]
+    runs = [run_package(b) for b in batches]
     reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
     error = verify.max_abs_error([r.outputs for r in runs], reference)
     scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
@@ -152,6 +191,13 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
         **cover,
         **runs[0].details,
     }
+
+
+def _dense_original(model: onnx.ModelProto, registry) -> onnx.ModelProto:
+    """The original as plain ONNX: a model that already holds sparse nodes runs their dense meaning."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return verify.dense_equivalent(copy, _attach_functions(copy, registry))
 
 
 def _save_verification_data(staging: Path, batch: dict, outputs: list, model) -> None:

