@@ -370,6 +370,8 @@ def measure(module, layers: list[Layer], batches: list[dict]) -> list[list[torch
 
 def _block_of(module, layer: Layer):
     site = layer.site
+    if not site.attr:  # a trained checkpoint's block (checkpoint.trained_layers): the owner itself
+        return site.owner
     if site.gated:
         return module.get_submodule(site.name)
     return getattr(site.owner, site.attr)

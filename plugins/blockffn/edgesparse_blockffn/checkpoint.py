@@ -1,0 +1,337 @@
+"""Loading a trained BlockFFN model in the authors' released format (a directory with config.json
+and *.safetensors, Hugging Face layout of their MiniCPM-based code) into model.BlockFFNForCausalLM,
+and a model factory for `edgesparse build`:
+
+    # model.py
+    from edgesparse_blockffn import checkpoint_factory
+    def build():
+        return checkpoint_factory("/path/to/BlockFFN-0.1B")
+
+    edgesparse build model.py:build --target x86 --pass blockffn:chunk=1 -o out/blockffn-0.1b
+
+Format (config.json keys; the training-side spelling in parentheses is accepted too):
+  ffn_type "block" (experts [E, S, D] / [E, D, S]) or "block_linear" ([E*S, D] / [D, E*S]);
+  num_experts (num_expert), expert_size (dim_expert); expert_gated must be false (the released
+  BlockMLP has no expert gate; ffn_gated only concerns dense FFNs and is ignored);
+  hidden_act (ffn_activate_fn) silu | relu | gelu; router_act (router_activate_fn) relu;
+  norm_after_router rms | sum | none; attention_type "mla" with q_lora_rank, kv_lora_rank,
+  qk_nope_head_dim, qk_rope_head_dim (the value head is hidden_size / num_attention_heads, as in
+  the released code); scale_emb, scale_depth, dim_model_base; rms_norm_eps, rope_theta,
+  rope_scaling (none or linear), tie_word_embeddings, attention_bias. Missing keys take the
+  defaults of the released configuration class.
+Tensors (per layer i, under model.layers.i.): input_layernorm.weight, post_attention_layernorm.weight,
+  self_attn.{q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj}.weight (+ .bias of
+  q_a/kv_a/o with attention_bias), self_attn.{q_a_layernorm, kv_a_layernorm}.weight,
+  mlp.router_proj.weight [E, D], mlp.router_norm.weight [E] (norm rms), mlp.up_proj, mlp.down_proj
+  (no ".weight": plain parameters); and model.embed_tokens.weight, model.norm.weight,
+  lm_head.weight (absent when tied).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgesparse import EdgesparseError
+
+ACTS = ("silu", "relu", "gelu")
+NORMS = ("rms", "sum", "none")
+# Key defaults of the released configuration class (MiniCPMConfig) where a config.json is silent.
+DEFAULTS = {"norm_after_router": "sum", "norm_scale": 1.0, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "scale_emb": 1.0, "scale_depth": 1.0, "dim_model_base": 1.0, "tie_word_embeddings": True,
+            "attention_bias": False, "q_lora_rank": 768, "kv_lora_rank": 256, "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 32, "attention_type": "vanilla", "block_implementation": "torch",
+            "pretraining_tp": 1}
+CALIBRATION_TEXT = (
+    "The river rises in the hills north of the town and runs south through farmland for about forty "
+    "kilometres before it reaches the sea. In the nineteenth century mills were built along its banks, "
+    "and a canal was dug to carry coal from the mines to the harbour. Most of the mills closed after "
+    "the war; some of the buildings are now flats, others a museum of local history. The canal was "
+    "restored by volunteers in the nineteen nineties and is used by walkers, anglers and small boats. "
+    "A railway line opened in 1862 and still runs twice an hour to the city, where most people who live "
+    "in the town work. The population grew quickly after the line opened and has changed little since. "
+)
+
+
+def _fail(where: Path, problem: str):
+    raise EdgesparseError(f"blockffn: checkpoint {where}: {problem}")
+
+
+def read_config(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        _fail(path, "not a directory (expected config.json and *.safetensors)")
+    file = path / "config.json"
+    if not file.is_file():
+        _fail(path, "no config.json")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(path, f"config.json is not valid JSON ({type(exc).__name__})")
+    if not isinstance(raw, dict):
+        _fail(path, "config.json is not a JSON object")
+    return raw
+
+
+def parse_config(raw: dict, where: Path):
+    """config.json -> model.Config, or a one-line EdgesparseError naming the problem."""
+    from .model import Config
+
+    def get(*names, default=None, required=False):
+        for n in names:
+            if n in raw:
+                return raw[n]
+        if required:
+            _fail(where, f"config.json has no {' / '.join(names)}")
+        return DEFAULTS.get(names[0], default)
+
+    ffn_type = raw.get("ffn_type")
+    if ffn_type not in ("block", "block_linear"):
+        found = "has no ffn_type" if ffn_type is None else f"has ffn_type {ffn_type!r}"
+        _fail(where, f"not a BlockFFN model: config.json {found} (a BlockFFN checkpoint has ffn_type \"block\")")
+    if get("expert_gated", "expert_gated", default=False):
+        _fail(where, "expert_gated is true: the released BlockFFN format has no expert gate weights")
+    if get("block_implementation") not in ("torch", "kernel"):
+        _fail(where, f"block_implementation {get('block_implementation')!r} stores its experts under other names "
+                     "(supported: torch, kernel)")
+    if get("pretraining_tp") != 1:
+        _fail(where, "pretraining_tp > 1 is not supported (nor by the released BlockFFN code)")
+    if get("attention_type") != "mla":
+        _fail(where, f"attention_type {get('attention_type')!r} is not supported (the released BlockFFN models use \"mla\")")
+    act = get("hidden_act", "ffn_activate_fn", default="silu")
+    if act not in ACTS:
+        _fail(where, f"expert activation {act!r} is not supported ({', '.join(ACTS)})")
+    router_act = get("router_act", "router_activate_fn", default="relu")
+    if router_act != "relu":
+        _fail(where, f"router activation {router_act!r}: BlockFFN routers are ReLU (the zeros are the sparsity)")
+    norm = get("norm_after_router")
+    if norm not in NORMS:
+        _fail(where, f"norm_after_router {norm!r} is not one of {', '.join(NORMS)}")
+    scaling = raw.get("rope_scaling")
+    factor = 1.0
+    if scaling is not None:
+        if not isinstance(scaling, dict) or scaling.get("type") != "linear":
+            _fail(where, f"rope_scaling {scaling!r} is not supported (none, or type linear)")
+        factor = float(scaling["factor"])
+    ints = {}
+    for key, names in {"vocab_size": ("vocab_size",), "hidden_size": ("hidden_size", "dim_model"),
+                       "layers": ("num_hidden_layers", "num_layers"), "heads": ("num_attention_heads", "num_heads"),
+                       "experts": ("num_experts", "num_expert"), "expert_size": ("expert_size", "dim_expert")}.items():
+        ints[key] = get(*names, required=True)
+    for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+        ints[key] = get(key)
+    for key, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            _fail(where, f"config.json: {key} must be a positive integer, got {v!r}")
+    if ints["hidden_size"] % ints["heads"]:
+        _fail(where, f"hidden_size {ints['hidden_size']} is not a multiple of num_attention_heads {ints['heads']}")
+    v_head = ints["hidden_size"] // ints["heads"]
+    given_v = raw.get("v_head_dim")
+    if given_v is not None and given_v != v_head:
+        _fail(where, f"v_head_dim {given_v} disagrees with hidden_size / num_attention_heads = {v_head}, the value "
+                     "head size of the released code")
+    if ints["qk_rope_head_dim"] % 2:
+        _fail(where, f"qk_rope_head_dim {ints['qk_rope_head_dim']} must be even (rotary embedding)")
+    return Config(v_head_dim=v_head, hidden_act=act, norm_after_router=norm,
+                  norm_scale=float(get("norm_scale")), rms_norm_eps=float(get("rms_norm_eps", "eps")),
+                  rope_theta=float(get("rope_theta")), rope_linear_factor=factor,
+                  scale_emb=float(get("scale_emb")), scale_depth=float(get("scale_depth")),
+                  dim_model_base=float(get("dim_model_base")),
+                  tie_word_embeddings=bool(get("tie_word_embeddings", "tie_lm_head")),
+                  attention_bias=bool(get("attention_bias")), **ints)
+
+
+def expected_tensors(cfg, ffn_type: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Released tensor name -> (shape, name in model.BlockFFNForCausalLM)."""
+    d, h, e, s = cfg.hidden_size, cfg.heads, cfg.experts, cfg.expert_size
+    nope, rope, v, ql, kvl = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+    out = {"model.embed_tokens.weight": ((cfg.vocab_size, d), "embed_tokens.weight"),
+           "model.norm.weight": ((d,), "norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = ((cfg.vocab_size, d), "lm_head.weight")
+    blocked = ffn_type == "block"
+    for i in range(cfg.layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        attn = {"q_a_proj.weight": (ql, d), "q_a_layernorm.weight": (ql,), "q_b_proj.weight": (h * (nope + rope), ql),
+                "kv_a_proj_with_mqa.weight": (kvl + rope, d), "kv_a_layernorm.weight": (kvl,),
+                "kv_b_proj.weight": (h * (nope + v), kvl), "o_proj.weight": (d, h * v)}
+        if cfg.attention_bias:
+            attn |= {"q_a_proj.bias": (ql,), "kv_a_proj_with_mqa.bias": (kvl + rope,), "o_proj.bias": (d,)}
+        out |= {f"{p}self_attn.{k}": (shape, f"{q}self_attn.{k}") for k, shape in attn.items()}
+        out[f"{p}input_layernorm.weight"] = ((d,), f"{q}input_layernorm.weight")
+        out[f"{p}post_attention_layernorm.weight"] = ((d,), f"{q}post_attention_layernorm.weight")
+        out[f"{p}mlp.router_proj.weight"] = ((e, d), f"{q}mlp.router.weight")
+        if cfg.norm_after_router == "rms":
+            out[f"{p}mlp.router_norm.weight"] = ((e,), f"{q}mlp.router.gain")
+        out[f"{p}mlp.up_proj"] = ((e, s, d) if blocked else (e * s, d), f"{q}mlp.up.weight")
+        out[f"{p}mlp.down_proj"] = ((e, d, s) if blocked else (d, e * s), f"{q}mlp.down.weight")
+    return out
+
+
+def _read_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        _fail(path, "no *.safetensors file")
+    tensors = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as exc:
+            _fail(path, f"{f.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        clash = set(part) & set(tensors)
+        if clash:
+            _fail(path, f"tensor {sorted(clash)[0]} appears in more than one safetensors file")
+        tensors |= part
+    return tensors
+
+
+def _to_model_layout(name: str, t, cfg, ffn_type: str):
+    """The released expert layouts -> model.BlockMLP's Linear weights ([E*S, D] up, [D, E*S] down)."""
+    if ffn_type == "block" and name.endswith("mlp.up_proj"):
+        return t.reshape(cfg.experts * cfg.expert_size, cfg.hidden_size)
+    if ffn_type == "block" and name.endswith("mlp.down_proj"):
+        return t.permute(1, 0, 2).reshape(cfg.hidden_size, cfg.experts * cfg.expert_size)
+    return t
+
+
+def load(path) -> "BlockFFNForCausalLM":  # noqa: F821
+    """A checkpoint directory -> model.BlockFFNForCausalLM (float32, eval mode). Refuses, in one
+    line and before building anything, a config that is not BlockFFN or tensors that disagree with it."""
+    import torch
+
+    from .model import BlockFFNForCausalLM
+
+    path = Path(path)
+    raw = read_config(path)
+    cfg = parse_config(raw, path)
+    want = expected_tensors(cfg, raw["ffn_type"])
+    tensors = _read_tensors(path)
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors:  # some exports keep the tied copy: it must agree
+        if not torch.equal(tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight", torch.empty(0))):
+            _fail(path, "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+    for name, (shape, _) in want.items():
+        if name not in tensors:
+            _fail(path, f"tensor {name} is missing (config.json: ffn_type {raw['ffn_type']}, "
+                        f"norm_after_router {cfg.norm_after_router}, {cfg.layers} layers)")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            _fail(path, f"tensor {name} has shape {list(got)}, config.json implies {list(shape)}")
+        if not tensors[name].is_floating_point():
+            _fail(path, f"tensor {name} is {tensors[name].dtype}, not floating point")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        _fail(path, f"unexpected tensor {extra[0]}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: "
+                    "not part of a BlockFFN checkpoint of this config")
+    module = BlockFFNForCausalLM(cfg)
+    state = {ours: _to_model_layout(name, tensors[name].float(), cfg, raw["ffn_type"]) for name, (_, ours) in want.items()}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    if cfg.norm_after_router != "rms":  # no router_norm in the file: the gain is unused (kept at 1)
+        state |= {f"layers.{i}.mlp.router.gain": torch.ones(cfg.experts) for i in range(cfg.layers)}
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+# -- the model factory --------------------------------------------------------------------------------
+
+def _calibration_ids(path: Path, calibration, vocab: int, tokens: int, batches: int, seed: int):
+    """Token id sequences for calibration and verification, and where they came from."""
+    if calibration is not None:
+        items = list(calibration)
+        if items and all(isinstance(x, str) for x in items):
+            tok = _tokenizer(path)
+            if tok is None:
+                raise EdgesparseError(f"blockffn: calibration text given, but checkpoint {path} has no tokenizer "
+                                      "that loads offline: pass token id sequences instead")
+            items = [tok(x)["input_ids"] for x in items]
+        seqs = [np.asarray(x, np.int64).reshape(-1) for x in items]
+        if not seqs or min(len(s) for s in seqs) < 2:
+            raise EdgesparseError("blockffn: calibration needs sequences of at least 2 tokens")
+        if max(int(s.max()) for s in seqs) >= vocab or min(int(s.min()) for s in seqs) < 0:
+            raise EdgesparseError(f"blockffn: calibration token ids must be in [0, {vocab})")
+        return seqs, "given"
+    tok = _tokenizer(path)
+    if tok is not None:
+        ids = np.asarray(tok(CALIBRATION_TEXT * 8)["input_ids"], np.int64)
+        if len(ids) >= tokens * batches and ids.max() < vocab:
+            return [ids[i * tokens:(i + 1) * tokens] for i in range(batches)], "tokenizer"
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, tokens, dtype=np.int64) for _ in range(batches)], "random token ids"
+
+
+def _tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # a tokenizer that needs remote code or a missing package: calibrate without it
+        return None
+
+
+def checkpoint_factory(path, *, calibration=None, tokens: int = 64, batches: int = 4, seed: int = 0):
+    """An edgesparse model factory's TorchModel for a released-format BlockFFN checkpoint.
+
+    The exported graph serves prefill and decode: inputs input_ids [1, T], past_latent
+    [L, 1, P, kv_lora_rank], past_rope [L, 1, P, qk_rope_head_dim] (P = 0 for a prompt); outputs
+    logits [1, T, V], present_latent, present_rope ([L, 1, P + T, .]: the next call's past).
+    calibration: token id sequences, or strings when the checkpoint has a tokenizer that loads
+    offline; by default a short English text through that tokenizer, else seeded random ids (the
+    sparsity report then says so). Every other calibration batch continues a sequence from a
+    cache of its first half, so the build's verification covers decode with a cache too.
+    """
+    import torch
+
+    from edgesparse import TorchModel
+
+    path = Path(path)
+    module = load(path)
+    cfg = module.config
+    seqs, source = _calibration_ids(path, calibration, cfg.vocab_size, tokens, batches, seed)
+    module.calibration_source = source  # the pass reports it (and warns about random ids)
+
+    def calibration_batches():
+        for i, seq in enumerate(seqs):
+            past_latent, past_rope = module.empty_cache()
+            ids = seq
+            if i % 2 == 1:  # continue from a cache of the first half
+                half = len(seq) // 2
+                with torch.no_grad():
+                    _, past_latent, past_rope = module(torch.tensor(seq[None, :half]), past_latent, past_rope)
+                ids = seq[half:]
+            yield {"input_ids": ids[None].astype(np.int64), "past_latent": past_latent.numpy(),
+                   "past_rope": past_rope.numpy()}
+
+    rng = torch.Generator().manual_seed(seed)
+    example_past = 3  # a non-empty example cache: a zero-length one would pin the past axis to 0 in the export
+    example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 5), generator=rng),
+               "past_latent": torch.randn(cfg.layers, 1, example_past, cfg.kv_lora_rank, generator=rng),
+               "past_rope": torch.randn(cfg.layers, 1, example_past, cfg.qk_rope_head_dim, generator=rng)}
+    return TorchModel(module=module, example_inputs=example,
+                      output_names=["logits", "present_latent", "present_rope"],
+                      dynamic_axes={"input_ids": {1: "sequence"}, "past_latent": {2: "past"}, "past_rope": {2: "past"}},
+                      calibration=calibration_batches)
+
+
+def trained_layers(module) -> list:
+    """The BlockFFN blocks of a loaded checkpoint as the pass's convert.Layer records (router and
+    experts as trained: identity expert order, nothing to convert); [] for any other model."""
+    import torch
+
+    from .convert import Layer
+    from .ffn import FfnSite
+    from .model import BlockMLP
+
+    layers = []
+    for name, m in module.named_modules():
+        if isinstance(m, BlockMLP):
+            site = FfnSite(name, m, "", m.up, None, m.down, m.activation)
+            experts = m.router.weight.shape[0]
+            layers.append(Layer(site, torch.arange(site.hidden), m.router,
+                                {"name": name, "experts": experts, "expert_size": site.hidden // experts}))
+    return layers
