@@ -154,3 +154,36 @@ def test_checkpoint_options_that_do_not_apply_are_refused(tmp_path):
     ctx.begin_pass(p.name)
     with pytest.raises(EdgesparseError, match="trained BlockFFN checkpoint.*state/experts do not apply"):
         p.transform_module(model.module, ctx)
+
+
+def test_sum_normalised_block_linear_checkpoint_builds_and_matches_torch(tmp_path):
+    """The other router norm and expert layout of the format, through the pipeline in-process."""
+    from edgesparse.pipeline import BuildRequest, build
+
+    torch.set_num_threads(1)
+    cfg = ckpt.TINY | {"ffn_type": "block_linear", "norm_after_router": "sum", "tie_word_embeddings": True}
+    ck = ckpt.write(tmp_path / "ck", cfg, seed=2)
+    manifest = build(BuildRequest(model=f"{_factory(tmp_path, ck)}:build", target="x86", output=tmp_path / "pkg",
+                                  passes=[("blockffn", {"chunk": 4, "min_cls": 0.0})], quiet=True))
+    assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
+    _, session = _session(tmp_path / "pkg")
+    graph = onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph
+    assert sum(n.op_type == "ReduceSum" and "router" in n.name for n in graph.node) == 2
+    model = checkpoint.load(ck)
+    ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], (1, 13)).astype(np.int64)
+    latent, rope = (c.numpy() for c in model.empty_cache())
+    got = session.run(None, {"input_ids": ids, "past_latent": latent, "past_rope": rope})[0]
+    with torch.no_grad():
+        want = model(torch.tensor(ids), *model.empty_cache())[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_bf16_checkpoints_load_as_float32(tmp_path):
+    tensors = {k: t.to(torch.bfloat16) for k, t in ckpt.tensors(ckpt.TINY).items()}
+    ckpt.write(tmp_path, weights=tensors)
+    model = checkpoint.load(tmp_path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        want = ckpt.reference_logits(ckpt.TINY, {k: t.float() for k, t in tensors.items()}, ids)
+        assert (model(ids, *model.empty_cache())[0] - want).abs().max() < 1e-5
