@@ -236,6 +236,41 @@ def load(path) -> "BlockFFNForCausalLM":  # noqa: F821
     return module.eval()
 
 
+def save(module, path, extra: dict | None = None) -> Path:
+    """model.BlockFFNForCausalLM -> a checkpoint directory in the released format (config.json with
+    the released key names, ffn_type "block"; model.safetensors), which load() reads back."""
+    from safetensors.torch import save_file
+
+    cfg, path = module.config, Path(path)
+    config = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+              "num_key_value_heads": cfg.heads, "attention_type": "mla", "q_lora_rank": cfg.q_lora_rank,
+              "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+              "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "ffn_type": "block",
+              "ffn_gated": False, "expert_gated": False, "hidden_act": cfg.hidden_act, "router_act": "relu",
+              "num_experts": cfg.experts, "expert_size": cfg.expert_size, "norm_after_router": cfg.norm_after_router,
+              "norm_scale": cfg.norm_scale, "block_implementation": "torch", "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": cfg.rope_theta,
+              "rope_scaling": None if cfg.rope_linear_factor == 1 else {"type": "linear", "factor": cfg.rope_linear_factor},
+              "scale_emb": cfg.scale_emb, "scale_depth": cfg.scale_depth, "dim_model_base": cfg.dim_model_base,
+              "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+              "torch_dtype": "float32", **(extra or {})}
+    state = module.state_dict()
+    e, s, d = cfg.experts, cfg.expert_size, cfg.hidden_size
+    tensors = {}
+    for name, (_, ours) in expected_tensors(cfg, "block").items():
+        t = state[ours].detach().float()
+        if name.endswith("mlp.up_proj"):
+            t = t.reshape(e, s, d)
+        elif name.endswith("mlp.down_proj"):
+            t = t.reshape(d, e, s).permute(1, 0, 2)
+        tensors[name] = t.contiguous().clone()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
 # -- the model factory --------------------------------------------------------------------------------
 
 def _calibration_ids(path: Path, calibration, vocab: int, tokens: int, batches: int, seed: int):

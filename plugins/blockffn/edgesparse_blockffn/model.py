@@ -115,11 +115,15 @@ class BlockMLP(nn.Module):
         self.down = nn.Linear(inter, cfg.hidden_size, bias=False)
         self.activation = cfg.hidden_act
         self.record = None  # a list to append router outputs to (the pass's sparsity report), or None
+        self.trace = None   # a list to append (logits, routes) with their gradients to (training losses), or None
 
     def forward(self, x):
-        r = self.router(x)
+        z = self.router.logits(x)
+        r = self.router.routes(z)
         if self.record is not None:
             self.record.append(r.detach())
+        if self.trace is not None:
+            self.trace.append((z, r))
         return self.down(scale_experts(ACTIVATIONS[self.activation](self.up(x)), r))
 
 
