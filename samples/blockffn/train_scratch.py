@@ -135,7 +135,9 @@ def compare(run: Path, smoke: bool) -> dict | None:
     ratio = sparse["held_out"]["perplexity"] / dense["held_out"]["perplexity"]
     out = {"blockffn": sparse, "dense": dense, "perplexity_ratio": round(ratio, 4),
            "bars": {"perplexity_within_5pct": ratio <= 1.05, "tls_at_least_0.8": sparse["held_out"]["tls"] >= 0.8,
-                    "cls8_at_least_0.7": sparse["held_out"]["cls8"] >= 0.7}}
+                    "cls8_at_least_0.7": sparse["held_out"]["cls8"] >= 0.7},
+           # not a bar of the issue, but sparsity from dead experts is a narrower dense FFN, not routing
+           "dead_experts": sparse["held_out"]["dead_experts"]}
     (run / "comparison.json").write_text(json.dumps(out, indent=1) + "\n")
     if not smoke:
         RESULTS.mkdir(exist_ok=True)
