@@ -1,5 +1,5 @@
 """Loading a trained BlockFFN model in the authors' released format (a directory with config.json
-and *.safetensors, Hugging Face layout of their MiniCPM-based code) into model.BlockFFNForCausalLM,
+and *.safetensors, or the pytorch_model.bin their converter writes; Hugging Face layout of their MiniCPM-based code) into model.BlockFFNForCausalLM,
 and a model factory for `edgesparse build`:
 
     # model.py
@@ -170,21 +170,30 @@ def expected_tensors(cfg, ffn_type: str) -> dict[str, tuple[tuple[int, ...], str
 
 
 def _read_tensors(path: Path) -> dict:
+    """All tensors of the checkpoint: *.safetensors (shards merged), else pytorch_model*.bin (the
+    authors' converter writes that; read with weights_only, so no code runs)."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
-        _fail(path, "no *.safetensors file")
+        _fail(path, "no *.safetensors file (nor pytorch_model.bin)")
     tensors = {}
     for f in files:
         try:
-            part = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as exc:
-            _fail(path, f"{f.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            if f.suffix == ".bin":
+                part = torch.load(str(f), map_location="cpu", weights_only=True)
+                if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                    _fail(path, f"{f.name} does not hold a flat dict of tensors")
+            else:
+                part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _fail(path, f"{f.name} is not a readable {'PyTorch' if f.suffix == '.bin' else 'safetensors'} file ({first})")
         clash = set(part) & set(tensors)
         if clash:
-            _fail(path, f"tensor {sorted(clash)[0]} appears in more than one safetensors file")
+            _fail(path, f"tensor {sorted(clash)[0]} appears in more than one weights file")
         tensors |= part
     return tensors
 

@@ -187,3 +187,30 @@ def test_bf16_checkpoints_load_as_float32(tmp_path):
     with torch.no_grad():
         want = ckpt.reference_logits(ckpt.TINY, {k: t.float() for k, t in tensors.items()}, ids)
         assert (model(ids, *model.empty_cache())[0] - want).abs().max() < 1e-5
+
+
+def test_unreadable_checkpoint_files_are_one_line_errors(tmp_path):
+    ck = ckpt.write(tmp_path / "ck")
+    with pytest.raises(EdgesparseError, match="not a directory"):
+        checkpoint.load(tmp_path / "absent")
+    (ck / "model.safetensors").write_bytes(b"not safetensors" * 4)
+    with pytest.raises(EdgesparseError, match="model.safetensors is not a readable safetensors file"):
+        checkpoint.load(ck)
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(EdgesparseError, match=r"no \*.safetensors file \(nor pytorch_model.bin\)"):
+        checkpoint.load(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(EdgesparseError, match="config.json is not valid JSON"):
+        checkpoint.load(ck)
+
+
+def test_pytorch_bin_checkpoints_load_like_safetensors(tmp_path):
+    """The authors' converter writes pytorch_model.bin: same names, read without running code."""
+    ck = ckpt.write(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((ck / "config.json").read_text())
+    torch.save(ckpt.tensors(ckpt.TINY), tmp_path / "bin" / "pytorch_model.bin")
+    ids = torch.arange(7)[None]
+    a, b = checkpoint.load(ck), checkpoint.load(tmp_path / "bin")
+    with torch.no_grad():
+        assert torch.equal(a(ids, *a.empty_cache())[0], b(ids, *b.empty_cache())[0])
