@@ -96,7 +96,7 @@ def train(kind: str, run: Path, r: dict, ids: np.ndarray, vocab: int, seed: int,
         state["log"].append({"step": state["step"], **{k: round(v, 4) for k, v in figures.items()}})
         stopping = time.time() >= deadline or sitting == max_steps
         if state["step"] % r["save_every"] == 0 or state["step"] == r["steps"] or stopping:
-            save_state(state_file, {"model": model.state_dict(), "opt": opt.state_dict(), **state})
+            save_state(state_file, {"model": model.state_dict(), "opt": opt.state_dict(), "recipe": r, **state})
             log(f"[{kind}] step {state['step']}/{r['steps']}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     if state["step"] < r["steps"]:
         return False

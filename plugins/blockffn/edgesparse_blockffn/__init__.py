@@ -121,14 +121,23 @@ class BlockFFN(Pass):
         layers = getattr(self, "layers", None)
         if not layers:
             raise EdgesparseError("blockffn: the ONNX stage needs the torch stage of the same build (a model.py:build factory)")
-        chosen, dense = [], []
+        chosen, dense, unfit = [], [], []
         for layer, cls in zip(layers, self.layer_cls):
-            (chosen if cls >= self.min_cls else dense).append(layer)
+            site = layer.site
+            if (site.hidden // layer.router.weight.shape[0]) % 4 or site.down.out_features % 4:
+                unfit.append(layer)  # a trained checkpoint may have any expert size; the kernel's panels need 4s
+            else:
+                (chosen if cls >= self.min_cls else dense).append(layer)
+        if unfit:
+            ctx.warn(f"{len(unfit)} FFN(s) keep ORT's dense kernels: {rewrite.OP} needs an expert size and a model "
+                     f"width that are multiples of 4 ({unfit[0].site.name}: expert size "
+                     f"{unfit[0].site.hidden // unfit[0].router.weight.shape[0]}, width {unfit[0].site.down.out_features})")
         if dense:
             ctx.warn(f"{len(dense)} FFN(s) keep ORT's dense kernels (router and expert scaling as standard ops): their "
                      f"CLS({self.chunk}) on the calibration text is below {self.min_cls}, where {rewrite.OP} is not "
                      f"faster than dense ({', '.join(l.site.name for l in dense[:3])}{', ...' if len(dense) > 3 else ''})")
         names = rewrite.apply(model, chosen, self.chunk) if chosen else []
+        dense += unfit
         ctx.log(f"[blockffn] {len(names)} FFNs -> router + {rewrite.OP} (chunk {self.chunk}), {len(dense)} left dense")
         ctx.report("nodes", names)
         ctx.report("dense_layers", [l.site.name for l in dense])

@@ -329,14 +329,20 @@ def checkpoint_factory(path, *, calibration=None, tokens: int = 64, batches: int
     sparsity report then says so). Every other calibration batch continues a sequence from a
     cache of its first half, so the build's verification covers decode with a cache too.
     """
+    path = Path(path)
+    module = load(path)
+    seqs, source = _calibration_ids(path, calibration, module.config.vocab_size, tokens, batches, seed)
+    return torch_model(module, seqs, source, seed)
+
+
+def torch_model(module, seqs: list, source: str, seed: int = 0):
+    """The build's TorchModel for a model with BlockFFNForCausalLM's forward and cache (a loaded
+    checkpoint, or e.g. a dense twin of the same shape), calibrated on token id sequences."""
     import torch
 
     from edgesparse import TorchModel
 
-    path = Path(path)
-    module = load(path)
     cfg = module.config
-    seqs, source = _calibration_ids(path, calibration, cfg.vocab_size, tokens, batches, seed)
     module.calibration_source = source  # the pass reports it (and warns about random ids)
 
     def calibration_batches():

@@ -214,3 +214,18 @@ def test_pytorch_bin_checkpoints_load_like_safetensors(tmp_path):
     a, b = checkpoint.load(ck), checkpoint.load(tmp_path / "bin")
     with torch.no_grad():
         assert torch.equal(a(ids, *a.empty_cache())[0], b(ids, *b.empty_cache())[0])
+
+
+def test_expert_sizes_the_kernel_cannot_take_stay_dense(tmp_path):
+    """A valid checkpoint with 6-neuron experts: RoutedFFN's panels need multiples of 4, so the
+    FFNs keep ORT's kernels (warned, reported) and the package still computes the model."""
+    from edgesparse.pipeline import BuildRequest, build
+
+    torch.set_num_threads(1)
+    cfg = ckpt.TINY | {"expert_size": 6}
+    ck = ckpt.write(tmp_path / "ck", cfg)
+    manifest = build(BuildRequest(model=f"{_factory(tmp_path, ck)}:build", target="x86", output=tmp_path / "pkg",
+                                  passes=[("blockffn", {"chunk": 1, "min_cls": 0.0})], quiet=True))
+    report = manifest["passes"][0]["report"]
+    assert report["nodes"] == [] and len(report["dense_layers"]) == 2 and manifest["verification"]["passed"]
+    assert any("multiples of 4" in w and "expert size 6" in w for w in manifest["warnings"])

@@ -77,3 +77,19 @@ def test_the_trained_model_deploys_through_checkpoint_factory(finished, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
     assert manifest["passes"][0]["report"]["checkpoint"]["calibration"] == "tokenizer"   # its own tokenizer, offline
+
+
+def test_the_dense_twin_builds_with_the_same_inputs_and_outputs(finished, tmp_path):
+    import os
+
+    factory = SCRIPT.parent / "scratch_model.py"
+    out = tmp_path / "dense"
+    result = subprocess.run([sys.executable, "-m", "edgesparse", "build", f"{factory}:build_dense", "--target", "x86",
+                             "-o", str(out), "--json"], capture_output=True, text=True,
+                            env={**os.environ, "BLOCKFFN_SCRATCH_RUN": str(finished)})
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["passed"]
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "past_latent", "past_rope"]
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "present_latent", "present_rope"]
+    assert "RoutedFFN" not in (out / "model.onnx").read_bytes().decode("latin-1")
