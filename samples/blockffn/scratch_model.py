@@ -55,11 +55,11 @@ def build_dense():
     import torch
 
     import scratch_recipe as recipe
-    from edgesparse_blockffn import checkpoint
+    from edgesparse_blockffn import factory
 
     run = _run()
     folder = _finished(run, "dense")
     state = torch.load(folder / "state.pt", weights_only=False)
     model = recipe.make_model("dense", recipe.config(state["recipe"], int(np.load(run / "data.npz")["vocab"])), 0)
     model.load_state_dict(state["model"])
-    return checkpoint.torch_model(model.eval(), _calibration(run), "given")
+    return factory.torch_model(model.eval(), _calibration(run), "given")

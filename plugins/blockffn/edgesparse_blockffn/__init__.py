@@ -19,7 +19,7 @@ from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
 from edgesparse.kernels import DOMAIN
 
 # torch, convert and rewrite are imported inside the methods: loading the plugin must stay light.
-from .checkpoint import checkpoint_factory  # noqa: E402,F401  (imports torch only when called)
+from .factory import checkpoint_factory  # noqa: E402,F401  (imports torch only when called)
 
 __version__ = "0.1.0"
 

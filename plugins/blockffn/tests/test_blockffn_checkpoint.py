@@ -15,7 +15,7 @@ import torch
 
 import blockffn_checkpoint as ckpt
 from edgesparse import EdgesparseError
-from edgesparse_blockffn import checkpoint
+from edgesparse_blockffn import checkpoint, checkpoint_factory
 
 FACTORY = """from edgesparse_blockffn import checkpoint_factory
 
@@ -148,7 +148,7 @@ def test_checkpoint_options_that_do_not_apply_are_refused(tmp_path):
     from edgesparse.context import BuildContext
     from edgesparse_blockffn import BlockFFN
 
-    model = checkpoint.checkpoint_factory(ckpt.write(tmp_path), tokens=16, batches=2)
+    model = checkpoint_factory(ckpt.write(tmp_path), tokens=16, batches=2)
     ctx = BuildContext(None, None, calibration=list(model.calibration()), quiet=True)
     p = BlockFFN(experts=4)
     ctx.begin_pass(p.name)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgesparse_blockffn import checkpoint
+from edgesparse_blockffn import checkpoint, factory
 
 SCRIPT = Path(__file__).resolve().parents[3] / "samples" / "blockffn" / "train_scratch.py"
 
@@ -26,7 +26,7 @@ def _train(run: Path, text: Path, *extra):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     """20 'articles' of real English sentences (two of them held out)."""
-    paras = [blockffn_models.TEXT.decode(), checkpoint.CALIBRATION_TEXT]
+    paras = [blockffn_models.TEXT.decode(), factory.CALIBRATION_TEXT]
     path = tmp_path_factory.mktemp("text") / "text.txt"
     path.write_text("\n\n".join((paras[i % 2] + " ") * 3 for i in range(20)))
     return path
