@@ -64,32 +64,48 @@ def test_a_run_cut_short_resumes_to_the_same_model(finished, text, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_trained_model_deploys_through_checkpoint_factory(finished, tmp_path):
-    ck = finished / "blockffn" / "checkpoint"
-    factory = tmp_path / "model.py"
-    factory.write_text(f"from edgesparse_blockffn import checkpoint_factory\n\n\ndef build():\n"
-                       f"    return checkpoint_factory({str(ck)!r}, tokens=32)\n")
-    out = tmp_path / "pkg"
-    result = subprocess.run([sys.executable, "-m", "edgesparse", "build", f"{factory}:build", "--target", "x86",
-                             "--pass", "blockffn:chunk=1,min_cls=0", "-o", str(out), "--json"],
-                            capture_output=True, text=True)
+def _build(*args, env=None):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "edgesparse", "build", *map(str, args), "--target", "x86", "--json"],
+                            capture_output=True, text=True, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def packages(finished, tmp_path_factory) -> tuple[Path, Path]:
+    """The trained BlockFFN model through checkpoint_factory (its own tokenizer calibrates it) and
+    the dense twin through scratch_model.py."""
+    tmp = tmp_path_factory.mktemp("pkgs")
+    factory = tmp / "model.py"
+    factory.write_text(f"from edgesparse_blockffn import checkpoint_factory\n\n\ndef build():\n"
+                       f"    return checkpoint_factory({str(finished / 'blockffn' / 'checkpoint')!r}, tokens=32)\n")
+    _build(f"{factory}:build", "--pass", "blockffn:chunk=1,min_cls=0", "-o", tmp / "blockffn")
+    _build(f"{SCRIPT.parent / 'scratch_model.py'}:build_dense", "-o", tmp / "dense",
+           env={"BLOCKFFN_SCRATCH_RUN": str(finished)})
+    return tmp / "blockffn", tmp / "dense"
+
+
+def test_the_trained_model_deploys_through_checkpoint_factory(packages):
+    manifest = json.loads((packages[0] / "manifest.json").read_text())
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
     assert manifest["passes"][0]["report"]["checkpoint"]["calibration"] == "tokenizer"   # its own tokenizer, offline
 
 
-def test_the_dense_twin_builds_with_the_same_inputs_and_outputs(finished, tmp_path):
-    import os
+def test_the_dense_twin_builds_with_the_same_inputs_and_outputs(packages):
+    sparse, dense = (json.loads((p / "manifest.json").read_text()) for p in packages)
+    assert dense["verification"]["passed"] and not dense["runtime"]["custom_op_libraries"]
+    assert [i["name"] for i in dense["inputs"]] == [i["name"] for i in sparse["inputs"]] == \
+        ["input_ids", "past_latent", "past_rope"]
+    assert [o["name"] for o in dense["outputs"]] == ["logits", "present_latent", "present_rope"]
 
-    factory = SCRIPT.parent / "scratch_model.py"
-    out = tmp_path / "dense"
-    result = subprocess.run([sys.executable, "-m", "edgesparse", "build", f"{factory}:build_dense", "--target", "x86",
-                             "-o", str(out), "--json"], capture_output=True, text=True,
-                            env={**os.environ, "BLOCKFFN_SCRATCH_RUN": str(finished)})
+
+def test_the_decode_benchmark_runs_on_both_packages(finished, packages, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_scratch_decode.py"), "--run", str(finished),
+                             "--blockffn", str(packages[0]), "--dense", str(packages[1]), "--prefix", "16",
+                             "--budget", "0", "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["verification"]["passed"]
-    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "past_latent", "past_rope"]
-    assert [o["name"] for o in manifest["outputs"]] == ["logits", "present_latent", "present_rope"]
-    assert "RoutedFFN" not in (out / "model.onnx").read_bytes().decode("latin-1")
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["new_tokens"], r["chunk"]) for r in rows] == [(1, 1), (8, 8)]
+    assert all(r["blockffn_samples"] >= 8 and r["dense_median_ms"] > 0 and r["speedup"] > 0 for r in rows)
