@@ -60,6 +60,8 @@ def load_factory(spec: str) -> TorchModel:
         raise EdgesparseError(f"{path} has no function '{func}'")
     try:
         result = factory()
+    except EdgesparseError as exc:  # already a user-facing message: keep it, say where it came from
+        raise EdgesparseError(f"{spec}: {exc}") from exc
     except Exception as exc:
         raise EdgesparseError(f"{spec} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, TorchModel):
