@@ -77,14 +77,16 @@ def _emit(data, as_json: bool, text: str):
 @click.option("--tolerance", type=float, help="Max abs error vs the reference, relative to max(1, |reference|). Default 1e-4.")
 @click.option("--threads", type=int, help="Threads for verification. Default 1.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Shape of generated inputs for an ONNX model with dynamic dims; repeat per input.")
 @click.option("--calibration-batches", type=int, help="Batches taken from the model factory's calibration(). Default 8.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, force,
-          as_json):
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, input_shapes,
+          calibration_batches, force, as_json):
     """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
     from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
-    from .recipe import load_recipe, parse_pass, parse_target
+    from .recipe import load_recipe, parse_input_shapes, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
@@ -92,6 +94,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
     settings.update({k: v for k, v in flags.items() if v is not None})
     if pass_specs:
         settings["passes"] = [parse_pass(s) for s in pass_specs]
+    if input_shapes:
+        settings["input_shapes"] = list(input_shapes)
     for required in ("model", "target", "output"):
         if not settings.get(required):
             raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
@@ -101,6 +105,7 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
+        input_shapes=parse_input_shapes(settings.get("input_shapes", [])),
         calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
         quiet=as_json, name=settings.get("name"),
     )

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, package, verify
+from . import __version__, export, inputs, onnx_import, package, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -38,6 +38,7 @@ class BuildRequest:
     tolerance: float = 1e-4
     threads: int = 1
     inputs: Path | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # --input-shape, for dynamic dims
     calibration_batches: int = CALIBRATION_BATCHES
     force: bool = False
     quiet: bool = False
@@ -78,6 +79,9 @@ def build(request: BuildRequest, registry=None) -> dict:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")
+    imported = None
+    if source is None:  # an ONNX file from elsewhere: make sure it runs, upgrade an old opset
+        model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind)
 
     # ONNX passes
     graph = ir.from_proto(model)
@@ -105,6 +109,7 @@ def build(request: BuildRequest, registry=None) -> dict:
             "runtime": runtime,
             "inputs": inputs.signature(model, "input"),
             "outputs": inputs.signature(model, "output"),
+            **({"import": imported} if imported else {}),
             "passes": [{"name": p.name, "options": _jsonable(p.config), "report": ctx.reports.get(p.name, {})} for p in passes],
             "layers": _layers(model, libraries),
             "warnings": ctx.warnings,
@@ -163,6 +168,8 @@ def _backend_for(registry, target, name):
 
 def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tuple[list[dict], str]:
     """Input batches for calibration and verification, and where they came from."""
+    if request.input_shapes and (model is None or request.inputs is not None):
+        raise EdgesparseError("--input-shape is for ONNX models without --inputs (it shapes generated inputs)")
     if request.inputs is not None:
         if model is None:
             raise EdgesparseError("--inputs is for ONNX models; a model factory provides calibration=")
@@ -178,7 +185,7 @@ def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tup
         return batches, "calibration"
     if source is not None:
         return [inputs.to_numpy(source.example_inputs)], "example"
-    return inputs.generated(model), "generated"
+    return inputs.generated(model, shapes=request.input_shapes), "generated"
 
 
 def _attach_functions(model: onnx.ModelProto, registry) -> list:
@@ -207,7 +214,8 @@ def _layers(model: onnx.ModelProto, libraries) -> list[dict]:
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         if lib is not None:
-            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))})
+            origin = {p.key.removeprefix("edgesparse."): p.value for p in node.metadata_props if p.key.startswith("edgesparse.")}
+            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes)), **origin})
     return layers
 
 

@@ -50,12 +50,13 @@ class Magnitude(Pass):
         Option("skip", tuple, (), "layers to leave dense: node-name substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("dispatch", str, "target", "target: keep layers dense where the target's measured rule says sparse is slower; off: make every eligible layer sparse", choices=("target", "off")),
     )
     needs = "none"
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
 
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        layers = list(graph.layers(model, kinds=("matmul", "conv")))
+        layers = list(graph.layers(model, kinds=("matmul", "conv"), unsupported=True))
         if not layers:
             raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
         pruned, dense = [], []
@@ -65,22 +66,25 @@ class Magnitude(Pass):
             if reason:
                 dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
-            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)
+            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)  # fp16 too: kernels take fp32
             if layer.kind == "conv":
                 graph.replace_with_block_sparse_conv(model, layer, weight, self.block)
             else:
                 graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
-            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())})
+            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())}
+                          | ({"weight_dtype": layer.stored_dtype} if layer.stored_dtype != "float32" else {}))
         if not pruned:
             ctx.warn("no layer was pruned: every candidate stays dense (see kept_dense in the report)")
         ctx.report("pruned", pruned)
         ctx.report("kept_dense", dense)
 
     def _keep_dense_reason(self, layer, ctx) -> str | None:
+        if layer.unsupported:
+            return layer.unsupported
         if any(s and s in layer.name for s in self.skip):
             return "skipped by option"
-        if layer.weight.dtype != np.float32:
-            return f"weights are {layer.weight.dtype}, kernels take float32"
+        if layer.weight.dtype not in (np.float32, np.float16):
+            return f"weights are {layer.weight.dtype}, kernels take float32 (float16 layers are cast around them)"
         if layer.kind == "conv":
             attrs = graph.attributes(layer.node)
             if attrs.get("group", 1) != 1:
@@ -93,7 +97,7 @@ class Magnitude(Pass):
             op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
         if features < self.min_features:
             return f"fewer than {self.min_features} features"
-        if not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
+        if self.dispatch != "off" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
 
