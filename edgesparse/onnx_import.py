@@ -12,27 +12,29 @@ import onnx.version_converter
 
 from . import verify
 from .errors import EdgesparseError
+from .export import native_output_silenced
 from .kernels.onnx_functions import MIN_OPSET
 
 INPUT_HINT = "give --inputs FILE.npz or --input-shape NAME=d0,d1,..."
 
 
 def prepare(model: onnx.ModelProto, batches: list[dict], tolerance: float, input_kind: str,
-            min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict]:
-    """The model the passes start from, and a record of what was done to it for the manifest."""
+            upgrade_to: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict]:
+    """The model the passes start from, and a record of what was done to it for the manifest.
+    `upgrade_to`: the opset the passes' operators need (0 when no pass emits any)."""
     record: dict = {"opset": default_opset(model), "input_shapes": {k: list(v.shape) for k, v in batches[0].items()}}
     moved = _initializers_out_of_inputs(model)
     if moved:
         record["initializers_as_inputs"] = moved
     original = run(model, batches, input_kind)
-    if record["opset"] < min_opset:
-        model = upgrade(model, min_opset)
+    if record["opset"] < upgrade_to:
+        model = upgrade(model, upgrade_to)
         converted = run(model, batches, "converted")
         error = verify.max_abs_error(converted, original)
         bound = tolerance * max(1.0, _scale(original))
-        record["converted"] = {"from": record["opset"], "to": min_opset, "max_abs_error": error, "tolerance": bound}
+        record["converted"] = {"from": record["opset"], "to": upgrade_to, "max_abs_error": error, "tolerance": bound}
         if not error <= bound:
-            raise EdgesparseError(f"the model converted from opset {record['opset']} to {min_opset} differs from the "
+            raise EdgesparseError(f"the model converted from opset {record['opset']} to {upgrade_to} differs from the "
                                   f"original by {error:.3g} (tolerance {bound:.3g})")
     return model, record
 
@@ -45,26 +47,32 @@ def upgrade(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """onnx's version converter, its failure reduced to the op and opset it could not convert."""
     source = default_opset(model)
     try:
-        converted = onnx.version_converter.convert_version(model, opset)
-        onnx.checker.check_model(converted)
+        with native_output_silenced():
+            converted = onnx.version_converter.convert_version(model, opset)
+            onnx.checker.check_model(converted)
         return onnx.shape_inference.infer_shapes(converted, strict_mode=False)
     except Exception as exc:
         raise EdgesparseError(f"cannot convert the model from opset {source} to {opset}: "
-                              f"{_conversion_problem(model, str(exc))}") from exc
+                              f"{_conversion_problem(model, str(exc))}") from None
 
 
 def _conversion_problem(model: onnx.ModelProto, message: str) -> str:
-    """The converter's messages bury the op in C++ context: name it, and the opsets, plainly."""
-    ops = {n.op_type for n in model.graph.node}
-    named = [op for op in re.findall(r"\b([A-Z][A-Za-z0-9]+)\b", message) if op in ops]
+    """The converter's messages bury the op in C++ assertion text: name the op plainly."""
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    found = sorted((message.find(op), -len(op), op) for op in ops if op in message)
+    if found:
+        return f"op {found[0][2]} has no conversion (give a model exported at opset >= {MIN_OPSET})"
     first = next((line.strip() for line in message.splitlines() if line.strip()), "conversion failed")
-    return (f"op {named[0]} has no conversion ({first})" if named else first)[:300]
+    return first[:300]
 
 
 def run(model: onnx.ModelProto, batches: list[dict], what: str) -> list[list[np.ndarray]]:
     """Run the model on every batch with ONNX Runtime's own kernels; any failure is the model's or
     the inputs', said in one line with what to give instead."""
-    session = verify.dense_session(model)
+    try:
+        session = verify.dense_session(model)
+    except EdgesparseError as exc:
+        raise EdgesparseError(str(exc).replace("dense model", "the model" if what != "converted" else "the opset-converted model")) from None
     expected = {i.name for i in session.get_inputs()}
     outputs = []
     for batch in batches:

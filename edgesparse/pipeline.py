@@ -81,7 +81,8 @@ def build(request: BuildRequest, registry=None) -> dict:
     model = export.check(model, "before the passes")
     imported = None
     if source is None:  # an ONNX file from elsewhere: make sure it runs, upgrade an old opset
-        model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind)
+        needs = onnx_import.MIN_OPSET if any(p.emits for p in passes) else 0
+        model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind, needs)
 
     # ONNX passes
     graph = ir.from_proto(model)
