@@ -150,13 +150,15 @@ def _conv(node: ir.Node) -> Layer | None:
     if node.domain not in ("", "ai.onnx") or node.op_type != "Conv":
         return None
     weight = constant(node.inputs[1])
-    if weight is None or weight.ndim != 4 or weight.dtype.kind != "f":
+    if weight is None or weight.ndim < 3 or weight.dtype.kind != "f":
         return None
     bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
         return None
     layer = Layer("conv", node, weight, bias, [node], node.inputs[0], node.outputs[0])
-    if attributes(node).get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+    if weight.ndim != 4:
+        layer.unsupported = f"{weight.ndim - 2}-D Conv: the sparse Conv is 2-D"
+    elif attributes(node).get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         layer.unsupported = "Conv with auto_pad: the sparse Conv takes explicit pads"
     return layer
 

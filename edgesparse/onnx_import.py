@@ -82,7 +82,7 @@ def run(model: onnx.ModelProto, batches: list[dict], what: str) -> list[list[np.
             problem = _ort_message(exc)
             if what == "converted":
                 raise EdgesparseError(f"the opset-converted model fails in ONNX Runtime: {problem}") from exc
-            shapes = " ".join(f"{k}={','.join(map(str, v.shape))}" for k, v in batch.items())
+            shapes = " ".join(f"{k}[{','.join(map(str, v.shape))}]" for k, v in batch.items())
             source = "the --inputs file's" if what == "file" else f"{what}"
             raise EdgesparseError(f"ONNX Runtime cannot run the model on {source} inputs ({shapes}): {problem}; "
                                   f"{INPUT_HINT}") from exc
@@ -90,7 +90,7 @@ def run(model: onnx.ModelProto, batches: list[dict], what: str) -> list[list[np.
 
 
 def _ort_message(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__  # ORT colours its log text
     text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
     return text[:400]
 
