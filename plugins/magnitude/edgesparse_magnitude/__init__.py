@@ -56,7 +56,7 @@ class Magnitude(Pass):
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
 
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        layers = list(graph.layers(model, kinds=("matmul", "conv"), unsupported=True))
+        layers = list(graph.layers(model, kinds=("matmul", "conv", "conv1d"), unsupported=True))
         if not layers:
             raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
         pruned, dense = [], []
@@ -67,7 +67,7 @@ class Magnitude(Pass):
                 dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
             weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)  # fp16 too: kernels take fp32
-            if layer.kind == "conv":
+            if layer.kind != "matmul":
                 graph.replace_with_block_sparse_conv(model, layer, weight, self.block)
             else:
                 graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
@@ -85,12 +85,12 @@ class Magnitude(Pass):
             return "skipped by option"
         if layer.weight.dtype not in (np.float32, np.float16):
             return f"weights are {layer.weight.dtype}, kernels take float32 (float16 layers are cast around them)"
-        if layer.kind == "conv":
-            attrs = graph.attributes(layer.node)
-            if attrs.get("group", 1) != 1:
+        if layer.kind != "matmul":
+            attrs = graph.conv_geometry(layer)
+            if attrs["group"] != 1:
                 return "grouped or depthwise conv"
             o, c, kh, kw = layer.weight.shape
-            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": list(attrs.get("strides", [1, 1]))[0]}
+            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": attrs["strides"][-1]}
             features = min(o, c)
         else:
             k, n = layer.weight.shape
