@@ -341,3 +341,23 @@ def test_large_model_path_keeps_external_data_in_the_package(tmp_path, monkeypat
     (out / "model.onnx.data").write_bytes(b"\0" * 10)
     with pytest.raises(EdgesparseError, match="checksum mismatch for model.onnx.data"):
         runtime.load(out)
+
+
+def test_layers_share_weights_and_fold_a_scalar_gemm_bias():
+    import onnx_ir as ir
+
+    from edgesparse import graph
+
+    rng = np.random.default_rng(0)
+    s, w = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "s"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a", "s"], ["b"], name="second"),  # the same weight again
+             helper.make_node("Gemm", ["b", "w", "c"], ["y"], name="gemm", alpha=2.0, beta=3.0)]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(s, "s"), numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0.5), "c")]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    found = {l.name: l for l in graph.layers(ir.from_proto(model))}
+    assert np.array_equal(found["first"].weight, s) and np.array_equal(found["second"].weight, s)
+    assert np.allclose(found["gemm"].weight, 2.0 * w) and np.allclose(found["gemm"].bias, np.full(32, 1.5))
