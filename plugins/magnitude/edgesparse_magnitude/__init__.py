@@ -58,7 +58,8 @@ class Magnitude(Pass):
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
         layers = list(graph.layers(model, kinds=("matmul", "conv", "conv1d"), unsupported=True))
         if not layers:
-            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
+            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune"
+                                  + _where_the_layers_are(model))
         pruned, dense = [], []
         for layer in ctx.progress(layers, "magnitude pruning"):
             shape = list(layer.weight.shape)
@@ -100,6 +101,17 @@ class Magnitude(Pass):
         if self.dispatch != "off" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
+
+
+def _where_the_layers_are(model: ir.Model) -> str:
+    """Why a model with layers has none to prune: they sit in If/Loop branches or are quantized."""
+    ops = {(n.op_type, n.graph is model.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    if any(op in ("MatMul", "Gemm", "Conv") and not top for op, top in ops):
+        return " (its layers sit inside If/Loop branches, which magnitude leaves as they are)"
+    quantized = sorted({op for op, _ in ops if op in ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLSTM")})
+    if quantized:
+        return f" (its layers are quantized: {', '.join(quantized)})"
+    return ""
 
 
 @hookimpl
