@@ -61,7 +61,7 @@ def check_files(model: onnx.ModelProto, model_path: Path) -> None:
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    return sum(len(t.raw_data) for t in tensors(model.graph)) > LARGE
+    return sum(t.ByteSize() for t in tensors(model.graph)) > LARGE  # ByteSize: reading raw_data would copy it
 
 
 def save(model: onnx.ModelProto, path: Path, location: str) -> None:
@@ -72,7 +72,7 @@ def save(model: onnx.ModelProto, path: Path, location: str) -> None:
     try:
         with open(path.parent / location, "wb") as data:
             for tensor in tensors(model.graph):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < INLINE_BELOW:
+                if not tensor.HasField("raw_data") or tensor.ByteSize() < INLINE_BELOW:
                     continue
                 raw = tensor.raw_data
                 moved.append((tensor, raw))
