@@ -164,6 +164,12 @@ def markdown(records: list[dict]) -> str:
         "MatMul/Gemm/Conv outside control flow (weights inside `If` branches, int8-quantized layers) are refused",
         "by `magnitude` with one line.",
         "",
+        "What the error column measures: the package against the same pruned weights run densely by ONNX",
+        "Runtime, i.e. that the sparse operators compute the pruned model faithfully. It says nothing about",
+        "the pruned model's quality: 75% magnitude pruning without fine-tuning changes these models' outputs",
+        "a great deal, and no quality figures are recorded here yet. Speedups were measured with other builds",
+        "running on the same two cores; rerun `run.py --only NAME` on a quiet machine for firmer figures.",
+        "",
     ]
     return "\n".join(lines)
 
