@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EDGESPARSE = [sys.executable, "-m", "edgesparse"]
 
 
-def build(model: corpus.Model, path: Path, out: Path, pass_spec: str, work: Path) -> dict:
+def build(model: corpus.Model, path: Path, out: Path, pass_spec: str, work: Path, target: str = "x86") -> dict:
     """One build through the CLI, as a user runs it: the manifest, or the one error line."""
-    args = [*EDGESPARSE, "build", str(path), "-t", "x86", "-p", pass_spec, "-o", str(out), "--json", "--force"]
+    args = [*EDGESPARSE, "build", str(path), "-t", target, "-p", pass_spec, "-o", str(out), "--json", "--force"]
     for shape in model.input_shapes:
         args += ["--input-shape", shape]
     if model.inputs:
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "corpus.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
+    parser.add_argument("--wasm-below", type=float, default=12.0, help="also build models under this many MB for wasm")
     args = parser.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     records = []
@@ -91,6 +92,8 @@ def main() -> None:
             rule = build(model, path, work / f"{model.name}-rule", "magnitude", work)
             record["rule"] = summary(rule)
             record["all"] = summary(build(model, path, work / f"{model.name}-all", "magnitude:dispatch=off", work))
+            if record["size_mb"] < args.wasm_below:
+                record["wasm"] = summary(build(model, path, work / f"{model.name}-wasm", "magnitude", work, "wasm"))
             if "error" not in rule and rule["verification"]["sparse_nodes"]:
                 record["bench"] = bench(work / f"{model.name}-rule", args.rounds)
             records.append(record)
@@ -134,19 +137,20 @@ def markdown(records: list[dict]) -> str:
         "target's measured dispatch rule (the default) and once with `dispatch=off` (every eligible layer sparse).",
         "Cells give sparse nodes on sparse kernels / sparse nodes and the verification's max abs error against",
         "the dense reference; *speedup* is `edgesparse bench` (dense / package, 1 thread, median) of the default",
-        "build. A refused build shows its one-line error.",
+        "build. Models under 12 MB are also built for `wasm` (its own dispatch rule; verified in node). A refused",
+        "build shows its one-line error.",
         "",
         f"Run {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, load "
         f"{load[0]:.1f} — a shared, noisy VM), onnxruntime {onnxruntime.__version__}.",
         "",
-        "| model | domain | package (file) | exporter | opset | needed | rule: on kernels, error | speedup | all eligible sparse: on kernels, error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | domain | package (file) | exporter | opset | needed | rule: on kernels, error | speedup | all eligible sparse: on kernels, error | wasm: on kernels, error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         m = r["model"]
         where = f"{m.registry} `{m.package}=={m.version}` (`{Path(m.file).name}`)"
         if "fetch_error" in r:
-            lines.append(f"| {m.name} | {m.domain} | {where} | {m.exporter} | | | not fetched: {r['fetch_error']} | | |")
+            lines.append(f"| {m.name} | {m.domain} | {where} | {m.exporter} | | | not fetched: {r['fetch_error']} | | | |")
             continue
         b = r.get("bench")
         if b is None:
@@ -156,7 +160,8 @@ def markdown(records: list[dict]) -> str:
         else:
             speed = f"{b['speedup']:.2f}x ({b['dense']['median_ms']:.2f} → {b['package']['median_ms']:.2f} ms)"
         lines.append(f"| {m.name} | {m.domain} | {where} | {m.exporter} | {r['opset']} | {_needed(r)} | "
-                     f"{_build_cell(r['rule'])} | {speed} | {_build_cell(r['all'])} |")
+                     f"{_build_cell(r['rule'])} | {speed} | {_build_cell(r['all'])} | "
+                     f"{_build_cell(r['wasm']) if 'wasm' in r else '(not built: large)'} |")
     lines += [
         "",
         "Why layers stay dense: `edgesparse inspect PACKAGE --json` lists every layer kept dense with its reason",

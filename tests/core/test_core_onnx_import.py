@@ -127,6 +127,10 @@ def test_bad_input_shapes_are_one_line_and_write_nothing(tmp_path):
         with pytest.raises(EdgesparseError, match=expect):
             build(BuildRequest(model=str(path), target="x86", output=out, quiet=True,
                                input_shapes=parse_input_shapes(flags), passes=[("magnitude", {})]))
+    np.savez(tmp_path / "x.npz", x=np.zeros((1, 64, 8, 8), np.float32))
+    with pytest.raises(EdgesparseError, match="--input-shape is for ONNX models without --inputs"):
+        build(BuildRequest(model=str(path), target="x86", output=out, quiet=True, inputs=tmp_path / "x.npz",
+                           input_shapes={"x": [1, 64, 8, 8]}))
     assert not out.exists() and no_leftovers(tmp_path) == []
 
 
