@@ -86,6 +86,12 @@ def resolve_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = 
             if isinstance(have, str) and have != "?":
                 if bound.setdefault(have, want) != want:
                     raise EdgesparseError(f"--input-shape gives dim '{have}' two sizes: {bound[have]} and {want}")
+    for spec in specs:  # guesses for named dims first: an input may use a name another one's guess sizes
+        for axis, d in enumerate(spec["shape"] or []):
+            if spec["name"] not in given and isinstance(d, str) and d != "?" and d not in bound:
+                guess = _guess(spec, axis, d)
+                if guess is not None:
+                    bound[d] = guess
     shapes = {}
     for spec in specs:
         name, dims = spec["name"], spec["shape"]

@@ -72,7 +72,8 @@ def run(model: onnx.ModelProto, batches: list[dict], what: str) -> list[list[np.
     try:
         session = verify.dense_session(model)
     except EdgesparseError as exc:
-        raise EdgesparseError(str(exc).replace("dense model", "the model" if what != "converted" else "the opset-converted model")) from None
+        which = "the opset-converted model" if what == "converted" else "the model"
+        raise EdgesparseError(str(exc).replace("dense model", which)) from None
     expected = {i.name for i in session.get_inputs()}
     outputs = []
     for batch in batches:
@@ -83,7 +84,7 @@ def run(model: onnx.ModelProto, batches: list[dict], what: str) -> list[list[np.
             if what == "converted":
                 raise EdgesparseError(f"the opset-converted model fails in ONNX Runtime: {problem}") from exc
             shapes = " ".join(f"{k}[{','.join(map(str, v.shape))}]" for k, v in batch.items())
-            source = "the --inputs file's" if what == "file" else f"{what}"
+            source = "the --inputs file's" if what == "file" else what
             raise EdgesparseError(f"ONNX Runtime cannot run the model on {source} inputs ({shapes}): {problem}; "
                                   f"{INPUT_HINT}") from exc
     return outputs

@@ -67,6 +67,11 @@ def test_generated_inputs_follow_dtypes_ranks_and_shared_named_dims():
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, 16)
     assert batch["features"].shape == (1, 16, 8) and batch["features"].dtype == np.float16
     assert batch["input_ids"].dtype == np.int64 and batch["flags"].dtype == np.bool_
+    # a named dim guessable in one input sizes it in another, whichever comes first
+    pair = signature_model({"frames": (TensorProto.FLOAT, [2, "time", 3]), "ids": (TensorProto.INT64, ["b", "time"])})
+    assert inputs.generated(pair, count=1)[0]["frames"].shape == (2, 16, 3)
+    cross = signature_model({"a": (TensorProto.FLOAT, [3, "n"]), "b": (TensorProto.FLOAT, ["n", 3])})
+    assert inputs.generated(cross, count=1)[0]["a"].shape == (3, 1)  # "n" leads b: its batch dim
     # a given size for a named dim reaches every input that uses the name
     batch = inputs.generated(model, count=1, shapes={"input_ids": [2, 7]})[0]
     assert batch["attention_mask"].shape == (2, 7) and batch["features"].shape == (1, 7, 8)
