@@ -10,10 +10,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgesparse import inputs
 from edgesparse.errors import EdgesparseError
-from edgesparse_testing import conv_model, mlp_model, run, run_json
+from edgesparse_testing import conv_model, mlp_model, run_json
 from test_core_bad_input import fails, no_leftovers
 
 SPARSE = ["-t", "x86", "-p", "magnitude:dispatch=off"]  # every eligible layer sparse, whatever the host measured
+
+
+def build(path, out, options=None, **request) -> dict:
+    """A build in this process (the CLI's start-up costs seconds): magnitude with every eligible
+    layer sparse unless `options` says otherwise. Errors raise EdgesparseError, whose one line the
+    CLI prints (test_core_bad_input checks that for every error)."""
+    from edgesparse.pipeline import BuildRequest, build as run_build
+
+    return run_build(BuildRequest(model=str(path), target="x86", output=out, quiet=True,
+                                  passes=[("magnitude", options or {"dispatch": "off"})], **request))
 
 
 def at_opset(model, opset, ir_version=7):
@@ -99,7 +109,7 @@ def test_image_with_dynamic_height_width_builds_with_input_shape(tmp_path):
     fails("build", path, *SPARSE, "-o", out,
           expect="input 'x' has dynamic dims H, W: give --inputs FILE.npz or --input-shape x=1,64,H,W")
     assert not out.exists() and no_leftovers(tmp_path) == []
-    manifest = run_json("build", path, *SPARSE, "--input-shape", "x=1,64,24,20", "-o", out)
+    manifest = build(path, out, input_shapes={"x": [1, 64, 24, 20]})
     assert manifest["import"]["input_shapes"] == {"x": [1, 64, 24, 20]}
     v = manifest["verification"]
     assert v["passed"] and v["sparse_nodes"] == 2 and v["sparse_nodes_on_kernel"] == 2
@@ -151,7 +161,10 @@ def test_model_that_rejects_the_generated_inputs_says_so(tmp_path):
                  expect="ONNX Runtime cannot run the model on generated inputs (ids[1,16])")
     assert "internal error" not in line and "--input-shape" in line
     assert not (tmp_path / "out").exists()
-    manifest = run_json("build", tmp_path / "m.onnx", "-t", "x86", "--input-shape", "ids=2,4", "-o", tmp_path / "out")
+    from edgesparse.pipeline import BuildRequest, build as run_build
+
+    manifest = run_build(BuildRequest(model=str(tmp_path / "m.onnx"), target="x86", output=tmp_path / "out", quiet=True,
+                                      input_shapes={"ids": [2, 4]}))
     assert manifest["verification"]["passed"]
 
 
@@ -160,7 +173,7 @@ def test_model_that_rejects_the_generated_inputs_says_so(tmp_path):
 def test_opset_11_gemm_model_is_upgraded_and_gets_sparse_operators(tmp_path):
     path = tmp_path / "mlp11.onnx"
     onnx.save(at_opset(mlp_model(gemm=True), 11), str(path))
-    manifest = run_json("build", path, *SPARSE, "-o", tmp_path / "out")
+    manifest = build(path, tmp_path / "out")
     converted = manifest["import"]["converted"]
     assert (converted["from"], converted["to"]) == (11, 16) and converted["max_abs_error"] <= converted["tolerance"]
     v = manifest["verification"]
@@ -174,7 +187,7 @@ def test_initializers_listed_as_inputs_are_constants(tmp_path):
     model = mlp_model()
     model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer)
     onnx.save(at_opset(model, 9, ir_version=3), str(tmp_path / "ir3.onnx"))
-    manifest = run_json("build", tmp_path / "ir3.onnx", *SPARSE, "-o", tmp_path / "out")
+    manifest = build(tmp_path / "ir3.onnx", tmp_path / "out")
     assert manifest["import"]["initializers_as_inputs"] == 4
     assert [i["name"] for i in manifest["inputs"]] == ["x"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
 
@@ -187,8 +200,8 @@ def test_opset_that_cannot_be_converted_names_the_op(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])],
         [numpy_helper.from_array(np.ones((64, 64, 1, 1), np.float32), "w")])
     onnx.save(at_opset(helper.make_model(graph), 9), str(tmp_path / "old.onnx"))
-    fails("build", tmp_path / "old.onnx", *SPARSE, "-o", tmp_path / "out",
-          expect="cannot convert the model from opset 9 to 16: op ImageScaler has no conversion")
+    with pytest.raises(EdgesparseError, match="cannot convert the model from opset 9 to 16: op ImageScaler has no conversion"):
+        build(tmp_path / "old.onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
@@ -230,7 +243,7 @@ def wild_weights_model() -> tuple[onnx.ModelProto, dict]:
 
 def test_weights_behind_other_nodes_are_pruned_and_unsupported_layers_say_why(tmp_path):
     onnx.save(wild_weights_model(), str(tmp_path / "wild.onnx"))
-    manifest = run_json("build", tmp_path / "wild.onnx", *SPARSE, "-o", tmp_path / "out")
+    manifest = build(tmp_path / "wild.onnx", tmp_path / "out")
     report = manifest["passes"][0]["report"]
     assert sorted(p["layer"] for p in report["pruned"]) == ["behind_cast", "behind_transpose", "constant_node", "gemm_attrs"]
     reasons = {d["layer"]: d["reason"] for d in report["kept_dense"]}
@@ -254,7 +267,7 @@ def test_gemm_alpha_beta_fold_matches_onnx_runtime(tmp_path):
 
     model = wild_weights_model()
     onnx.save(model, str(tmp_path / "wild.onnx"))
-    run("build", tmp_path / "wild.onnx", "-t", "x86", "-p", "magnitude:dispatch=off,sparsity=0", "-o", tmp_path / "out")
+    build(tmp_path / "wild.onnx", tmp_path / "out", {"dispatch": "off", "sparsity": 0.0})
     x = np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     got = runtime.load(tmp_path / "out").run({"x": x})
@@ -278,8 +291,7 @@ def test_1d_convolutions_run_on_the_sparse_conv(tmp_path):
          for n, s in [("w1", (128, 64, 3)), ("b1", (128,)), ("w2", (64, 128, 5))]])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "c1d.onnx"))
-    manifest = run_json("build", tmp_path / "c1d.onnx", "-t", "x86", "-p", "magnitude:dispatch=off,sparsity=0",
-                        "-o", tmp_path / "out")
+    manifest = build(tmp_path / "c1d.onnx", tmp_path / "out", {"dispatch": "off", "sparsity": 0.0})
     assert manifest["verification"]["sparse_nodes_on_kernel"] == 2
     assert [p["shape"] for p in manifest["passes"][0]["report"]["pruned"]] == [[128, 64, 1, 3], [64, 128, 1, 5]]
     x = rng.standard_normal((2, 64, 37)).astype(np.float32)
@@ -295,7 +307,7 @@ def test_float16_model_runs_its_sparse_layers_in_float32(tmp_path):
     for v in (*model.graph.input, *model.graph.output):
         v.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.save(model, str(tmp_path / "half.onnx"))
-    manifest = run_json("build", tmp_path / "half.onnx", *SPARSE, "-o", tmp_path / "out")
+    manifest = build(tmp_path / "half.onnx", tmp_path / "out")
     v = manifest["verification"]
     assert v["passed"] and v["sparse_nodes_on_kernel"] == 2
     assert [l["weight_dtype"] for l in manifest["layers"]] == ["float16", "float16"]
@@ -311,8 +323,9 @@ def save_external(model, path):
 
 def test_external_data_model_builds(tmp_path):
     save_external(mlp_model(), tmp_path / "ext.onnx")
-    manifest = run_json("build", tmp_path / "ext.onnx", *SPARSE, "-o", tmp_path / "out")
+    manifest = build(tmp_path / "ext.onnx", tmp_path / "out")
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
+    assert "model.onnx.data" not in manifest["files"]  # small: the package holds its weights inline
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -323,8 +336,11 @@ def test_missing_or_truncated_external_data_is_one_line(tmp_path, damage):
         data.unlink()
     else:
         data.write_bytes(data.read_bytes()[:1000])
-    fails("build", tmp_path / "ext.onnx", *SPARSE, "-o", tmp_path / "out",
-          expect=f"external data file 'ext.onnx.data' of ext.onnx is {damage}")
+    if damage == "missing":  # once through the CLI, as a user sees it
+        fails("build", tmp_path / "ext.onnx", *SPARSE, "-o", tmp_path / "out",
+              expect="external data file 'ext.onnx.data' of ext.onnx is missing")
+    with pytest.raises(EdgesparseError, match=f"external data file 'ext.onnx.data' of ext.onnx is {damage}"):
+        build(tmp_path / "ext.onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
@@ -332,13 +348,11 @@ def test_large_model_path_keeps_external_data_in_the_package(tmp_path, monkeypat
     """Everything a model over 2 GB goes through (checker and ORT by file, the package's external
     data beside model.onnx, checksums, archive), exercised on a small model by lowering the bar."""
     from edgesparse import external_data, runtime
-    from edgesparse.pipeline import BuildRequest, build
 
     monkeypatch.setattr(external_data, "LARGE", 0)
     save_external(mlp_model(), tmp_path / "ext.onnx")
     out = tmp_path / "out"
-    manifest = build(BuildRequest(model=str(tmp_path / "ext.onnx"), target="x86", output=out, quiet=True,
-                                  passes=[("magnitude", {"dispatch": "off"})]))
+    manifest = build(tmp_path / "ext.onnx", out)
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
     assert "model.onnx.data" in manifest["files"] and (out / "model.onnx.data").stat().st_size > 100_000
     assert (out / "model.onnx").stat().st_size < 50_000
