@@ -58,8 +58,9 @@ def source_dtype(value: ir.Value) -> str:
 
 @dataclass
 class Layer:
-    """A MatMul/Gemm (kind "matmul", weight [K, N] as in X @ W) or Conv (kind "conv", weight
-    [O, I, kh, kw]) with a constant weight, plus the bias Add that follows it when there is one."""
+    """A MatMul/Gemm (kind "matmul", weight [K, N] as in X @ W), Conv (kind "conv", weight
+    [O, I, kh, kw]) or 1-D Conv (kind "conv1d", weight shown as [O, I, 1, k]) with a constant
+    weight, plus the bias Add that follows it when there is one."""
 
     kind: str
     node: ir.Node
