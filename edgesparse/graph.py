@@ -150,7 +150,7 @@ def _matmul(node: ir.Node) -> Layer | None:
 
 
 def _conv(node: ir.Node) -> Layer | None:
-    """A 2-D or 1-D Conv with explicit (or no) padding; `conv_geometry(layer)` gives its geometry."""
+    """A 2-D or 1-D Conv; `conv_geometry(layer)` gives its geometry (auto_pad made explicit)."""
     if node.domain not in ("", "ai.onnx") or node.op_type != "Conv":
         return None
     weight = constant(node.inputs[1])
@@ -165,9 +165,34 @@ def _conv(node: ir.Node) -> Layer | None:
         layer = Layer("conv", node, weight, bias, [node], node.inputs[0], node.outputs[0])
     if weight.ndim > 4:
         layer.unsupported = f"{weight.ndim - 2}-D Conv: the sparse Conv is 2-D"
-    elif attributes(node).get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        layer.unsupported = "Conv with auto_pad: the sparse Conv takes explicit pads"
+    elif _pads(node, list(weight.shape[2:])) is None:
+        layer.unsupported = "Conv with auto_pad SAME on an input of dynamic size: give --input-shape"
     return layer
+
+
+def _pads(node: ir.Node, kernel: list[int]) -> list[int] | None:
+    """Explicit pads [begin..., end...] of a Conv, auto_pad included (as older TF exports write
+    it); None where SAME padding depends on an input size the graph leaves dynamic."""
+    attrs = attributes(node)
+    mode = attrs.get("auto_pad", "NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    rank = len(kernel)
+    if mode == "NOTSET":
+        return list(attrs.get("pads", [0] * 2 * rank))
+    if mode == "VALID":
+        return [0] * 2 * rank
+    shape = node.inputs[0].shape
+    sizes = [shape[i] for i in range(2, 2 + rank)] if shape is not None and len(shape) == 2 + rank else []
+    if len(sizes) != rank or not all(isinstance(d, int) for d in sizes):
+        return None
+    strides, dilations = attrs.get("strides", [1] * rank), attrs.get("dilations", [1] * rank)
+    begin, end = [], []
+    for size, k, s, d in zip(sizes, kernel, strides, dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2  # SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning
+        begin.append(small if mode == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
 
 
 def attributes(node: ir.Node) -> dict:
@@ -180,9 +205,9 @@ def conv_geometry(layer: Layer) -> dict:
     attrs = attributes(layer.node)
     if layer.kind == "conv1d":
         (s,), (d,) = attrs.get("strides", [1]), attrs.get("dilations", [1])
-        begin, end = attrs.get("pads", [0, 0])
+        begin, end = _pads(layer.node, [layer.weight.shape[3]])
         return {"strides": [1, s], "pads": [0, begin, 0, end], "dilations": [1, d], "group": attrs.get("group", 1)}
-    return {"strides": list(attrs.get("strides", [1, 1])), "pads": list(attrs.get("pads", [0, 0, 0, 0])),
+    return {"strides": list(attrs.get("strides", [1, 1])), "pads": _pads(layer.node, list(layer.weight.shape[2:])),
             "dilations": list(attrs.get("dilations", [1, 1])), "group": attrs.get("group", 1)}
 
 

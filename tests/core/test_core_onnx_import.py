@@ -384,3 +384,42 @@ def test_layers_share_weights_and_fold_a_scalar_gemm_bias():
     found = {l.name: l for l in graph.layers(ir.from_proto(model))}
     assert np.array_equal(found["first"].weight, s) and np.array_equal(found["second"].weight, s)
     assert np.allclose(found["gemm"].weight, 2.0 * w) and np.allclose(found["gemm"].bias, np.full(32, 1.5))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad_convs_get_explicit_pads(tmp_path, auto_pad):
+    """Older TF exports write auto_pad: with the input size known, the pads are made explicit."""
+    import onnxruntime as ort
+
+    from edgesparse import runtime
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="same", kernel_shape=[3, 2], strides=[2, 2], auto_pad=auto_pad)],
+        "ap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 9, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        [numpy_helper.from_array((rng.standard_normal((64, 64, 3, 2)) / 10).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "ap.onnx"))
+    manifest = build(tmp_path / "ap.onnx", tmp_path / "out", {"dispatch": "off", "sparsity": 0.0})
+    assert manifest["verification"]["sparse_nodes_on_kernel"] == 1
+    x = rng.standard_normal((1, 64, 9, 10)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    got = runtime.load(tmp_path / "out").run({"x": x})[0]
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+
+
+def test_auto_pad_same_on_a_dynamic_size_stays_dense_with_a_reason():
+    import onnx_ir as ir
+
+    from edgesparse import graph
+
+    graph_proto = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="same", kernel_shape=[3, 3], auto_pad="SAME_UPPER")], "ap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        [numpy_helper.from_array(np.ones((64, 64, 3, 3), np.float32), "w")])
+    model = ir.from_proto(helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)]))
+    assert list(graph.layers(model)) == []
+    (layer,) = graph.layers(model, unsupported=True)
+    assert "auto_pad SAME on an input of dynamic size" in layer.unsupported
