@@ -73,6 +73,7 @@ class Layer:
     # layers come from layers(..., unsupported=True) only, for passes to report them.
     unsupported: str | None = None
     stored_dtype: str = "float32"  # the weight's dtype in the source model (fp16 storage, say)
+    transposed_input: bool = False  # a Gemm with transA=1: X arrives as [K, M]
 
     @property
     def name(self) -> str:
@@ -127,9 +128,6 @@ def _matmul(node: ir.Node) -> Layer | None:
     nodes = [node]
     if node.op_type == "Gemm":
         attrs = attributes(node)
-        if attrs.get("transA", 0):
-            return Layer("matmul", node, weight, None, [node], x, node.outputs[0],
-                         unsupported="Gemm with transA=1: the sparse MatMul takes X untransposed")
         if attrs.get("transB", 0):
             weight = weight.T
         alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
@@ -146,7 +144,8 @@ def _matmul(node: ir.Node) -> Layer | None:
         if add is not None:
             bias, output = add_bias, add.outputs[0]
             nodes.append(add)
-    return Layer("matmul", node, np.ascontiguousarray(weight), bias, nodes, x, output)
+    return Layer("matmul", node, np.ascontiguousarray(weight), bias, nodes, x, output,
+                 transposed_input=node.op_type == "Gemm" and bool(attributes(node).get("transA", 0)))
 
 
 def _conv(node: ir.Node) -> Layer | None:
@@ -321,14 +320,17 @@ WEIGHT_DTYPE = "edgesparse.weight_dtype"  # node metadata: the source model's we
 
 def _in_float32(model: ir.Model, layer: Layer, make) -> ir.Node:
     """Replace `layer` by the sparse node `make(x)` builds, with what it needs around it: the
-    kernels take float32, so a layer computing in float16 gets Casts; a 1-D Conv runs as a 2-D
-    one on an input Unsqueezed to height 1. A weight stored in another dtype is recorded on the
-    node (the manifest's layer entry reports it)."""
+    kernels take float32, so a layer computing in float16 gets Casts; a Gemm with transA=1 gets
+    its X transposed; a 1-D Conv runs as a 2-D one on an input Unsqueezed to height 1. A weight
+    stored in another dtype is recorded on the node (the manifest's layer entry reports it)."""
     base = layer.name.replace("/", "_")
     compute = layer.weight.dtype
     before, after = [], []
     if compute != np.float32:
         before.append(ir.node("Cast", [layer.input], {"to": int(onnx.TensorProto.FLOAT)}, name=node_name(model, f"{base}_to_float32")))
+    if layer.transposed_input:
+        x = before[-1].outputs[0] if before else layer.input
+        before.append(ir.node("Transpose", [x], {"perm": [1, 0]}, name=node_name(model, f"{base}_transpose_a")))
     if layer.kind == "conv1d":
         axes = initializer(model, f"{base}.height_axis", np.array([2], np.int64))
         x = before[-1].outputs[0] if before else layer.input
