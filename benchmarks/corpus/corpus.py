@@ -121,7 +121,10 @@ def fetch(model: Model, cache: Path = CACHE) -> Path:
 def _client(command: list[str], cwd: Path) -> None:
     if shutil.which(command[0]) is None and command[0] != sys.executable:
         raise RuntimeError(f"{command[0]} is not installed")
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{' '.join(command[:3])} failed: {exc}") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
 
