@@ -184,6 +184,8 @@ def inspect(package, as_json):
         f"{m['name']}: target {m['target']['name']} ({m['target'].get('machine')}), backend {m['backend']}",
         "passes: " + (", ".join(f"{p['name']}({', '.join(f'{k}={x}' for k, x in p['options'].items())})" for p in m["passes"]) or "none"),
         "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["inputs"]),
+        *([f"converted from opset {m['import']['converted']['from']} to {m['import']['converted']['to']}"]
+          if "converted" in m.get("import", {}) else []),
         f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
         f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
         f"layers ({len(m['layers'])} sparse):",

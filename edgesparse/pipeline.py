@@ -83,6 +83,9 @@ def build(request: BuildRequest, registry=None) -> dict:
     if source is None:  # an ONNX file from elsewhere: make sure it runs, upgrade an old opset
         needs = onnx_import.MIN_OPSET if any(p.emits for p in passes) else 0
         model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind, needs)
+        if "converted" in imported:
+            c = imported["converted"]
+            ctx.log(f"converted the model from opset {c['from']} to {c['to']} (max abs error {c['max_abs_error']:.2e} vs the original)")
 
     # ONNX passes
     graph = ir.from_proto(model)
