@@ -77,6 +77,8 @@ def _emit(data, as_json: bool, text: str):
 @click.option("--tolerance", type=float, help="Max abs error vs the reference, relative to max(1, |reference|). Default 1e-4.")
 @click.option("--threads", type=int, help="Threads for verification. Default 1.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Shape of generated inputs for an ONNX model with dynamic dims; repeat per input.")
 @click.option("--calibration-batches", type=int, help="Batches taken from the model factory's calibration(). Default 8.")
 @click.option("--eval-inputs", type=click.Path(path_type=Path),
               help=".npz of held-out inputs for an ONNX model: the package is compared with the original on them.")
@@ -85,12 +87,12 @@ def _emit(data, as_json: bool, text: str):
                    "or a factory evaluate() metric NAME / NAME_drop. A build that misses it fails and writes nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches, eval_inputs,
-          min_quality, force, as_json):
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, input_shapes,
+          calibration_batches, eval_inputs, min_quality, force, as_json):
     """Build MODEL (an .onnx file or path/to/model.py:factory) into a verified package."""
     from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
     from .quality import parse_budget_flags, summary_line
-    from .recipe import load_recipe, parse_pass, parse_target
+    from .recipe import load_recipe, parse_input_shapes, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
@@ -100,6 +102,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
     if pass_specs:
         settings["passes"] = [parse_pass(s) for s in pass_specs]
     settings["min_quality"] = parse_budget_flags(min_quality, settings.get("min_quality"))
+    if input_shapes:
+        settings["input_shapes"] = list(input_shapes)
     for required in ("model", "target", "output"):
         if not settings.get(required):
             raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
@@ -109,6 +113,7 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
+        input_shapes=parse_input_shapes(settings.get("input_shapes", [])),
         calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
         eval_inputs=Path(settings["eval_inputs"]) if settings.get("eval_inputs") else None,
         min_quality=settings["min_quality"],
@@ -231,6 +236,8 @@ def inspect(package, as_json):
         f"{m['name']}: target {m['target']['name']} ({m['target'].get('machine')}), backend {m['backend']}",
         "passes: " + (", ".join(f"{p['name']}({', '.join(f'{k}={x}' for k, x in p['options'].items())})" for p in m["passes"]) or "none"),
         "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["inputs"]),
+        *([f"converted from opset {m['import']['converted']['from']} to {m['import']['converted']['to']}"]
+          if "converted" in m.get("import", {}) else []),
         f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
         f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
         f"dispatch table: {_table_label(m['target'].get('dispatch_table'))}",

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, package, quality, verify
+from . import __version__, export, inputs, onnx_import, package, quality, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -41,6 +41,7 @@ class BuildRequest:
     inputs: Path | None = None
     eval_inputs: Path | None = None  # held-out inputs for the quality comparison (ONNX models)
     min_quality: dict = field(default_factory=dict)  # the quality budget: {metric: value}
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # --input-shape, for dynamic dims
     calibration_batches: int = CALIBRATION_BATCHES
     force: bool = False
     quiet: bool = False
@@ -94,6 +95,13 @@ def build(request: BuildRequest, registry=None) -> dict:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")
+    imported = None
+    if source is None:  # an ONNX file from elsewhere: make sure it runs, upgrade an old opset
+        needs = onnx_import.MIN_OPSET if any(p.emits for p in passes) else 0
+        model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind, needs)
+        if "converted" in imported:
+            c = imported["converted"]
+            ctx.log(f"converted the model from opset {c['from']} to {c['to']} (max abs error {c['max_abs_error']:.2e} vs the original)")
 
     # the original, run once now on the held-out batches: the package is compared with it at the end
     ctx.log(f"running the original model on {len(held_out)} {held_out_kind} batches")
@@ -128,6 +136,7 @@ def build(request: BuildRequest, registry=None) -> dict:
             "runtime": runtime,
             "inputs": inputs.signature(model, "input"),
             "outputs": inputs.signature(model, "output"),
+            **({"import": imported} if imported else {}),
             "passes": [{"name": p.name, "options": _jsonable(p.config), "report": ctx.reports.get(p.name, {})} for p in passes],
             "layers": _layers(model, libraries, target, request.threads),
             "warnings": ctx.warnings,
@@ -216,6 +225,8 @@ def _backend_for(registry, target, name):
 
 def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tuple[list[dict], str]:
     """Input batches for calibration and verification, and where they came from."""
+    if request.input_shapes and (model is None or request.inputs is not None):
+        raise EdgesparseError("--input-shape is for ONNX models without --inputs (it shapes generated inputs)")
     if request.inputs is not None:
         if model is None:
             raise EdgesparseError("--inputs is for ONNX models; a model factory provides calibration=")
@@ -231,7 +242,7 @@ def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tup
         return batches, "calibration"
     if source is not None:
         return [inputs.to_numpy(source.example_inputs)], "example"
-    return inputs.generated(model), "generated"
+    return inputs.generated(model, shapes=request.input_shapes), "generated"
 
 
 def _attach_functions(model: onnx.ModelProto, registry) -> list:
@@ -262,7 +273,8 @@ def _layers(model: onnx.ModelProto, libraries, target, threads: int) -> list[dic
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         if lib is not None:
-            layer = {"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))}
+            origin = {p.key.removeprefix("edgesparse."): p.value for p in node.metadata_props if p.key.startswith("edgesparse.")}
+            layer = {"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes)), **origin}
             decided = table.source_for(node.op_type.removesuffix("Add"), layer.get("block"), threads)
             if decided:
                 layer["dispatch_table"] = decided

@@ -8,6 +8,7 @@ flags can:
     threads = 1
     calibration_batches = 8
     min_quality = { cosine = 0.98 }    # the quality budget (see edgesparse/quality.py)
+    input_shapes = { x = [1, 3, 640, 640] }   # or ["x=1,3,640,640"], as --input-shape spells it
 
     [[passes]]
     name = "magnitude"
@@ -27,7 +28,7 @@ from pathlib import Path
 from .errors import EdgesparseError
 
 KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "calibration_batches", "passes",
-        "name", "eval_inputs", "min_quality"}
+        "name", "eval_inputs", "min_quality", "input_shapes"}
 
 
 def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
@@ -43,6 +44,24 @@ def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
             raise EdgesparseError(f"{flag} option must be key=value: {item!r} in {text!r}")
         options[key.strip()] = value.strip()
     return name.strip(), options
+
+
+def parse_input_shapes(value) -> dict[str, list[int]]:
+    """--input-shape flags (['x=1,3,640,640', ...]) or a recipe's table ({x = [1, 3, 640, 640]})
+    -> {name: shape}."""
+    from .inputs import parse_input_shape
+
+    if isinstance(value, dict):
+        value = [f"{name}={','.join(map(str, dims if isinstance(dims, list) else [dims]))}" for name, dims in value.items()]
+    if not isinstance(value, (list, tuple)):
+        raise EdgesparseError(f"input_shapes must be a table of name = [dims] or a list of 'NAME=d0,d1,...': {value!r}")
+    shapes = {}
+    for text in value:
+        name, shape = parse_input_shape(text)
+        if name in shapes:
+            raise EdgesparseError(f"--input-shape gives input '{name}' twice")
+        shapes[name] = shape
+    return shapes
 
 
 def parse_target(value) -> tuple[str, dict]:

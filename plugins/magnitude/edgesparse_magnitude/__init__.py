@@ -59,9 +59,10 @@ class Magnitude(Pass):
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
 
     def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        layers = list(graph.layers(model, kinds=("matmul", "conv")))
+        layers = list(graph.layers(model, kinds=("matmul", "conv", "conv1d"), unsupported=True))
         if not layers:
-            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
+            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune"
+                                  + _where_the_layers_are(model))
         pruned, dense = [], []
         for layer in ctx.progress(layers, "magnitude pruning"):
             shape = list(layer.weight.shape)
@@ -69,28 +70,31 @@ class Magnitude(Pass):
             if reason:
                 dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
-            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)
-            if layer.kind == "conv":
+            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)  # fp16 too: kernels take fp32
+            if layer.kind != "matmul":
                 graph.replace_with_block_sparse_conv(model, layer, weight, self.block)
             else:
                 graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
-            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())})
+            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())}
+                          | ({"weight_dtype": layer.stored_dtype} if layer.stored_dtype != "float32" else {}))
         if not pruned:
             ctx.warn("no layer was pruned: every candidate stays dense (see kept_dense in the report)")
         ctx.report("pruned", pruned)
         ctx.report("kept_dense", dense)
 
     def _keep_dense_reason(self, layer, ctx) -> str | None:
+        if layer.unsupported:
+            return layer.unsupported
         if any(s and s in layer.name for s in self.skip):
             return "skipped by option"
-        if layer.weight.dtype != np.float32:
-            return f"weights are {layer.weight.dtype}, kernels take float32"
-        if layer.kind == "conv":
-            attrs = graph.attributes(layer.node)
-            if attrs.get("group", 1) != 1:
+        if layer.weight.dtype not in (np.float32, np.float16):
+            return f"weights are {layer.weight.dtype}, kernels take float32 (float16 layers are cast around them)"
+        if layer.kind != "matmul":
+            attrs = graph.conv_geometry(layer)
+            if attrs["group"] != 1:
                 return "grouped or depthwise conv"
             o, c, kh, kw = layer.weight.shape
-            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": list(attrs.get("strides", [1, 1]))[0]}
+            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": attrs["strides"][-1]}
             features = min(o, c)
         else:
             k, n = layer.weight.shape
@@ -100,6 +104,17 @@ class Magnitude(Pass):
         if self.dispatch == "target" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
+
+
+def _where_the_layers_are(model: ir.Model) -> str:
+    """Why a model with layers has none to prune: they sit in If/Loop branches or are quantized."""
+    ops = {(n.op_type, n.graph is model.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    if any(op in ("MatMul", "Gemm", "Conv") and not top for op, top in ops):
+        return " (its layers sit inside If/Loop branches, which magnitude leaves as they are)"
+    quantized = sorted({op for op, _ in ops if op in ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLSTM")})
+    if quantized:
+        return f" (its layers are quantized: {', '.join(quantized)})"
+    return ""
 
 
 @hookimpl
