@@ -117,3 +117,23 @@ def test_import_takes_a_table_measured_elsewhere(mlp_onnx, tmp_path, cache):
         result = run("tune", "--import", bad, env=env, check=False)
         assert result.returncode != 0 and result.stderr.count("\n") == 1 and words in result.stderr
     assert json.loads((cache / "dispatch" / "imported-avx2.json").read_text())["cpu"] == "A Laptop CPU"
+
+
+def test_interrupted_tuning_leaves_no_table(tmp_path, cache):
+    """Entries are saved as they are measured, to a hidden partial file; only a finished run
+    renames it into place, so a build after an interrupted one uses the shipped table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgesparse", "tune", "--quick"], env=env_with(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((cache / "dispatch").glob(".*partial")) and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert not list((cache / "dispatch").glob("tuned-*.json"))
+    assert not list((cache / "dispatch").glob(".*"))  # the partial file is removed too
