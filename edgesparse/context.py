@@ -41,6 +41,15 @@ class BuildContext:
     def has_train(self) -> bool:
         return self._train is not None
 
+    # -- recovery -------------------------------------------------------------
+    def recover(self, module, teacher, **options) -> dict:
+        """Recover a module the pass pruned in place towards `teacher` (its copy from before the
+        pruning), masks kept; returns the report of what ran. See edgesparse.recovery.recover."""
+        from .recovery import recover
+
+        options.setdefault("label", f"{self._current}: recovery" if self._current else "recovery")
+        return recover(module, teacher, self, **options)
+
     # -- reporting ------------------------------------------------------------
     def begin_pass(self, name: str) -> None:
         self._current = name
