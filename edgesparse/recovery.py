@@ -394,7 +394,7 @@ class _Distillation:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.detach() / factor)
+            losses.append(loss.detach())  # this rank's share of the whole batch's loss, times world
             done = step + 1
             if seconds > 0 and self._stop(time.monotonic() - t0 > seconds):
                 break
