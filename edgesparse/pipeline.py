@@ -62,8 +62,9 @@ def build(request: BuildRequest, registry=None) -> dict:
     # load
     source = load_factory(request.model) if is_factory(request.model) else None
     torch_passes = [p for p in passes if "torch" in p.stages()]
-    if torch_passes and source is None:
-        raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
+    needing_torch = [p for p in torch_passes if p.requires_torch()]
+    if needing_torch and source is None:
+        raise EdgesparseError(f"pass '{needing_torch[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
     model = export.load_onnx(Path(request.model)) if source is None else None
 
     # torch passes and export

@@ -33,6 +33,7 @@ from . import distributed
 from .errors import EdgesparseError
 
 MODES = ("distill", "train")
+OUTPUT_LOSSES = ("auto", "kl", "mse")
 PRUNED = "pruned"           # layers=PRUNED: distil the outputs of every masked module
 CACHE_BYTES = 256 << 20     # the teacher's targets are kept between steps up to this size
 CURVE_POINTS = 20           # losses listed in the report's loss_curve
@@ -106,20 +107,25 @@ def split_steps(steps: int, parts: int) -> list[int]:
     return [steps // parts + (1 if k < steps % parts else 0) for k in range(parts)]
 
 
-def merge(total: dict, stage: dict, sparsity: float, stages: int) -> dict:
+def merge(total: dict, stage: dict, sparsity: float, stages: int, seconds_budget: float | None = None) -> dict:
     """One report over the recoveries of a gradual pruning: steps, requests and seconds add up, the
-    loss before is the first stage's and the loss after the last one's; each stage's sparsity and
-    steps are listed when there is more than one."""
+    loss before is the first stage's and the loss after the last one's, the loss curve runs on;
+    each stage's sparsity and steps are listed when there is more than one. `seconds_budget`: the
+    budget of all the stages (each stage gets what is left of it)."""
     if total.get("mode", "none") == "none":
         merged = total | stage
     else:
-        merged = total | {k: total[k] + stage[k] for k in ("steps", "steps_requested", "seconds")}
+        merged = total | {k: total[k] + stage[k] for k in ("steps", "steps_requested", "seconds", "seconds_total")
+                          if k in total and k in stage}
         for key in ("loss_last", "loss_after"):
             if key in stage:
                 merged[key] = stage[key]
         if "calls" in stage:
             merged["calls"] = total["calls"] + stage["calls"]
-        merged["loss_curve"] = total.get("loss_curve", []) + stage.get("loss_curve", [])
+        merged["loss_curve"] = total.get("loss_curve", []) + [[total["steps"] + i, loss]
+                                                              for i, loss in stage.get("loss_curve", [])]
+    if seconds_budget is not None:
+        merged["seconds_budget"] = seconds_budget
     merged.pop("cut_by_budget", None)
     if merged["steps"] < merged["steps_requested"]:
         merged["cut_by_budget"] = (f"the time budget ({merged['seconds_budget']:g} s) allowed {merged['steps']} of "
@@ -131,15 +137,18 @@ def merge(total: dict, stage: dict, sparsity: float, stages: int) -> dict:
 
 # -- the service ----------------------------------------------------------------------------------
 def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str = "distill", lr: float = 1e-4,
-            masks: dict | None = None, layers=(), temperature: float = 2.0, label: str = "recovery") -> dict:
+            masks: dict | None = None, layers=(), temperature: float = 2.0, output_loss: str = "auto",
+            label: str = "recovery") -> dict:
     """Recover `module` (pruned in place) towards `teacher`; returns the report of what ran.
 
     masks:  {submodule: 0/1 tensor of its weight's shape}; None: every zero weight of its Linear and
             Conv layers stays zero (`zero_masks`).
     layers: names of submodules (as in named_modules) whose outputs are distilled too, or "pruned"
             for every masked one; () for the outputs only.
+    output_loss: "kl" (logits), "mse", or "auto": KL for 2-D outputs of more than one column, MSE
+            for the rest (hidden states are always MSE).
     """
-    _check(steps, seconds, mode, lr, temperature)
+    _check(steps, seconds, mode, lr, temperature, output_loss)
     if teacher is None and (mode == "distill" or layers):
         raise EdgesparseError(f"{label}: distillation needs the model before pruning (teacher=)")
     masks = zero_masks(module) if masks is None else masks
@@ -155,7 +164,8 @@ def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str
     module.eval()
     t0 = time.monotonic()
     with masks_kept(masks), _Taps(module, names) as s_taps, _Taps(teacher, names) as t_taps:
-        loss = _Distillation(module, teacher, s_taps, t_taps, batches, temperature, world) if teacher is not None else None
+        loss = (_Distillation(module, teacher, s_taps, t_taps, batches, temperature, world, output_loss)
+                if teacher is not None else None)
         report = {"mode": mode}
         eval_set = "evaluation" if held else "calibration"
         if loss is not None:
@@ -184,7 +194,7 @@ def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str
     return report
 
 
-def distillation_loss(module, teacher, ctx, layers=(), temperature: float = 2.0) -> float:
+def distillation_loss(module, teacher, ctx, layers=(), temperature: float = 2.0, output_loss: str = "auto") -> float:
     """The recovery's loss of `module` against `teacher` on the held-out (else calibration) batches,
     without training (e.g. to record what one-shot pruning cost)."""
     names = _layer_names(module, {}, layers, "distillation loss")
@@ -192,12 +202,14 @@ def distillation_loss(module, teacher, ctx, layers=(), temperature: float = 2.0)
     batches = [_to_torch(b, _device(module)) for b in (held_out() if callable(held_out) else ctx.calibration_inputs())]
     with _Taps(module, names) as s_taps, _Taps(teacher, names) as t_taps:
         return _Distillation(module, teacher, s_taps, t_taps, batches, temperature,
-                             distributed.world_size()).evaluate(batches)
+                             distributed.world_size(), output_loss).evaluate(batches)
 
 
-def _check(steps, seconds, mode, lr, temperature) -> None:
+def _check(steps, seconds, mode, lr, temperature, output_loss) -> None:
     if mode not in MODES:
         raise EdgesparseError(f"recovery mode '{mode}' is not one of {', '.join(MODES)}")
+    if output_loss not in OUTPUT_LOSSES:
+        raise EdgesparseError(f"distillation output loss '{output_loss}' is not one of {', '.join(OUTPUT_LOSSES)}")
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
         raise EdgesparseError(f"recovery steps must be a whole number >= 0 (got {steps!r})")
     if not seconds >= 0:
@@ -292,9 +304,9 @@ def _shard(batch: dict, rank: int, world: int) -> tuple[dict, float]:
 class _Distillation:
     """The loss of student against teacher on one batch, its training loop and its evaluation."""
 
-    def __init__(self, module, teacher, s_taps, t_taps, batches, temperature, world):
+    def __init__(self, module, teacher, s_taps, t_taps, batches, temperature, world, output_loss="auto"):
         self.module, self.teacher, self.s_taps, self.t_taps = module, teacher, s_taps, t_taps
-        self.temperature, self.world = temperature, world
+        self.temperature, self.world, self.output_loss = temperature, world, output_loss
         self.rank = distributed.rank() if world > 1 else 0
         self.batches = [_shard(b, self.rank, world) for b in batches]
         self.cache: dict[int, list] | None = {}
@@ -346,7 +358,7 @@ class _Distillation:
         for k, (g, w) in enumerate(zip(got, want)):
             if not w.is_floating_point():
                 continue
-            if k < n_out and g.dim() == 2 and g.shape[1] > 1:  # logits
+            if k < n_out and self._logits(g):
                 t = self.temperature
                 outputs.append(F.kl_div(F.log_softmax(g / t, 1), F.log_softmax(w / t, 1), log_target=True,
                                         reduction="batchmean") * t * t)
@@ -358,6 +370,11 @@ class _Distillation:
         if hidden:
             total = total + sum(hidden) / len(hidden)
         return total
+
+    def _logits(self, out) -> bool:
+        if self.output_loss == "auto":
+            return out.dim() == 2 and out.shape[1] > 1
+        return self.output_loss == "kl"
 
     def evaluate(self, batches: list[dict]) -> float:
         import torch

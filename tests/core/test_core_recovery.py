@@ -84,6 +84,7 @@ def test_zero_steps_changes_nothing():
     ({"steps": 5, "lr": 0.0}, "learning rate must be in (0, 1]"),
     ({"steps": 5, "mode": "finetune"}, "recovery mode 'finetune' is not one of distill, train"),
     ({"steps": 5, "layers": ("9",)}, "the model has no submodule '9' to distil"),
+    ({"steps": 5, "output_loss": "l1"}, "output loss 'l1' is not one of auto, kl, mse"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     model, teacher, masks = damaged()
@@ -105,7 +106,8 @@ def test_gradual_schedule_and_merged_report():
     b = a | {"steps": 1, "loss_before": 1.5, "loss_after": 0.5, "loss_curve": [[1, 1.5]]}
     merged = recovery.merge(recovery.merge({"mode": "none"}, a, 0.3, 2), b, 0.6, 2)
     assert merged["steps"] == 4 and merged["steps_requested"] == 6 and merged["seconds"] == 2.0
-    assert merged["loss_before"] == 2.0 and merged["loss_after"] == 0.5 and len(merged["loss_curve"]) == 2
+    assert merged["loss_before"] == 2.0 and merged["loss_after"] == 0.5
+    assert merged["loss_curve"] == [[1, 2.0], [4, 1.5]]  # step numbers run on over the stages
     assert merged["cut_by_budget"].endswith("4 of 6 steps") and [s["sparsity"] for s in merged["stages"]] == [0.3, 0.6]
 
 

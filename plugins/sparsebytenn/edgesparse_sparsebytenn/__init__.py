@@ -200,7 +200,7 @@ class SparseByteNN(Pass):
             done = ctx.recover(module, dense_reference, steps=steps, seconds=seconds, mode=self.recovery,
                                lr=self.lr, masks=masks)
             module.eval()
-            report = recovery.merge(report, done, fraction * self.sparsity, len(stages))
+            report = recovery.merge(report, done, fraction * self.sparsity, len(stages), self.recovery_seconds)
         if "cut_by_budget" in report:
             ctx.warn(f"recovery cut short by its time budget: {report['steps']} of {report['steps_requested']} "
                      f"steps in {report['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
