@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, package, verify
+from . import __version__, distributed, export, inputs, package, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -44,8 +44,9 @@ class BuildRequest:
     name: str | None = None
 
 
-def build(request: BuildRequest, registry=None) -> dict:
-    """Run the pipeline and publish the package; return its manifest."""
+def build(request: BuildRequest, registry=None) -> dict | None:
+    """Run the pipeline and publish the package; return its manifest (None on the ranks other than 0
+    of a build under torchrun: they help the torch passes train and write nothing)."""
     registry = registry or default_registry()
     if request.calibration_batches < 1:
         raise EdgesparseError(f"calibration batches must be at least 1 (got {request.calibration_batches})")
@@ -70,12 +71,15 @@ def build(request: BuildRequest, registry=None) -> dict:
     # torch passes and export
     calibration, input_kind = _calibration(request, source, model)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
-                       threads=request.threads, quiet=request.quiet)
+                       threads=request.threads, quiet=request.quiet or not distributed.is_main())
     if source is not None:
         for p in torch_passes:
             ctx.begin_pass(p.name)
             ctx.log(f"[{p.name}] transforming the PyTorch module")
             source.module = p.transform_module(source.module, ctx)
+    if not distributed.is_main():
+        return None
+    if source is not None:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")

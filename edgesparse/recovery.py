@@ -393,15 +393,15 @@ class _Distillation:
         import torch
 
         params = [p for p in self.module.parameters() if p.requires_grad and p.is_floating_point()]
-        net = self.module
-        if self.world > 1:
+        net, frozen = self.module, []
+        if self.world > 1 and steps:
             from torch.nn.parallel import DistributedDataParallel
 
+            frozen = self._freeze_unused(params)
             dev = _device(self.module)
             distributed.process_group(dev)
-            net = DistributedDataParallel(self.module, device_ids=[dev] if dev.type == "cuda" else None,
-                                          find_unused_parameters=True)
-        opt = torch.optim.Adam(params, lr=lr)
+            net = DistributedDataParallel(self.module, device_ids=[dev] if dev.type == "cuda" else None)
+        opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
         t0 = time.monotonic()
         losses, done = [], 0
         for step in ctx.progress(range(steps), label, length=steps):
@@ -415,6 +415,8 @@ class _Distillation:
             done = step + 1
             if seconds > 0 and self._stop(time.monotonic() - t0 > seconds):
                 break
+        for p in frozen:
+            p.requires_grad_(True)
         curve = self._all_sum([float(l) for l in losses]) if self.world > 1 else [float(l) for l in losses]
         curve = [c / self.world for c in curve] if self.world > 1 else curve
         del net
@@ -424,6 +426,18 @@ class _Distillation:
                 "loss_first": float(np.mean(curve[:tenth])) if curve else None,
                 "loss_last": float(np.mean(curve[-tenth:])) if curve else None,
                 "loss_curve": [[j + 1, curve[j]] for j in picks]}
+
+    def _freeze_unused(self, params: list) -> list:
+        """Parameters the loss does not reach (e.g. a pooler whose output is not used) would keep
+        DDP waiting for their gradients: found by one backward pass, frozen for the recovery."""
+        args, _ = self.batches[0]
+        self.loss(self.module, 0, args).backward()
+        unused = [p for p in params if p.grad is None]
+        for p in params:
+            p.grad = None
+        for p in unused:
+            p.requires_grad_(False)
+        return unused
 
     def _stop(self, mine: bool) -> bool:
         """Past the budget: every rank stops at the same step (else DDP would wait forever)."""

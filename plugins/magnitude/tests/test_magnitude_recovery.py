@@ -37,13 +37,15 @@ def _relative_error(package, original, batches):
     return (num / den) ** 0.5
 
 
+RECOVERED = {"dispatch": "off", "recover_steps": 45, "prune_stages": 3, "lr": 1e-3, "distill_loss": "mse"}
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("magnitude")
     spec = write_factory(tmp)
     one_shot = _build(spec, tmp / "one-shot", dispatch="off")
-    recovered = _build(spec, tmp / "recovered", dispatch="off", recover_steps=45, prune_stages=3, lr=1e-3,
-                       distill_loss="mse")
+    recovered = _build(spec, tmp / "recovered", **RECOVERED)
     return spec, tmp, one_shot, recovered
 
 
@@ -166,3 +168,33 @@ def test_bad_recovery_options_are_one_line_errors(option, message):
     with pytest.raises(EdgesparseError) as err:
         Magnitude(**options)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_build_under_torchrun_recovers_data_parallel_and_only_rank_0_writes(builds, tmp_path):
+    """`torchrun --nproc_per_node 2 -m edgesparse build ...` on CPU (gloo): every calibration batch is
+    shared by the two processes, so the package is the single-process build's; one package, one
+    report, written by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    spec, tmp, _, recovered = builds
+    spec = write_factory(tmp_path)  # the same factory, in a folder of its own
+    options = ",".join(f"{k}={v}" for k, v in {"sparsity": 0.5, "block": 16, **RECOVERED}.items())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "edgesparse", "build", spec, "--target", "x86", "--pass", f"magnitude:{options}",
+                             "-o", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("package:") == 1 and result.stderr.count("exporting to ONNX") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp.zip", "factory.py"]
+    ddp = runtime.load(tmp_path / "ddp").manifest
+    rec, single = ddp["passes"][0]["report"]["recovery"], recovered["passes"][0]["report"]["recovery"]
+    assert rec["world_size"] == 2 and rec["steps"] == single["steps"] == 45
+    assert rec["loss_after"] == pytest.approx(single["loss_after"], rel=1e-3)
+    a, b = (onnx.load(str(d / "model.onnx")) for d in (tmp_path / "ddp", tmp / "recovered"))
+    wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape and np.allclose(wa[k], wb[k], atol=1e-4), k
