@@ -107,6 +107,15 @@ def split_steps(steps: int, parts: int) -> list[int]:
     return [steps // parts + (1 if k < steps % parts else 0) for k in range(parts)]
 
 
+def stage_seconds(budget: float, spent: float, steps: int, steps_left: int) -> float:
+    """A stage's share of one time budget (0: no limit) for gradual pruning: what is left of it, in
+    proportion to the stage's steps among the steps left, so that a slow first stage cannot starve
+    the last one, the one at the final sparsity."""
+    if budget <= 0:
+        return 0.0
+    return max((budget - spent) * steps / max(steps_left, 1), 1e-3)
+
+
 def merge(total: dict, stage: dict, sparsity: float, stages: int, seconds_budget: float | None = None) -> dict:
     """One report over the recoveries of a gradual pruning: steps, requests and seconds add up, the
     loss before is the first stage's and the loss after the last one's, the loss curve runs on;

@@ -69,12 +69,11 @@ def prune_gradually(module, layers: list[TorchLayer], keep_mask, p, ctx) -> dict
         module.load_state_dict(teacher.state_dict())
     stages = recovery.stage_fractions(p.prune_stages)
     shares = recovery.split_steps(p.recover_steps, len(stages))
-    report, t0 = {"mode": "none"}, time.monotonic()
+    report, t0, steps_left = {"mode": "none"}, time.monotonic(), p.recover_steps
     for fraction, steps in zip(stages, shares):
         masks = _apply(layers, keep_mask, p.sparsity * fraction)  # zeroed blocks score 0: they stay pruned
-        seconds = p.recover_seconds
-        if seconds > 0:  # one budget for all the stages
-            seconds = max(seconds - (time.monotonic() - t0), 1e-3)
+        seconds = recovery.stage_seconds(p.recover_seconds, time.monotonic() - t0, steps, steps_left)
+        steps_left -= steps
         done = ctx.recover(module, teacher, steps=steps, seconds=seconds, mode=p.recovery, lr=p.lr, masks=masks,
                            layers=layer_names, output_loss=p.distill_loss)
         report = recovery.merge(report, done, p.sparsity * fraction, len(stages), p.recover_seconds)
