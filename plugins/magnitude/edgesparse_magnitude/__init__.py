@@ -96,9 +96,10 @@ class Magnitude(Pass):
             return module  # pruned once, in the ONNX stage
         from . import gradual
 
-        layers = gradual.torch_layers(module)
+        module.eval()
+        layers = gradual.torch_layers(module, ctx.calibration_inputs()[0])
         if not layers:
-            raise EdgesparseError("magnitude: the module has no nn.Linear or nn.Conv2d to prune")
+            raise EdgesparseError("magnitude: the module runs no nn.Linear or nn.Conv2d to prune")
         chosen, dense = [], []
         for layer in layers:
             reason = self._dense_reason(layer.name, layer.kind, layer.onnx_weight(), layer.group, layer.stride, ctx)
@@ -106,7 +107,6 @@ class Magnitude(Pass):
                 dense.append({"layer": layer.name, "shape": list(layer.onnx_weight().shape), "reason": reason})
             else:
                 chosen.append(layer)
-        module.eval()
         report = {"mode": "none"}
         if chosen:
             report = gradual.prune_gradually(module, chosen, lambda w, s: keep_blocks(w, s, self.block), self, ctx)

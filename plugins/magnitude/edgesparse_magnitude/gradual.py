@@ -37,16 +37,27 @@ class TorchLayer:
         return int(self.module.stride[0]) if self.kind == "conv" else 1
 
 
-def torch_layers(module) -> list[TorchLayer]:
+def torch_layers(module, batch: dict) -> list[TorchLayer]:
+    """The nn.Linear and nn.Conv2d layers that the forward pass runs on `batch` (one the model
+    holds but does not use, e.g. a pooler nobody reads, is not in the exported graph either)."""
+    import torch
     import torch.nn as nn
 
-    found = []
+    found, ran = [], set()
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             found.append(TorchLayer(name, m, "matmul"))
         elif isinstance(m, nn.Conv2d):
             found.append(TorchLayer(name, m, "conv"))
-    return found
+    hooks = [l.module.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for l in found]
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad():
+            module(*(torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in batch.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [l for l in found if l.module in ran]
 
 
 def digest(weight: np.ndarray) -> str:

@@ -131,6 +131,26 @@ def test_dispatch_target_prunes_in_torch_what_the_onnx_stage_would():
     assert [l["layer"] for l in gradual["kept_dense"]] == [l["layer"] for l in one_shot["kept_dense"]]
 
 
+class WithPooler(torch.nn.Module):
+    """A Linear the forward never runs (as BERT's pooler under a last-hidden-state encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(128, 256)
+        self.pooler = torch.nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_layers_the_forward_does_not_run_are_left_alone():
+    model = WithPooler().eval()
+    pooler = model.pooler.weight.detach().clone()
+    report = _stage(model, True, recover_steps=2, prune_stages=1)
+    assert report["torch_stage"]["pruned"] == ["body"] and report["torch_stage"]["kept_dense"] == []
+    assert torch.equal(model.pooler.weight, pooler) and len(report["pruned"]) == 1
+
+
 def test_the_users_training_loop_as_recovery_keeps_the_blocks(tmp_path):
     spec = write_factory(tmp_path, train=True)
     m = _build(spec, tmp_path / "pkg", dispatch="off", recovery="train", recover_steps=6, prune_stages=2,
