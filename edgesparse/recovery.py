@@ -37,6 +37,7 @@ OUTPUT_LOSSES = ("auto", "kl", "mse")
 PRUNED = "pruned"           # layers=PRUNED: distil the outputs of every masked module
 CACHE_BYTES = 256 << 20     # the teacher's targets are kept between steps up to this size
 CURVE_POINTS = 20           # losses listed in the report's loss_curve
+SCALE_BATCHES = 4           # batches the teacher's mean squares (the MSE's scales) are taken from
 
 
 # -- masks ----------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def merge(total: dict, stage: dict, sparsity: float, stages: int, seconds_budget
 # -- the service ----------------------------------------------------------------------------------
 def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str = "distill", lr: float = 1e-4,
             masks: dict | None = None, layers=(), temperature: float = 2.0, output_loss: str = "auto",
-            label: str = "recovery") -> dict:
+            measure=("before", "after"), label: str = "recovery") -> dict:
     """Recover `module` (pruned in place) towards `teacher`; returns the report of what ran.
 
     masks:  {submodule: 0/1 tensor of its weight's shape}; None: every zero weight of its Linear and
@@ -156,8 +157,10 @@ def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str
             for every masked one; () for the outputs only.
     output_loss: "kl" (logits), "mse", or "auto": KL for 2-D outputs of more than one column, MSE
             for the rest (hidden states are always MSE).
+    measure: when to measure the loss against the teacher ("before", "after" training); a pass
+            that recovers in stages measures before the first and after the last only.
     """
-    _check(steps, seconds, mode, lr, temperature, output_loss)
+    _check(steps, seconds, mode, lr, temperature, output_loss, measure)
     if teacher is None and (mode == "distill" or layers):
         raise EdgesparseError(f"{label}: distillation needs the model before pruning (teacher=)")
     masks = zero_masks(module) if masks is None else masks
@@ -177,16 +180,17 @@ def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str
                 if teacher is not None else None)
         report = {"mode": mode}
         eval_set = "evaluation" if held else "calibration"
-        if loss is not None:
-            report["loss_before"] = loss.evaluate(held or batches)
+        if loss is not None and "before" in measure:
+            report["loss_before"] = loss.evaluate(held or None)
         t_train = time.monotonic()
         if mode == "distill":
             report |= loss.train(ctx, steps, seconds, lr, label)
         else:
             report |= _user_training(module, ctx, steps, seconds, label, world)
         train_seconds = time.monotonic() - t_train
-        if loss is not None:
-            report["loss_after"] = loss.evaluate(held or batches)
+        if loss is not None and "after" in measure:
+            report["loss_after"] = loss.evaluate(held or None)
+        if loss is not None and measure:
             report["loss_measured_on"] = f"{len(held or batches)} {eval_set} batches"
     module.eval()
     report |= {"steps_requested": steps, "seconds": round(train_seconds, 2), "seconds_budget": seconds,
@@ -199,7 +203,8 @@ def recover(module, teacher, ctx, *, steps: int, seconds: float = 0.0, mode: str
         report["cut_by_budget"] = f"the time budget ({seconds:g} s) allowed {report['steps']} of {steps} steps"
     before, after = report.get("loss_before"), report.get("loss_after")
     ctx.log(f"{label}: {report['steps']}/{steps} steps in {train_seconds:.1f} s"
-            + (f", distillation loss {before:.4g} -> {after:.4g}" if before is not None else ""))
+            + (f", distillation loss before {before:.4g}" if before is not None else "")
+            + (f", after {after:.4g}" if after is not None else ""))
     return report
 
 
@@ -211,10 +216,12 @@ def distillation_loss(module, teacher, ctx, layers=(), temperature: float = 2.0,
     batches = [_to_torch(b, _device(module)) for b in (held_out() if callable(held_out) else ctx.calibration_inputs())]
     with _Taps(module, names) as s_taps, _Taps(teacher, names) as t_taps:
         return _Distillation(module, teacher, s_taps, t_taps, batches, temperature,
-                             distributed.world_size(), output_loss).evaluate(batches)
+                             distributed.world_size(), output_loss).evaluate()
 
 
-def _check(steps, seconds, mode, lr, temperature, output_loss) -> None:
+def _check(steps, seconds, mode, lr, temperature, output_loss, measure) -> None:
+    if set(measure) - {"before", "after"}:
+        raise EdgesparseError(f"recovery measure= takes 'before' and/or 'after' (got {measure!r})")
     if mode not in MODES:
         raise EdgesparseError(f"recovery mode '{mode}' is not one of {', '.join(MODES)}")
     if output_loss not in OUTPUT_LOSSES:
@@ -335,10 +342,10 @@ class _Distillation:
         return want
 
     def _scales(self) -> list[float]:
-        """Per output and tapped layer, the teacher's mean square over the calibration data (one
-        constant, the same on every rank: the loss stays a mean over rows)."""
+        """Per output and tapped layer, the teacher's mean square over the first calibration batches
+        (one constant, the same on every rank: the loss stays a mean over rows)."""
         sums, count = None, 0.0
-        for i, (args, _) in enumerate(self.batches):
+        for i, (args, _) in enumerate(self.batches[:SCALE_BATCHES]):
             want = self._teacher(i, args)
             s = [float(w.double().pow(2).sum()) if w.is_floating_point() else 0.0 for w in want]
             sums = s if sums is None else [a + b for a, b in zip(sums, s)]
@@ -385,15 +392,17 @@ class _Distillation:
             return out.dim() == 2 and out.shape[1] > 1
         return self.output_loss == "kl"
 
-    def evaluate(self, batches: list[dict]) -> float:
+    def evaluate(self, batches: list[dict] | None = None) -> float:
+        """The mean loss per row on `batches` (held out), or on the training batches (None; the
+        teacher's cached targets serve)."""
         import torch
 
+        shards = self.batches if batches is None else [_shard(b, self.rank, self.world) for b in batches]
         weighted, rows = 0.0, 0
         with torch.no_grad():
-            for b in batches:
-                args, factor = _shard(b, self.rank, self.world)
+            for i, (args, _) in enumerate(shards):
                 n = next(iter(args.values())).shape[0]
-                weighted += float(self.loss(self.module, -1, args)) * n
+                weighted += float(self.loss(self.module, i if batches is None else -1, args)) * n
                 rows += n
         total, count = self._all_sum([weighted, float(rows)]) if self.world > 1 else (weighted, rows)
         return total / max(count, 1)

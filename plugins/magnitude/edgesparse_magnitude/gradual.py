@@ -38,26 +38,46 @@ class TorchLayer:
 
 
 def torch_layers(module, batch: dict) -> list[TorchLayer]:
-    """The nn.Linear and nn.Conv2d layers that the forward pass runs on `batch` (one the model
-    holds but does not use, e.g. a pooler nobody reads, is not in the exported graph either)."""
+    """The nn.Linear and nn.Conv2d layers whose weights reach the outputs on `batch` (one the model
+    holds but the outputs do not use, e.g. a pooler nobody reads, is not in the exported graph)."""
     import torch
     import torch.nn as nn
 
-    found, ran = [], set()
+    found = []
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             found.append(TorchLayer(name, m, "matmul"))
         elif isinstance(m, nn.Conv2d):
             found.append(TorchLayer(name, m, "conv"))
-    hooks = [l.module.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for l in found]
-    device = next(module.parameters()).device
+    if not found:
+        return []
+    weights = [l.module.weight for l in found]
+    frozen = [w for w in weights if not w.requires_grad]
+    device = weights[0].device
     try:
-        with torch.no_grad():
-            module(*(torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in batch.values()))
+        for w in frozen:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = module(*(torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in batch.values()))
+            total = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+            grads = torch.autograd.grad(total, weights, allow_unused=True) if torch.is_tensor(total) else [None] * len(weights)
     finally:
-        for h in hooks:
-            h.remove()
-    return [l for l in found if l.module in ran]
+        for w in frozen:
+            w.requires_grad_(False)
+    return [l for l, g in zip(found, grads) if g is not None]
+
+
+def _tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors(v)
 
 
 def digest(weight: np.ndarray) -> str:
@@ -81,12 +101,13 @@ def prune_gradually(module, layers: list[TorchLayer], keep_mask, p, ctx) -> dict
     stages = recovery.stage_fractions(p.prune_stages)
     shares = recovery.split_steps(p.recover_steps, len(stages))
     report, t0, steps_left = {"mode": "none"}, time.monotonic(), p.recover_steps
-    for fraction, steps in zip(stages, shares):
+    for k, (fraction, steps) in enumerate(zip(stages, shares)):
         masks = _apply(layers, keep_mask, p.sparsity * fraction)  # zeroed blocks score 0: they stay pruned
         seconds = recovery.stage_seconds(p.recover_seconds, time.monotonic() - t0, steps, steps_left)
         steps_left -= steps
+        measure = (("before",) if k == 0 else ()) + (("after",) if k == len(stages) - 1 else ())
         done = ctx.recover(module, teacher, steps=steps, seconds=seconds, mode=p.recovery, lr=p.lr, masks=masks,
-                           layers=layer_names, output_loss=p.distill_loss)
+                           layers=layer_names, output_loss=p.distill_loss, measure=measure)
         report = recovery.merge(report, done, p.sparsity * fraction, len(stages), p.recover_seconds)
     module.eval()
     if one_shot is not None:

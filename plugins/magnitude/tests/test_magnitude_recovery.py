@@ -132,7 +132,8 @@ def test_dispatch_target_prunes_in_torch_what_the_onnx_stage_would():
 
 
 class WithPooler(torch.nn.Module):
-    """A Linear the forward never runs (as BERT's pooler under a last-hidden-state encoder)."""
+    """A Linear the forward runs but the outputs do not use (as BERT's pooler under an encoder that
+    returns the last hidden state)."""
 
     def __init__(self):
         super().__init__()
@@ -140,10 +141,12 @@ class WithPooler(torch.nn.Module):
         self.pooler = torch.nn.Linear(256, 256)
 
     def forward(self, x):
-        return self.body(x)
+        h = self.body(x)
+        self.pooler(h)
+        return h
 
 
-def test_layers_the_forward_does_not_run_are_left_alone():
+def test_layers_the_outputs_do_not_use_are_left_alone():
     model = WithPooler().eval()
     pooler = model.pooler.weight.detach().clone()
     report = _stage(model, True, recover_steps=2, prune_stages=1)
@@ -211,10 +214,19 @@ def test_a_build_under_torchrun_recovers_data_parallel_and_only_rank_0_writes(bu
     ddp = runtime.load(tmp_path / "ddp").manifest
     rec, single = ddp["passes"][0]["report"]["recovery"], recovered["passes"][0]["report"]["recovery"]
     assert rec["world_size"] == 2 and rec["steps"] == single["steps"] == 45
-    assert rec["loss_after"] == pytest.approx(single["loss_after"], rel=1e-3)
+    # the same steps on the same global batches: the first stage's losses agree to float rounding;
+    # later, each stage's fresh Adam (whose first step is about lr * sign(gradient)) amplifies the
+    # rounding of the two processes' summation order, so the rest agrees to a percent
+    curve, curve_single = ([loss for _, loss in r["loss_curve"]] for r in (rec, single))
+    assert curve[:15] == pytest.approx(curve_single[:15], rel=1e-5)
+    assert curve == pytest.approx(curve_single, rel=1e-2)
+    assert rec["loss_after"] == pytest.approx(single["loss_after"], rel=1e-2)
     a, b = (onnx.load(str(d / "model.onnx")) for d in (tmp_path / "ddp", tmp / "recovered"))
     wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
     wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert wa[k].shape == wb[k].shape and np.allclose(wa[k], wb[k], atol=1e-4), k
+        if "index" in k or "row_ptr" in k:  # the same blocks pruned
+            assert np.array_equal(wa[k], wb[k]), k
+        else:
+            assert np.linalg.norm(wa[k] - wb[k]) <= 1e-2 * np.linalg.norm(wb[k]), k
