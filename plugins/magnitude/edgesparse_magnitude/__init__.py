@@ -127,8 +127,9 @@ class Magnitude(Pass):
         found = set()
         for layer in ctx.progress(layers, "magnitude pruning"):
             shape = list(layer.weight.shape)
-            reason = self._keep_dense_reason(layer, ctx)
-            if self._pruned_in_torch is not None:  # the torch stage decided; its weights are pruned already
+            if self._pruned_in_torch is None:
+                reason = self._keep_dense_reason(layer, ctx)
+            else:  # the torch stage decided, and its weights are pruned already
                 from .gradual import digest
 
                 module = self._pruned_in_torch.get(digest(layer.weight))
