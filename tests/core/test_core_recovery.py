@@ -40,6 +40,24 @@ def test_default_masks_are_the_zeros_already_there():
         assert bool((m.weight[z] == 0).all())
 
 
+def test_held_out_batches_measure_the_loss_and_are_never_trained_on():
+    """A context with evaluation inputs (held out from the passes): the loss before and after is
+    measured on them, and training sees the calibration rows only."""
+    from edgesparse import BuildContext
+
+    class HeldOut(BuildContext):
+        def evaluation_inputs(self):
+            return batches(n=2, rows=5, seed=9)
+
+    model, teacher, masks = damaged()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append((torch.is_grad_enabled(), args[0].shape[0])))
+    ctx = HeldOut(None, None, calibration=batches(), quiet=True)
+    report = ctx.recover(model, teacher, steps=10, lr=5e-3, masks=masks)
+    assert report["loss_measured_on"] == "2 evaluation batches" and report["loss_after"] < report["loss_before"]
+    assert {rows for grad, rows in seen if grad} == {16} and {rows for grad, rows in seen if not grad} == {5}
+
+
 def test_the_users_training_loop_cannot_revive_pruned_weights():
     model, teacher, masks = damaged()
     calls = []
