@@ -62,7 +62,7 @@ class Magnitude(Pass):
         Option("sparsity", float, 0.75, "fraction of weight blocks set to zero in each pruned layer",
                check=in_range(0.0, 1.0, hi_open=True)),
         Option("block", int, 16, "consecutive output features pruned together", choices=(4, 8, 16)),
-        Option("skip", tuple, (), "layers to leave dense: node-name substrings, ';'-separated"),
+        Option("skip", tuple, (), "layers to leave dense: node-name (torch stage: module-name) substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
         Option("dispatch", str, "target", "'target': prune only layers the target's dispatch rule says get faster; "
