@@ -120,6 +120,8 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         quiet=as_json, name=settings.get("name"),
     )
     manifest = run_build(request)
+    if manifest is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     v = manifest["verification"]
     frac = v["fraction_on_sparse_kernels"]
     _emit(manifest, as_json, (

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, onnx_import, package, quality, verify
+from . import __version__, distributed, export, inputs, onnx_import, package, quality, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -48,8 +48,9 @@ class BuildRequest:
     name: str | None = None
 
 
-def build(request: BuildRequest, registry=None) -> dict:
-    """Run the pipeline and publish the package; return its manifest."""
+def build(request: BuildRequest, registry=None) -> dict | None:
+    """Run the pipeline and publish the package; return its manifest (None on the ranks other than 0
+    of a build under torchrun: they help the torch passes train and write nothing)."""
     registry = registry or default_registry()
     if request.calibration_batches < 1:
         raise EdgesparseError(f"calibration batches must be at least 1 (got {request.calibration_batches})")
@@ -67,8 +68,9 @@ def build(request: BuildRequest, registry=None) -> dict:
     # load
     source = load_factory(request.model) if is_factory(request.model) else None
     torch_passes = [p for p in passes if "torch" in p.stages()]
-    if torch_passes and source is None:
-        raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
+    needing_torch = [p for p in torch_passes if p.requires_torch()]
+    if needing_torch and source is None:
+        raise EdgesparseError(f"pass '{needing_torch[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
     model = export.load_onnx(Path(request.model)) if source is None else None
     evaluate = source.evaluate if source is not None else None
     if evaluate is None:
@@ -78,20 +80,24 @@ def build(request: BuildRequest, registry=None) -> dict:
     calibration, input_kind = _calibration(request, source, model)
     held_out, held_out_kind = quality.held_out_batches(request.eval_inputs, source, model, calibration)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
-                       threads=request.threads, quiet=request.quiet)
+                       threads=request.threads, quiet=request.quiet or not distributed.is_main(),
+                       evaluation=held_out if held_out_kind != "calibration" else None)
     table = target.dispatch_table()
     ctx.log(f"target {target.name}, ISA {target.isa}; dispatch table: {table.label}")
     for warning in table.warnings:
         ctx.warn(warning)
     original = None
     if source is not None:
-        if torch_passes:  # the module as the user gave it, before the passes change it
+        if needing_torch:  # the module as the user gave it, before the passes change it
             ctx.log("exporting the original model to ONNX")
             original = export.export_torch(source)
         for p in torch_passes:
             ctx.begin_pass(p.name)
             ctx.log(f"[{p.name}] transforming the PyTorch module")
             source.module = p.transform_module(source.module, ctx)
+    if not distributed.is_main():
+        return None
+    if source is not None:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")
