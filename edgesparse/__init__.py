@@ -1,7 +1,8 @@
 """edgesparse: sparse neural networks onto edge devices, with the speed-up measured.
 
 The public API for plugin authors and users is what this module exports, plus
-`edgesparse.kernels` (sparse operators and their packers) and `edgesparse.graph` (ONNX helpers).
+`edgesparse.kernels` (sparse operators and their packers), `edgesparse.graph` (ONNX helpers) and
+`edgesparse.recovery` (masks kept while training, gradual-pruning schedules; `BuildContext.recover`).
 """
 __version__ = "0.1.0"
 

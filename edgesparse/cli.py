@@ -77,25 +77,36 @@ def _emit(data, as_json: bool, text: str):
 @click.option("--tolerance", type=float, help="Max abs error vs the reference, relative to max(1, |reference|). Default 1e-4.")
 @click.option("--threads", type=int, help="Threads for verification. Default 1.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of real inputs for an ONNX model.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Shape of generated inputs for an ONNX model with dynamic dims; repeat per input.")
 @click.option("--calibration-batches", type=int, help="Batches taken from the model factory's calibration(). Default 8.")
 @click.option("--calibration-text", type=click.Path(path_type=Path),
               help="hf: models: a text file whose token windows are the calibration batches.")
+@click.option("--eval-inputs", type=click.Path(path_type=Path),
+              help=".npz of held-out inputs for an ONNX model: the package is compared with the original on them.")
+@click.option("--min-quality", "min_quality", multiple=True, metavar="METRIC=VALUE",
+              help="Quality budget vs the original (repeatable): cosine, cosine_min, top1_agreement, rel_l2 (a maximum), "
+                   "or a factory evaluate() metric NAME / NAME_drop. A build that misses it fails and writes nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, calibration_batches,
-          calibration_text, force, as_json):
+def build(model, target, pass_specs, recipe, output, backend, tolerance, threads, inputs, input_shapes,
+          calibration_batches, calibration_text, eval_inputs, min_quality, force, as_json):
     """Build MODEL (an .onnx file, path/to/model.py:factory, or hf:PATH for a Hugging Face causal LM
     folder or .gguf file) into a verified package."""
     from .pipeline import CALIBRATION_BATCHES, BuildRequest, build as run_build
-    from .recipe import load_recipe, parse_pass, parse_target
+    from .quality import parse_budget_flags, summary_line
+    from .recipe import load_recipe, parse_input_shapes, parse_pass, parse_target
 
     settings = load_recipe(recipe) if recipe else {}
     flags = {"model": model, "target": target, "output": output, "backend": backend,
              "tolerance": tolerance, "threads": threads, "inputs": inputs, "calibration_batches": calibration_batches,
-             "calibration_text": calibration_text}
+             "eval_inputs": eval_inputs, "calibration_text": calibration_text}
     settings.update({k: v for k, v in flags.items() if v is not None})
     if pass_specs:
         settings["passes"] = [parse_pass(s) for s in pass_specs]
+    settings["min_quality"] = parse_budget_flags(min_quality, settings.get("min_quality"))
+    if input_shapes:
+        settings["input_shapes"] = list(input_shapes)
     for required in ("model", "target", "output"):
         if not settings.get(required):
             raise EdgesparseError(f"build needs a {required} (argument, option or recipe key)")
@@ -105,18 +116,24 @@ def build(model, target, pass_specs, recipe, output, backend, tolerance, threads
         passes=settings.get("passes", []), backend=settings.get("backend"),
         tolerance=float(settings.get("tolerance", 1e-4)), threads=int(settings.get("threads", 1)),
         inputs=Path(settings["inputs"]) if settings.get("inputs") else None,
+        input_shapes=parse_input_shapes(settings.get("input_shapes", [])),
         calibration_text=Path(settings["calibration_text"]) if settings.get("calibration_text") else None,
         calibration_batches=int(settings.get("calibration_batches", CALIBRATION_BATCHES)), force=force,
+        eval_inputs=Path(settings["eval_inputs"]) if settings.get("eval_inputs") else None,
+        min_quality=settings["min_quality"],
         quiet=as_json, name=settings.get("name"),
     )
     manifest = run_build(request)
+    if manifest is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     v = manifest["verification"]
     frac = v["fraction_on_sparse_kernels"]
     _emit(manifest, as_json, (
         f"package: {request.output} (archive {request.output}.zip)\n"
         f"verified: max abs error {v['max_abs_error']:.2e} <= {v['tolerance']:.1e}; "
         f"sparse nodes on sparse kernels: {v['sparse_nodes_on_kernel']}/{v['sparse_nodes']}"
-        + ("" if frac is None else f" ({frac:.0%})")
+        + ("" if frac is None else f" ({frac:.0%})") + "\n"
+        + summary_line(manifest.get("quality"))
     ))
 
 
@@ -144,7 +161,7 @@ def bench(package, threads, rounds, quick, as_json):
     from .plugins import registry
 
     pkg = runtime.load(package, check_target=False)
-    target = registry().targets.get(pkg.manifest["target"]["name"])
+    target = _package_target(pkg)
     if target is None:
         raise EdgesparseError(f"target '{pkg.manifest['target']['name']}' of {package} is not installed")
     domains = set(pkg.manifest["runtime"].get("custom_domains", []))
@@ -155,6 +172,46 @@ def bench(package, threads, rounds, quick, as_json):
              f"[{r['package']['p25_ms']:.3f}-{r['package']['p75_ms']:.3f}], speedup {r['speedup']:.2f}x"
              for r in records]
     _emit(records, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A few minutes: block 16, the common FFN and conv shapes, short timings.")
+@click.option("--isa", help="Kernel code to measure (default: what the library runs here; avx2 on an AVX-512 machine "
+              "measures the AVX2 code against ORT's AVX-512 dense kernel: a pessimistic table).")
+@click.option("--threads", default=None, help="Comma-separated thread counts. Default 1 (--quick) or 1,2.")
+@click.option("--import", "import_file", type=click.Path(path_type=Path), help="Take in a table measured elsewhere.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the table here instead of the user cache.")
+@click.option("--merge", is_flag=True, help="With --out: keep the entries of that file this run does not measure.")
+def tune(quick, isa, threads, import_file, out, merge):
+    """Measure this machine's dispatch table (sparse kernels vs ORT's dense ones), or --import one.
+
+    Builds for this machine then use it ahead of the shipped table; `edgesparse inspect` names the
+    table that decided each layer."""
+    from .kernels import dispatch, tune as tuning
+
+    if import_file is not None:
+        path = tuning.import_table(import_file)
+        click.echo(f"imported: {path} (used by builds for {json.loads(path.read_text())['isa']})")
+        return
+    isa = isa or dispatch.current_isa()
+    counts = [int(t) for t in (threads or ("1" if quick else "1,2")).split(",") if t]
+    if not counts or min(counts) < 1:
+        raise EdgesparseError(f"--threads needs positive thread counts (got {threads!r})")
+    path = tuning.tune(isa, counts, quick, progress=lambda line: click.echo(line, err=True), out=out, merge=merge)
+    click.echo(f"tuned: {path} ({isa}, {dispatch.host_cpu()})")
+
+
+def _package_target(pkg):
+    """The installed target a package was built for, with the options it was built with (an x86
+    package built for avx2 runs its AVX2 code), or None when that target is not installed."""
+    from .plugins import registry
+
+    recorded = pkg.manifest["target"]
+    target = registry().targets.get(recorded["name"])
+    if target is None:
+        return None
+    known = {o.name for o in target.options}
+    return target.configure({k: v for k, v in recorded.get("config", {}).items() if k in known})
 
 
 def _shape(record) -> str:
@@ -175,8 +232,9 @@ def _verification_inputs(pkg) -> dict:
 @click.argument("package")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(package, as_json):
-    """Show what PACKAGE holds: target, passes, per-layer sparsity, verification."""
+    """Show what PACKAGE holds: target, passes, per-layer sparsity, verification, quality."""
     from . import runtime
+    from .quality import summary_line
 
     m = runtime.load(package, check_target=False).manifest
     v = m.get("verification", {})
@@ -184,11 +242,23 @@ def inspect(package, as_json):
         f"{m['name']}: target {m['target']['name']} ({m['target'].get('machine')}), backend {m['backend']}",
         "passes: " + (", ".join(f"{p['name']}({', '.join(f'{k}={x}' for k, x in p['options'].items())})" for p in m["passes"]) or "none"),
         "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["inputs"]),
+        *([f"converted from opset {m['import']['converted']['from']} to {m['import']['converted']['to']}"]
+          if "converted" in m.get("import", {}) else []),
         f"verification: max abs error {v.get('max_abs_error', float('nan')):.2e}, "
         f"sparse nodes on sparse kernels {v.get('sparse_nodes_on_kernel')}/{v.get('sparse_nodes')}",
+        f"dispatch table: {_table_label(m['target'].get('dispatch_table'))}",
+        summary_line(m.get("quality")),
         f"layers ({len(m['layers'])} sparse):",
-    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}" for l in m["layers"]]
+    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}"
+         + (f"  dispatch table: {l['dispatch_table']}" if l.get("dispatch_table") else "") for l in m["layers"]]
     _emit(m, as_json, "\n".join(lines))
+
+
+def _table_label(table: dict | None) -> str:
+    if not table:
+        return "none recorded"
+    where = ", ".join(x for x in (table.get("cpu"), (table.get("generated") or "")[:10]) if x)
+    return f"{table['source']} ({where}; {table['entries']} entries) {table['path']}"
 
 
 @main.command()
@@ -204,7 +274,7 @@ def verify(package):
 
     pkg = runtime.load(package, check_target=False)
     target_name = pkg.manifest["target"]["name"]
-    target = registry().targets.get(target_name)
+    target = _package_target(pkg)
     data = np.load(pkg.root / VERIFICATION_DATA)
     batch = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
     expected = [data[k] for k in data.files if k.startswith("output:")]

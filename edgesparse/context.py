@@ -11,11 +11,12 @@ from .errors import EdgesparseError
 
 class BuildContext:
     def __init__(self, target, registry, *, calibration: list[dict], train: Callable | None = None,
-                 threads: int = 1, quiet: bool = False):
+                 threads: int = 1, quiet: bool = False, evaluation: list[dict] | None = None):
         self.target = target
         self.registry = registry
         self.threads = threads
         self._calibration = calibration
+        self._evaluation = evaluation or []
         self._train = train
         self._quiet = quiet
         self.reports: dict[str, dict] = {}
@@ -27,6 +28,11 @@ class BuildContext:
     def calibration_inputs(self) -> list[dict[str, np.ndarray]]:
         """Real inputs when the model factory provides them, else generated ones."""
         return self._calibration
+
+    def evaluation_inputs(self) -> list[dict[str, np.ndarray]]:
+        """Held-out batches (the factory's evaluation(), or --eval-inputs), never the calibration
+        ones; [] when the build has none. For measuring what a pass costs, never for training."""
+        return self._evaluation
 
     @property
     def train(self) -> Callable:
@@ -40,6 +46,15 @@ class BuildContext:
     @property
     def has_train(self) -> bool:
         return self._train is not None
+
+    # -- recovery -------------------------------------------------------------
+    def recover(self, module, teacher, **options) -> dict:
+        """Recover a module the pass pruned in place towards `teacher` (its copy from before the
+        pruning), masks kept; returns the report of what ran. See edgesparse.recovery.recover."""
+        from .recovery import recover
+
+        options.setdefault("label", f"{self._current}: recovery" if self._current else "recovery")
+        return recover(module, teacher, self, **options)
 
     # -- reporting ------------------------------------------------------------
     def begin_pass(self, name: str) -> None:

@@ -1,13 +1,17 @@
 """PyTorch -> ONNX export and the checks that run on every model before and after the passes."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 
+from . import external_data
 from .errors import EdgesparseError
 from .source import TorchModel
 
@@ -49,26 +53,58 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
+    """The model with its external data (weights in files beside it, as any model over 2 GB has),
+    each external file checked first so a missing or short one is named, not a parse error."""
     path = Path(path)
     if not path.is_file():
         raise EdgesparseError(f"model file not found: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise EdgesparseError(f"cannot read ONNX model {path}: {type(exc).__name__}") from exc
     if not model.graph.node:
         raise EdgesparseError(f"{path} holds no ONNX graph")
+    external_data.check_files(model, path)
+    if external_data.uses_external(model):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise EdgesparseError(f"cannot read the external data of {path}: {type(exc).__name__}: {exc}") from exc
     return model
 
 
 def check(model: onnx.ModelProto, stage: str) -> onnx.ModelProto:
     """Run the ONNX checker and shape inference; a failure names the pipeline stage."""
     try:
-        onnx.checker.check_model(model)
+        if external_data.is_large(model):  # over protobuf's limit: the tools take it as files
+            with external_data.as_file(model) as path:
+                with native_output_silenced():
+                    onnx.checker.check_model(str(path))
+                onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=False, data_prop=True)
+                return onnx.load(str(path), load_external_data=True)
+        with native_output_silenced():  # the checker prints "Warning: Model contains experimental ops" unbidden
+            onnx.checker.check_model(model)
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgesparseError(f"invalid ONNX model {stage}: {first}") from exc
+
+
+@contextlib.contextmanager
+def native_output_silenced():
+    """Silence what C++ code prints (file descriptors 1 and 2) for a block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 class _quiet:

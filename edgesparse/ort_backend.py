@@ -8,9 +8,10 @@ from pathlib import Path
 
 import onnx
 
+from . import external_data
 from .backends import Backend
 
-EXTERNAL_DATA_ABOVE = 1_800_000_000  # protobuf's 2 GB limit, with room
+EXTERNAL_DATA = "model.onnx.data"  # where a model over protobuf's 2 GB limit keeps its weights
 
 APP_SNIPPET = """\
 # Run this package with nothing but onnxruntime and numpy installed:
@@ -31,8 +32,8 @@ class OrtBackend(Backend):
 
     def compile(self, model: onnx.ModelProto, target, staging: Path, libraries) -> dict:
         model_file = staging / "model.onnx"
-        if model.ByteSize() > EXTERNAL_DATA_ABOVE:
-            onnx.save(model, str(model_file), save_as_external_data=True, location="model.onnx.data")
+        if external_data.is_large(model):  # beside model.onnx; the manifest's checksums and the archive cover it
+            external_data.save(model, model_file, EXTERNAL_DATA)
         else:
             onnx.save(model, str(model_file))
         written = []

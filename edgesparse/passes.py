@@ -124,6 +124,11 @@ class Pass:
             found.append("onnx")
         return tuple(found)
 
+    def requires_torch(self) -> bool:
+        """Whether the pass, as configured, needs a PyTorch model. A pass whose torch stage is optional
+        (it also works on ONNX inputs) overrides this."""
+        return "torch" in self.stages()
+
     def transform_module(self, module, ctx):  # pragma: no cover - default does nothing
         return module
 

@@ -1,6 +1,7 @@
 """The build, top to bottom:
 
-    load -> torch passes -> export -> check -> ONNX passes -> check -> compile -> package -> verify -> publish
+    load -> keep the original -> torch passes -> export -> check -> ONNX passes -> check -> compile -> package
+         -> verify -> quality (vs the original) -> publish
 
 Every stage is a call into a small module; this file only orders them and records what happened.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__, export, inputs, package, verify
+from . import __version__, distributed, export, inputs, onnx_import, package, quality, verify
 from .context import BuildContext
 from .errors import EdgesparseError
 from .plugins import registry as default_registry
@@ -38,6 +39,9 @@ class BuildRequest:
     tolerance: float = 1e-4
     threads: int = 1
     inputs: Path | None = None
+    eval_inputs: Path | None = None  # held-out inputs for the quality comparison (ONNX models)
+    min_quality: dict = field(default_factory=dict)  # the quality budget: {metric: value}
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # --input-shape, for dynamic dims
     calibration_batches: int = CALIBRATION_BATCHES
     calibration_text: Path | None = None  # hf: models: calibrate on windows of this text
     force: bool = False
@@ -45,8 +49,9 @@ class BuildRequest:
     name: str | None = None
 
 
-def build(request: BuildRequest, registry=None) -> dict:
-    """Run the pipeline and publish the package; return its manifest."""
+def build(request: BuildRequest, registry=None) -> dict | None:
+    """Run the pipeline and publish the package; return its manifest (None on the ranks other than 0
+    of a build under torchrun: they help the torch passes train and write nothing)."""
     registry = registry or default_registry()
     if request.calibration_batches < 1:
         raise EdgesparseError(f"calibration batches must be at least 1 (got {request.calibration_batches})")
@@ -56,6 +61,7 @@ def build(request: BuildRequest, registry=None) -> dict:
     for p in passes:
         if p.targets is not None and target.name not in p.targets:
             raise EdgesparseError(f"pass '{p.name}' cannot run on target '{target.name}' (supports: {', '.join(p.targets)})")
+    budget = quality.parse_budget(request.min_quality)
     out = Path(request.output)
     package.check_destination(out, request.force)
     target.check_environment()
@@ -65,22 +71,53 @@ def build(request: BuildRequest, registry=None) -> dict:
         raise EdgesparseError("--calibration-text is for hf: models; an ONNX model takes --inputs")
     source = load_factory(request.model, request.calibration_text) if is_factory(request.model) else None
     torch_passes = [p for p in passes if "torch" in p.stages()]
-    if torch_passes and source is None:
-        raise EdgesparseError(f"pass '{torch_passes[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
+    needing_torch = [p for p in torch_passes if p.requires_torch()]
+    if needing_torch and source is None:
+        raise EdgesparseError(f"pass '{needing_torch[0].name}' works on PyTorch models; give a model.py:build factory instead of an ONNX file")
     model = export.load_onnx(Path(request.model)) if source is None else None
+    evaluate = source.evaluate if source is not None else None
+    if evaluate is None:
+        quality.check_metric_names(budget, None)
 
     # torch passes and export
     calibration, input_kind = _calibration(request, source, model)
+    held_out, held_out_kind = quality.held_out_batches(request.eval_inputs, source, model, calibration)
     ctx = BuildContext(target, registry, calibration=calibration, train=source.train if source else None,
-                       threads=request.threads, quiet=request.quiet)
+                       threads=request.threads, quiet=request.quiet or not distributed.is_main(),
+                       evaluation=held_out if held_out_kind != "calibration" else None)
+    table = target.dispatch_table()
+    ctx.log(f"target {target.name}, ISA {target.isa}; dispatch table: {table.label}")
+    for warning in table.warnings:
+        ctx.warn(warning)
+    original = None
     if source is not None:
+        if needing_torch:  # the module as the user gave it, before the passes change it
+            ctx.log("exporting the original model to ONNX")
+            original = export.export_torch(source)
         for p in torch_passes:
             ctx.begin_pass(p.name)
             ctx.log(f"[{p.name}] transforming the PyTorch module")
             source.module = p.transform_module(source.module, ctx)
+    if not distributed.is_main():
+        return None
+    if source is not None:
         ctx.log("exporting to ONNX")
         model = export.export_torch(source)
     model = export.check(model, "before the passes")
+    imported = None
+    if source is None:  # an ONNX file from elsewhere: make sure it runs, upgrade an old opset
+        needs = onnx_import.MIN_OPSET if any(p.emits for p in passes) else 0
+        model, imported = onnx_import.prepare(model, calibration, request.tolerance, input_kind, needs)
+        if "converted" in imported:
+            c = imported["converted"]
+            ctx.log(f"converted the model from opset {c['from']} to {c['to']} (max abs error {c['max_abs_error']:.2e} vs the original)")
+
+    # the original, run once now on the held-out batches: the package is compared with it at the end
+    ctx.log(f"running the original model on {len(held_out)} {held_out_kind} batches")
+    baseline = quality.measure_original(_dense_original(original or model, registry), held_out, held_out_kind,
+                                        evaluate, request.threads)
+    if evaluate is not None:
+        quality.check_metric_names(budget, set(baseline.metrics))
 
     # ONNX passes
     graph = ir.from_proto(model)
@@ -108,29 +145,50 @@ def build(request: BuildRequest, registry=None) -> dict:
             "runtime": runtime,
             "inputs": inputs.signature(model, "input"),
             "outputs": inputs.signature(model, "output"),
+            **({"import": imported} if imported else {}),
             "passes": [{"name": p.name, "options": _jsonable(p.config), "report": ctx.reports.get(p.name, {})} for p in passes],
-            "layers": _layers(model, libraries),
+            "layers": _layers(model, libraries, target, request.threads),
             "warnings": ctx.warnings,
             "tools": _tool_versions(target),
         }
         package.finalize(staging, manifest)  # the target runs the package as an app would: complete it first
-        manifest["verification"] = _verify(target, staging, model, libraries, calibration, input_kind, request, ctx)
-        manifest["warnings"] = ctx.warnings
-        manifest = package.finalize(staging, manifest)
+        run_package = _runner(target, staging, request.threads, keep=calibration[:VERIFY_BATCHES])
+        manifest["verification"] = _verify(run_package, staging, model, libraries, calibration, input_kind, request, ctx)
         if not manifest["verification"]["passed"]:
             v = manifest["verification"]
             raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance {v['tolerance']:.3g}")
+        ctx.log(f"comparing the package with the original on {len(held_out)} {held_out_kind} batches")
+        manifest["quality"] = quality.compare(baseline, lambda b: run_package(b).outputs,
+                                              [o["name"] for o in manifest["outputs"]], evaluate)
+        manifest["quality"]["budget"] = quality.check_budget(manifest["quality"], budget)  # a miss raises
+        manifest["warnings"] = ctx.warnings
+        manifest = package.finalize(staging, manifest)
         package.publish(staging, out, request.force)
     return manifest
 
 
-def _verify(target, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
+def _runner(target, staging: Path, threads: int, keep: list[dict]):
+    """target.run_package on the staged package. The runs of the `keep` batches are kept, so that
+    verification and a quality comparison on calibration batches run them once (a run can be a
+    browser or an emulator)."""
+    kept = {id(b): None for b in keep}  # `keep` outlives the build: its ids stay unique
+
+    def run(batch: dict):
+        if id(batch) not in kept:
+            return target.run_package(staging, batch, threads)
+        if kept[id(batch)] is None:
+            kept[id(batch)] = target.run_package(staging, batch, threads)
+        return kept[id(batch)]
+    return run
+
+
+def _verify(run_package, staging: Path, model, libraries, calibration: list[dict], input_kind: str,
             request: BuildRequest, ctx) -> dict:
     """Run the package where it runs against the dense reference, and count the sparse nodes that
     really ran on a sparse kernel."""
     batches = calibration[:VERIFY_BATCHES]
     ctx.log(f"verifying on {len(batches)} input batches")
-    runs = [target.run_package(staging, b, request.threads) for b in batches]
+    runs = [run_package(b) for b in batches]
     reference = verify.reference_outputs(verify.dense_equivalent(model, libraries), batches)
     error = verify.max_abs_error([r.outputs for r in runs], reference)
     scale = max((float(np.abs(o).max()) for batch in reference for o in batch if o.size), default=1.0)
@@ -138,6 +196,8 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
     cover = verify.coverage(verify.sparse_nodes(model, libraries), runs[0].kernel_nodes, libraries)
     if cover["fraction_on_sparse_kernels"] is not None and cover["fraction_on_sparse_kernels"] < 1:
         ctx.warn(f"only {cover['sparse_nodes_on_kernel']}/{cover['sparse_nodes']} sparse nodes run on a sparse kernel: the rest run dense")
+    if "not_verified" in runs[0].details:
+        ctx.warn(f"not verified here: {runs[0].details['not_verified']}")
     _save_verification_data(staging, batches[0], reference[0], model)
     return {
         "max_abs_error": error,
@@ -147,7 +207,15 @@ def _verify(target, staging: Path, model, libraries, calibration: list[dict], in
         "inputs": input_kind,
         "calibration_batches": len(calibration),
         **cover,
+        **runs[0].details,
     }
+
+
+def _dense_original(model: onnx.ModelProto, registry) -> onnx.ModelProto:
+    """The original as plain ONNX: a model that already holds sparse nodes runs their dense meaning."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return verify.dense_equivalent(copy, _attach_functions(copy, registry))
 
 
 def _save_verification_data(staging: Path, batch: dict, outputs: list, model) -> None:
@@ -166,6 +234,8 @@ def _backend_for(registry, target, name):
 
 def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tuple[list[dict], str]:
     """Input batches for calibration and verification, and where they came from."""
+    if request.input_shapes and (model is None or request.inputs is not None):
+        raise EdgesparseError("--input-shape is for ONNX models without --inputs (it shapes generated inputs)")
     if request.inputs is not None:
         if model is None:
             raise EdgesparseError("--inputs is for ONNX models; a model factory provides calibration=")
@@ -181,7 +251,7 @@ def _calibration(request: BuildRequest, source: TorchModel | None, model) -> tup
         return batches, "calibration"
     if source is not None:
         return [inputs.to_numpy(source.example_inputs)], "example"
-    return inputs.generated(model), "generated"
+    return inputs.generated(model, shapes=request.input_shapes), "generated"
 
 
 def _attach_functions(model: onnx.ModelProto, registry) -> list:
@@ -201,16 +271,23 @@ def _attach_functions(model: onnx.ModelProto, registry) -> list:
     return libraries
 
 
-def _layers(model: onnx.ModelProto, libraries) -> list[dict]:
-    """Sparsity actually present in the packaged weights, per sparse node."""
+def _layers(model: onnx.ModelProto, libraries, target, threads: int) -> list[dict]:
+    """Sparsity actually present in the packaged weights, per sparse node, and the dispatch table
+    whose measurements decided the layer's kind."""
     by_domain = {lib.domain: lib for lib in libraries}
     arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     shapes = verify.value_shapes(model)
+    table = target.dispatch_table()
     layers = []
     for node in model.graph.node:
         lib = by_domain.get(node.domain)
         if lib is not None:
-            layers.append({"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes))})
+            origin = {p.key.removeprefix("edgesparse."): p.value for p in node.metadata_props if p.key.startswith("edgesparse.")}
+            layer = {"node": node.name, "op": node.op_type, **_jsonable(lib.describe(node, arrays, shapes)), **origin}
+            decided = table.source_for(node.op_type.removesuffix("Add"), layer.get("block"), threads)
+            if decided:
+                layer["dispatch_table"] = decided
+            layers.append(layer)
     return layers
 
 

@@ -7,6 +7,8 @@ flags can:
     tolerance = 1e-4
     threads = 1
     calibration_batches = 8
+    min_quality = { cosine = 0.98 }    # the quality budget (see edgesparse/quality.py)
+    input_shapes = { x = [1, 3, 640, 640] }   # or ["x=1,3,640,640"], as --input-shape spells it
 
     [[passes]]
     name = "magnitude"
@@ -26,7 +28,7 @@ from pathlib import Path
 from .errors import EdgesparseError
 
 KEYS = {"model", "target", "output", "backend", "tolerance", "threads", "inputs", "calibration_batches", "passes",
-        "name", "calibration_text"}
+        "name", "eval_inputs", "min_quality", "input_shapes", "calibration_text"}
 
 
 def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
@@ -42,6 +44,24 @@ def parse_pass(text: str, flag: str = "--pass") -> tuple[str, dict]:
             raise EdgesparseError(f"{flag} option must be key=value: {item!r} in {text!r}")
         options[key.strip()] = value.strip()
     return name.strip(), options
+
+
+def parse_input_shapes(value) -> dict[str, list[int]]:
+    """--input-shape flags (['x=1,3,640,640', ...]) or a recipe's table ({x = [1, 3, 640, 640]})
+    -> {name: shape}."""
+    from .inputs import parse_input_shape
+
+    if isinstance(value, dict):
+        value = [f"{name}={','.join(map(str, dims if isinstance(dims, list) else [dims]))}" for name, dims in value.items()]
+    if not isinstance(value, (list, tuple)):
+        raise EdgesparseError(f"input_shapes must be a table of name = [dims] or a list of 'NAME=d0,d1,...': {value!r}")
+    shapes = {}
+    for text in value:
+        name, shape = parse_input_shape(text)
+        if name in shapes:
+            raise EdgesparseError(f"--input-shape gives input '{name}' twice")
+        shapes[name] = shape
+    return shapes
 
 
 def parse_target(value) -> tuple[str, dict]:
@@ -66,7 +86,7 @@ def load_recipe(path: Path) -> dict:
     if unknown:
         raise EdgesparseError(f"recipe {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(KEYS))})")
     base = Path(path).parent
-    for key in ("model", "output", "inputs", "calibration_text"):
+    for key in ("model", "output", "inputs", "eval_inputs", "calibration_text"):
         if key in data:
             data[key] = _relative(base, data[key])
     passes = []
@@ -76,6 +96,8 @@ def load_recipe(path: Path) -> dict:
         entry = dict(entry)
         passes.append((entry.pop("name"), entry))
     data["passes"] = passes
+    if not isinstance(data.get("min_quality", {}), dict):
+        raise EdgesparseError(f"recipe {path}: min_quality must be a table, e.g. min_quality = {{ cosine = 0.98 }}")
     return data
 
 

@@ -23,6 +23,12 @@ class TorchModel:
                      calibrate and for the build's verification.
     train:           optional (module, steps: int) -> None: the user's training loop, for passes
                      that fine-tune.
+    evaluation:      optional () -> iterable of {input name: array}, like calibration but held out
+                     (the passes never see it): the build compares the package with the original
+                     model on these batches (see edgesparse.quality).
+    evaluate:        optional (run) -> {metric: number}: the user's own measure of one model; `run`
+                     maps a list of input batches to a list of {output name: array}. The build
+                     calls it on the original model and on the package and records both.
     """
 
     module: Any
@@ -31,6 +37,8 @@ class TorchModel:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     calibration: Callable[[], Iterable[dict]] | None = None
     train: Callable | None = None
+    evaluation: Callable[[], Iterable[dict]] | None = None
+    evaluate: Callable[[Callable], dict] | None = None
 
 
 def load_factory(spec: str, calibration_text=None) -> TorchModel:
@@ -59,6 +67,8 @@ def load_factory(spec: str, calibration_text=None) -> TorchModel:
         raise EdgesparseError(f"{path} has no function '{func}'")
     try:
         result = factory()
+    except EdgesparseError as exc:  # already a user-facing message: keep it, say where it came from
+        raise EdgesparseError(f"{spec}: {exc}") from exc
     except Exception as exc:
         raise EdgesparseError(f"{spec} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, TorchModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +20,9 @@ class RunResult:
     # Nodes that ran on a kernel-library kernel, by op type, when the target can observe it (ORT
     # profiling); None when it cannot, and the build then counts from the library's op list.
     kernel_nodes: dict[str, int] | None = None
+    # What the run covered, recorded in the manifest's verification section, e.g. which ISA's code
+    # ran; a "not_verified" entry says what could not run here (and the build warns with it).
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Target:
@@ -48,6 +51,7 @@ class Target:
             raise EdgesparseError(f"target '{self.name}' has no option '{unknown[0]}' "
                                   f"(options: {', '.join(declared) or 'none'})")
         configured = copy.copy(self)
+        configured.__dict__.pop("_table", None)  # the ISA may change with the options
         configured._config = {n: (o.parse(values[n], f"target {self.name}") if n in values else o.default)
                               for n, o in declared.items()}
         return configured
@@ -75,10 +79,20 @@ class Target:
 
     def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
         """Whether the sparse kernel beats the dense one for this layer on this target, from the
-        kernel library's measured dispatch table."""
+        measured dispatch table that decides for the target's ISA (`dispatch_table`)."""
         from .kernels import dispatch
 
-        return dispatch.prefers_sparse(op, shape, sparsity, block, isa=self.isa, threads=threads)
+        return dispatch.prefers_sparse(op, shape, sparsity, block, isa=self.isa, threads=threads,
+                                       table=self.dispatch_table())
+
+    def dispatch_table(self):
+        """The `edgesparse.kernels.dispatch.Table` that decides for this target's ISA: tuned on
+        this machine, imported, or shipped. Looked up once per configured target."""
+        if "_table" not in self.__dict__:
+            from .kernels import dispatch
+
+            self._table = dispatch.table_for(self.isa)
+        return self._table
 
     def runs_here(self) -> bool:
         return platform.machine() == self.machine
@@ -93,4 +107,5 @@ class Target:
             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
                         for o in self.options],
             "config": self.config,
+            "dispatch_table": self.dispatch_table().describe(),
         }

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx.inliner
 
+from . import external_data
 from .errors import EdgesparseError
 
 
@@ -22,6 +23,9 @@ def dense_session(model: onnx.ModelProto, threads: int = 1, spin: bool = True):
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
+        if external_data.is_large(model):  # over protobuf's limit: ORT reads it from files
+            with external_data.as_file(model) as path:
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise EdgesparseError(f"dense model does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from exc

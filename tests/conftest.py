@@ -20,5 +20,5 @@ def built_mlp(tmp_path_factory) -> Path:
     """One magnitude-pruned MLP package shared by the tests that only read it."""
     tmp = tmp_path_factory.mktemp("pkg")
     onnx.save(mlp_model(), str(tmp / "mlp.onnx"))
-    run("build", tmp / "mlp.onnx", "--target", "x86", "--pass", "magnitude:sparsity=0.75,block=16", "-o", tmp / "mlp")
+    run("build", tmp / "mlp.onnx", "--target", "x86", "--pass", "magnitude:sparsity=0.75,block=16,dispatch=off", "-o", tmp / "mlp")
     return tmp / "mlp"

@@ -14,3 +14,8 @@ def test_minilm_sample_builds_and_verifies(tmp_path):
     assert len(report["pruned"]) == len(manifest["layers"]) >= 12
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
     assert manifest["inputs"][0]["shape"] == ["batch", "sequence"]
+    # the quality comparison with the original model ran on held-out sentences (40 or more, 32 tokens each)
+    q = manifest["quality"]
+    assert q["inputs"] == "evaluation" and q["held_out"] is True
+    assert q["outputs"]["last_hidden_state"]["rows"] >= 40 * 32
+    assert -1 <= q["summary"]["cosine_min"] <= q["summary"]["cosine"] <= 1

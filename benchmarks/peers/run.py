@@ -309,7 +309,7 @@ def environment(workers: dict) -> dict:
         isa = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu, "cpus": os.cpu_count(), "kernel_isa": isa,
+        "cpu": cpu, "cpus": os.cpu_count(), "kernel_isa": isa, "deepsparse_isa": os.environ.get("NM_ARCH"),
         "load_avg_start": list(os.getloadavg()),
         "python": platform.python_version(), "numpy": np.__version__,
         "edgesparse": edgesparse.__version__, "onnxruntime": onnxruntime.__version__,
@@ -409,6 +409,8 @@ def parse(argv=None):
     ap.add_argument("--min-rounds", type=int, default=15)
     ap.add_argument("--max-rounds", type=int, default=61)
     ap.add_argument("--no-forced", action="store_true", help="skip the diagnostic dispatch-bypassed edgesparse build")
+    ap.add_argument("--isa", choices=("avx2", "avx512"), help="run edgesparse's and DeepSparse's code for this ISA "
+                    "(EDGESPARSE_ISA, NM_ARCH); ORT and MNN keep their best, so on a newer CPU this is pessimistic for both")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--docs", action="store_true", help="rewrite docs/peers.md and docs/peers.png from this run")
     ap.add_argument("--work", help="work folder to use and keep (default: a temporary one)")
@@ -431,6 +433,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     opts = parse(argv)
+    if opts.isa:  # every worker inherits the environment
+        os.environ.update(EDGESPARSE_ISA=opts.isa, NM_ARCH=opts.isa)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     result = run(opts, log=lambda m: print(m, flush=True))

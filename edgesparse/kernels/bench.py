@@ -224,12 +224,12 @@ def run_kernel_benchmarks(
     """
     import os
 
-    from edgesparse.kernels.build import X86_64, build_library
+    from edgesparse.kernels.build import build_library, host_toolchain
     from edgesparse.kernels.dispatch import current_isa
 
-    lib = lib or build_library(X86_64)
+    lib = lib or build_library(host_toolchain())
     budget = budget_s if budget_s is not None else (0.3 if quick else 1.0)
-    isa = os.environ.get("EDGESPARSE_ISA") or current_isa()
+    isa = current_isa()
     ops = tuple(ops)
     records = []
 

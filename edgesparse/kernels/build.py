@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -66,6 +67,13 @@ class Toolchain:
 
 
 X86_64 = Toolchain("x86_64-linux", ("g++",), (), ("avx2", "avx512"))
+
+
+def host_toolchain() -> Toolchain:
+    """The toolchain for kernels that run in this process: x86-64 with every ISA variant, or the
+    16-byte code of another machine (an Arm64 board measuring its own dispatch table)."""
+    machine = platform.machine()
+    return X86_64 if machine in ("x86_64", "AMD64") else Toolchain(f"{machine}-linux", ("g++",))
 
 
 def default_cache_dir() -> Path:

@@ -1,27 +1,41 @@
 """Per-target dispatch rule: keep a layer dense where the sparse kernel would be slower.
 
-Backed by ``dispatch_table.json`` (next to this file), regenerated from real
-measurements by ``benchmarks/kernels/make_dispatch_table.py``. For each
-measured case (op, isa, threads, block, shape, M) the table stores the speedup
-over ORT's dense kernel at several sparsities and the break-even sparsity: the
-lowest measured sparsity from which the sparse kernel wins by at least
-``margin`` at that and every higher measured sparsity.
+Backed by a measured table. For each measured case (op, isa, threads, block, shape, M) a table
+stores the speedup over ORT's dense kernel at several sparsities and the break-even sparsity: the
+lowest measured sparsity from which the sparse kernel wins by at least ``margin`` at that and every
+higher measured sparsity. `edgesparse tune` measures one (edgesparse.kernels.tune).
 
-The rule is conservative: unknown ISA / op / block / thread count -> dense;
-shapes much smaller than anything measured -> dense; several candidate
-entries (both neighbouring sizes, every token count when M is unknown) ->
-the highest break-even among them.
+Which table decides, for a build's ISA (`table_for`), first found wins:
+
+1. tuned: measured on this machine by `edgesparse tune` (builds for this machine's ISA only),
+2. imported: measured elsewhere and taken in with `edgesparse tune --import FILE`,
+3. shipped: ``dispatch_table.json`` next to this file, measured by the project (its entries name
+   the CPU they were measured on).
+
+Tables in the user cache are keyed by ISA, CPU model and the kernel library's source hash; one
+from another CPU or library version is ignored with a warning, a corrupt one likewise.
+
+The rule is conservative: unknown ISA / op / block / thread count -> dense; shapes much smaller
+than anything measured -> dense; several candidate entries (both neighbouring sizes, every token
+count when M is unknown) -> the highest break-even among them.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
+import os
 import platform
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+TABLE_VERSION = 1
+# ISAs the x86 library compiles, best first; "neon" is the Arm64 library's 16-byte code.
+X86_ISAS = ("avx512", "avx2")
 
 OP_ALIASES = {
     "BlockSparseMatMul": "BlockSparseMatMul",
@@ -37,33 +51,206 @@ OP_ALIASES = {
 _SMALLER_OK = 2.0
 
 
-@functools.lru_cache(maxsize=4)
-def load_table(path: str | None = None) -> dict:
-    p = Path(path) if path else TABLE_PATH
+# -- this machine ------------------------------------------------------------------------------
+
+def _cpu_flags() -> set[str]:
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {"entries": []}
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_supports(isa: str) -> bool:
+    """Whether this machine can run the library's code for `isa` (the library's own check)."""
+    if isa in ("generic",):
+        return True
+    if isa == "neon":
+        return platform.machine() in ("aarch64", "arm64")
+    flags = _cpu_flags()
+    if isa == "avx512":
+        return {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma"} <= flags
+    if isa == "avx2":
+        return {"avx2", "fma"} <= flags
+    return False
+
+
+def best_isa() -> str:
+    """The ISA the kernel library picks on this machine when nothing forces it."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return "neon"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    return next((isa for isa in X86_ISAS if host_supports(isa)), "generic")
 
 
 def current_isa() -> str:
-    """The ISA variant the kernel library will pick on this machine."""
-    if platform.machine() not in ("x86_64", "AMD64", "i686"):
-        return "generic"
-    try:
-        flags = set()
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return "generic"
-    if {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma"} <= flags:
-        return "avx512"
-    if {"avx2", "fma"} <= flags:
-        return "avx2"
-    return "generic"
+    """The ISA the kernel library will run here: $EDGESPARSE_ISA when it names code this machine
+    can run (the library reads the same variable when a session creates its kernels), else the best."""
+    forced = os.environ.get("EDGESPARSE_ISA", "")
+    if forced in (*X86_ISAS, "generic") and host_supports(forced):
+        return forced
+    return best_isa()
 
+
+def host_cpu() -> str:
+    """The CPU model name, as tuned tables are keyed."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def library_hash() -> str:
+    """Hash of the kernel sources: a table measured with other kernels says nothing of these."""
+    from .build import CSRC
+
+    h = hashlib.sha256()
+    for p in sorted(CSRC.iterdir()):
+        if p.suffix in (".h", ".cpp"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+@dataclass
+class Table:
+    entries: list[dict]
+    source: str            # "tuned" | "imported" | "shipped"
+    path: str
+    cpu: str = ""
+    generated: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} ({self.cpu}, {self.generated[:10]})" if self.cpu else self.source
+
+    def source_for(self, op: str, block: int, threads: int = 1) -> str | None:
+        """Which table's entries decide for layers of this op, block and thread count."""
+        op = OP_ALIASES.get(op, op)
+        cands = [e for e in self.entries if e["op"] == op and e["block"] == block and e["threads"] <= threads]
+        if not cands:
+            return None
+        most = max(e["threads"] for e in cands)
+        return next(e.get("table", self.source) for e in cands if e["threads"] == most)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "path": self.path, "cpu": self.cpu, "generated": self.generated,
+                "entries": len(self.entries)}
+
+
+def cache_dir() -> Path:
+    from .build import default_cache_dir
+
+    return default_cache_dir() / "dispatch"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:48] or "cpu"
+
+
+def tuned_path(isa: str, cpu: str | None = None) -> Path:
+    cpu = cpu or host_cpu()
+    return cache_dir() / f"tuned-{isa}-{_slug(cpu)}-{hashlib.sha256(cpu.encode()).hexdigest()[:8]}.json"
+
+
+def imported_path(isa: str) -> Path:
+    return cache_dir() / f"imported-{isa}.json"
+
+
+def check_table(data, where: str) -> str | None:
+    """Why `data` is not a usable dispatch table, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        return f"{where} is not a dispatch table (no 'entries' list)"
+    for i, e in enumerate(data["entries"]):
+        try:
+            ok = (OP_ALIASES.get(e["op"]) == e["op"] and isinstance(e["isa"], str) and e["block"] in (4, 8, 16)
+                  and int(e["threads"]) >= 1 and float(e["size"]) > 0 and float(e["tokens"]) > 0
+                  and (e["break_even"] is None or 0.0 <= float(e["break_even"]) <= 1.0))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"{where}: entry {i} is malformed"
+    return None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str | None = None) -> dict:
+    """The shipped table (or the one at `path`) as stored."""
+    return _read(Path(path) if path else TABLE_PATH) or {"entries": []}
+
+
+def table_for(isa: str) -> Table:
+    """The table that decides for builds of `isa` (see the module docstring for the order)."""
+    warnings = []
+    candidates = []
+    if isa == current_isa():
+        candidates.append(("tuned", tuned_path(isa)))
+    candidates.append(("imported", imported_path(isa)))
+    for source, path in candidates:
+        if not path.exists():
+            continue
+        data = _read(path)
+        problem = check_table(data, str(path)) if data is not None else f"{path} is not valid JSON"
+        if problem is None and data.get("isa") != isa:
+            problem = f"{path} holds {data.get('isa')} timings, not {isa}"
+        if problem is None and data.get("library_hash") != library_hash():
+            problem = f"{path} was measured with another kernel library version"
+        if problem is None and source == "tuned" and data.get("cpu") != host_cpu():
+            problem = f"{path} was measured on another CPU ({data.get('cpu')})"
+        if problem:
+            warnings.append(f"dispatch table ignored: {problem}; using the next one")
+            continue
+        entries = [{**e, "table": source} for e in data["entries"] if e["isa"] == isa]
+        # cases it did not measure (a quick tune: one block size, one thread count) keep the shipped ones
+        groups = {_group(e) for e in entries}
+        entries += [e for e in _shipped_entries(isa) if _group(e) not in groups]
+        return Table(entries, source, str(path), data.get("cpu", ""), data.get("generated", ""), warnings)
+    entries = _shipped_entries(isa)
+    cpus = sorted({e.get("cpu", "") for e in entries} - {""})
+    return Table(entries, "shipped", str(TABLE_PATH), ", ".join(cpus),
+                 max((e.get("generated", "") for e in entries), default=""), warnings)
+
+
+def _group(e: dict) -> tuple:
+    return e["op"], e["block"], e["threads"], tuple(e.get("kind", ()))
+
+
+def _shipped_entries(isa: str) -> list[dict]:
+    shipped = load_table()
+    machine = shipped.get("machine", {}).get("cpu", "")
+    return [{"cpu": machine, "generated": shipped.get("generated", ""), **e, "table": "shipped"}
+            for e in shipped.get("entries", []) if e.get("isa") == isa]
+
+
+def save_table(data: dict, path: Path) -> Path:
+    """Write a table atomically: an interrupted write leaves the old file (or none), never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -- the rule ----------------------------------------------------------------------------------
 
 def _size(op: str, shape: dict) -> float | None:
     """Multiply-adds per output row/position: the size used to match table entries."""
@@ -82,6 +269,7 @@ def _tokens(op: str, shape: dict) -> float | None:
         return float(shape["M"]) if shape.get("M") else None
     if shape.get("H") and shape.get("W"):
         stride = shape.get("stride", 1)
+        stride = stride[0] if isinstance(stride, (list, tuple)) else stride
         return float(shape["H"]) * float(shape["W"]) / float(stride) ** 2
     return None
 
@@ -99,15 +287,17 @@ def _kind(op: str, shape: dict) -> tuple:
     return ()
 
 
-def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, table: dict | None = None) -> float | None:
+def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, table: Table | dict | None = None) -> float | None:
     """Lowest sparsity at which the sparse kernel is known to win, or None if unknown."""
     op = OP_ALIASES.get(op, op)
-    table = table if table is not None else load_table()
+    if table is None:
+        table = table_for(isa)
+    entries = table.entries if isinstance(table, Table) else table.get("entries", [])
     size = _size(op, shape)
     if size is None:
         return None
     cands = [
-        e for e in table.get("entries", [])
+        e for e in entries
         if e["op"] == op and e["isa"] == isa and e["block"] == block and tuple(e.get("kind", ())) == _kind(op, shape)
     ]  # fmt: skip
     # more threads than measured: the largest measured count below is the best guess
@@ -132,16 +322,19 @@ def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, tab
     return max(values)
 
 
-def prefers_sparse(op: str, shape: dict, sparsity: float, block: int, isa: str | None = None, threads: int = 1) -> bool:
+def prefers_sparse(op: str, shape: dict, sparsity: float, block: int, isa: str | None = None, threads: int = 1,
+                   table: Table | dict | None = None) -> bool:
     """True when the sparse kernel is measured to beat ORT's dense kernel for this layer.
 
     op: "BlockSparseMatMul" (shape {"K", "N"} and optionally "M" tokens) or
     "BlockSparseConv" (shape {"C", "O", "kernel", "stride"} and optionally "H", "W").
-    isa: "avx512" | "avx2" | "generic"; default: this machine's.
+    isa: "avx512" | "avx2" | "neon" | "generic"; default: the one the library runs here.
+    table: default `table_for(isa)`.
     """
+    isa = isa or current_isa()
     if op in LAYOUT_OPS:
-        return (isa or current_isa()) in LAYOUT_OPS[op]
-    be = break_even(op, shape, block, isa or current_isa(), threads)
+        return isa in LAYOUT_OPS[op]
+    be = break_even(op, shape, block, isa, threads, table)
     return be is not None and sparsity >= be
 
 

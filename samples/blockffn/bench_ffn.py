@@ -1,6 +1,8 @@
 """The FFN alone: RoutedFFN (with and without its router) vs ONNX Runtime's dense MatMuls for
 SmolLM2's FFN shape (576 -> 1536 -> 576, gated SiLU), 24 experts of 64 neurons, chunks of 1, 8 and
 32 tokens where 7 of 24 experts (29%, i.e. 70.8% chunk sparsity) are active in the chunk.
+Other shapes: --dim/--inter/--experts, --plain for BlockFFN's ungated experts (the from-scratch
+model: --dim 256 --inter 1024 --experts 32 --plain --active 8 --out bench_ffn_scratch.json).
 
     flock /tmp/edgesparse-timing.lock nice -n 0 .venv/bin/python samples/blockffn/bench_ffn.py
 
@@ -36,29 +38,37 @@ def model(nodes, inits, inputs, out="Y"):
 
 
 def dense_model(wg, wu, wd, t):
-    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), n) for w, n in ((wg, "wg"), (wu, "wu"), (wd, "wd"))]
-    nodes = [helper.make_node("MatMul", ["X", "wg"], ["g"]), helper.make_node("Sigmoid", ["g"], ["sg"]),
-             helper.make_node("Mul", ["g", "sg"], ["act"]), helper.make_node("MatMul", ["X", "wu"], ["u"]),
-             helper.make_node("Mul", ["act", "u"], ["h"]), helper.make_node("MatMul", ["h", "wd"], ["Y"])]
-    return model(nodes, inits, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t, D])])
+    """silu(X wg) * (X wu) then wd; wg None: silu(X wu) then wd (an ungated FFN)."""
+    d = wu.shape[1]
+    pairs = ((wu, "wu"), (wd, "wd")) + (((wg, "wg"),) if wg is not None else ())
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), n) for w, n in pairs]
+    if wg is None:
+        nodes = [helper.make_node("MatMul", ["X", "wu"], ["u"]), helper.make_node("Sigmoid", ["u"], ["su"]),
+                 helper.make_node("Mul", ["u", "su"], ["h"]), helper.make_node("MatMul", ["h", "wd"], ["Y"])]
+    else:
+        nodes = [helper.make_node("MatMul", ["X", "wg"], ["g"]), helper.make_node("Sigmoid", ["g"], ["sg"]),
+                 helper.make_node("Mul", ["g", "sg"], ["act"]), helper.make_node("MatMul", ["X", "wu"], ["u"]),
+                 helper.make_node("Mul", ["act", "u"], ["h"]), helper.make_node("MatMul", ["h", "wd"], ["Y"])]
+    return model(nodes, inits, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t, d])])
 
 
 def routed_model(packed, t, chunk, router=None):
     """router=None: routes are an input; else (weight [D, E], gain [E]) computed in the graph as the
     blockffn rewrite emits them (ORT fuses MatMul + Add into Gemm and the RMSNorm into
     SimplifiedLayerNormalization)."""
+    e, d, _ = packed["w_up"].shape
     node, inits = make_routed_ffn("X", "R", "Y", packed, name="ffn", activation="silu", chunk=chunk)
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t, D])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t, d])]
     nodes = [node]
     if router is None:
-        inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, [t, E]))
+        inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, [t, e]))
     else:
         w, g = router
         inits += [numpy_helper.from_array(w, "wr"), numpy_helper.from_array(g, "gr"),
                   numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
                   numpy_helper.from_array(np.array([-1], np.int64), "axes"),
                   numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-                  numpy_helper.from_array(np.zeros(E, np.float32), "br")]
+                  numpy_helper.from_array(np.zeros(e, np.float32), "br")]
         nodes = [helper.make_node("MatMul", ["X", "wr"], ["mm"]), helper.make_node("Add", ["mm", "br"], ["z"]),
                  helper.make_node("Relu", ["z"], ["a"]), helper.make_node("Pow", ["a", "two"], ["sq"]),
                  helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
@@ -110,29 +120,35 @@ def time_interleaved(fns: dict, budget_s: float, rounds: int = 40) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per case")
-    ap.add_argument("--active", type=int, default=ACTIVE, help="experts active in the chunk (of 24)")
+    ap.add_argument("--active", type=int, default=0, help="experts active in the chunk (0: 7/24 of them, rounded)")
+    ap.add_argument("--dim", type=int, default=D)
+    ap.add_argument("--inter", type=int, default=I)
+    ap.add_argument("--experts", type=int, default=E)
+    ap.add_argument("--plain", action="store_true", help="ungated experts (BlockFFN's): silu(X W_up) W_down")
     ap.add_argument("--out", default="bench_ffn.json")
     args = ap.parse_args()
-    active = args.active
+    dim, inter, n_exp = args.dim, args.inter, args.experts
+    active = args.active or max(1, round(n_exp * ACTIVE / 24))
     rng = np.random.default_rng(0)
     lib = build_library(X86_64)
-    wg, wu = (rng.standard_normal((I, D)).astype(np.float32) / float(np.sqrt(D)) for _ in range(2))
-    wd = rng.standard_normal((D, I)).astype(np.float32) / float(np.sqrt(I))
-    packed = pack_gathered_ffn(wu, wd, I // E, w_gate=wg)
-    on = np.sort(rng.choice(E, active, replace=False))
+    wg, wu = (rng.standard_normal((inter, dim)).astype(np.float32) / float(np.sqrt(dim)) for _ in range(2))
+    wg = None if args.plain else wg
+    wd = rng.standard_normal((dim, inter)).astype(np.float32) / float(np.sqrt(inter))
+    packed = pack_gathered_ffn(wu, wd, inter // n_exp, w_gate=wg)
+    on = np.sort(rng.choice(n_exp, active, replace=False))
     # router whose positive logits are exactly the chosen experts: feature 0 of X is a constant 1
-    w_r = rng.standard_normal((D, E)).astype(np.float32) * 1e-3
-    w_r[0] = np.where(np.isin(np.arange(E), on), 10.0, -10.0)
-    gain = np.ones(E, np.float32)
+    w_r = rng.standard_normal((dim, n_exp)).astype(np.float32) * 1e-3
+    w_r[0] = np.where(np.isin(np.arange(n_exp), on), 10.0, -10.0)
+    gain = np.ones(n_exp, np.float32)
     rows = []
     for t in (1, 8, 32):
-        x = rng.standard_normal((t, D)).astype(np.float32)
+        x = rng.standard_normal((t, dim)).astype(np.float32)
         x[:, 0] = 1.0
-        routes = np.zeros((t, E), np.float32)
+        routes = np.zeros((t, n_exp), np.float32)
         routes[:, on] = rng.uniform(0.5, 2.0, (t, active)).astype(np.float32)
-        dense_fn, dense_out = runner(session(dense_model(wg, wu, wd, t)), {"X": x}, (t, D))
-        op_fn, op_out = runner(session(routed_model(packed, t, t), lib), {"X": x, "R": routes}, (t, D))
-        full_fn, full_out = runner(session(routed_model(packed, t, t, (w_r, gain)), lib), {"X": x}, (t, D))
+        dense_fn, dense_out = runner(session(dense_model(wg, wu, wd, t)), {"X": x}, (t, dim))
+        op_fn, op_out = runner(session(routed_model(packed, t, t), lib), {"X": x, "R": routes}, (t, dim))
+        full_fn, full_out = runner(session(routed_model(packed, t, t, (w_r, gain)), lib), {"X": x}, (t, dim))
         for f in (dense_fn, op_fn, full_fn):
             f()
         np.testing.assert_allclose(op_out, routed_ffn_reference(x, packed, routes, "silu"), rtol=1e-3, atol=1e-3)
@@ -140,10 +156,10 @@ def main():
         r_ref = z / np.sqrt((z ** 2).mean(-1, keepdims=True) + 1e-6) * gain
         assert ((r_ref != 0).sum(0) > 0).sum() == active
         np.testing.assert_allclose(full_out, routed_ffn_reference(x, packed, r_ref, "silu"), rtol=1e-3, atol=1e-3)
-        all_on = np.ones((t, E), np.float32)
+        all_on = np.ones((t, n_exp), np.float32)
         np.testing.assert_allclose(dense_out, routed_ffn_reference(x, packed, all_on, "silu"), rtol=1e-3, atol=1e-3)
         stats = time_interleaved({"dense": dense_fn, "routed_op": op_fn, "routed_with_router": full_fn}, args.budget)
-        row = {"tokens": t, "chunk": t, "active_experts": active, "experts": E, "cls": round(1 - active / E, 4), **{
+        row = {"tokens": t, "chunk": t, "active_experts": active, "experts": n_exp, "cls": round(1 - active / n_exp, 4), **{
             f"{n}_{k}": round(v, 4) for n, s in stats.items() for k, v in s.items() if k != "samples"},
             "samples": stats["dense"]["samples"]}
         row["speedup_op"] = round(stats["dense"]["median_ms"] / stats["routed_op"]["median_ms"], 2)
@@ -153,7 +169,7 @@ def main():
               f"op {row['routed_op_median_ms']:.4f} ms ({row['speedup_op']}x)  with router "
               f"{row['routed_with_router_median_ms']:.4f} ms ({row['speedup_with_router']}x)", flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "shape": {"D": D, "I": I, "experts": E, "expert_size": I // E, "gated": True, "activation": "silu"},
+              "shape": {"D": dim, "I": inter, "experts": n_exp, "expert_size": inter // n_exp, "gated": not args.plain, "activation": "silu"},
               "threads": 1, "isa": current_isa(), "onnxruntime": ort.__version__, "cpu": platform.processor(),
               "method": "one process, rotating interleaved order, io-binding, batches of runs >= 2 ms per sample",
               "rows": rows}

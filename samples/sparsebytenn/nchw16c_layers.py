@@ -5,7 +5,8 @@ where NCHW16c pays and where it does not (docs/kernels.md, "NCHW16c").
 
 70 % block sparsity (16 x 1 groups, random), ReLU6, batch 1, one thread. Every variant of a layer
 is timed round-robin in one process (interleaved), medians with p25-p75, in microseconds of
-session.run. Writes results/nchw16c_layers.json.
+session.run. Writes results/nchw16c_layers.json (or --out); `EDGESPARSE_ISA=avx2` times the AVX2
+code (ORT's own kernels keep their best ISA).
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def _interleaved(runs: dict, rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=400)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     lib, rng, out = build_library(), np.random.default_rng(0), {"pointwise": {}, "depthwise": {}}
     for c, o, hw in POINTWISE:
@@ -88,7 +90,10 @@ def main() -> None:
     out["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out["load_average"] = os.getloadavg()[0]
     out["rounds"] = args.rounds
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    from edgesparse.kernels.dispatch import current_isa, host_cpu
+
+    out["kernel_isa"], out["cpu"] = current_isa(), host_cpu()
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_gemm_with_transposed_weight(tmp_path):
     from edgesparse_testing import mlp_model
 
     onnx.save(mlp_model(gemm=True), str(tmp_path / "gemm.onnx"))
-    manifest = run_json("build", tmp_path / "gemm.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9", "-o", tmp_path / "g")
+    manifest = run_json("build", tmp_path / "gemm.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9,dispatch=off", "-o", tmp_path / "g")
     assert manifest["verification"]["sparse_nodes_on_kernel"] == 2
 
 
@@ -84,7 +84,7 @@ def test_conv_layers_become_block_sparse_conv(tmp_path):
     from edgesparse_testing import conv_model
 
     onnx.save(conv_model(), str(tmp_path / "conv.onnx"))
-    manifest = run_json("build", tmp_path / "conv.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9", "-o", tmp_path / "c")
+    manifest = run_json("build", tmp_path / "conv.onnx", "-t", "x86", "-p", "magnitude:sparsity=0.9,dispatch=off", "-o", tmp_path / "c")
     report = manifest["passes"][0]["report"]
     assert {d["layer"]: d["reason"] for d in report["kept_dense"]}["depthwise"] == "grouped or depthwise conv"
     assert manifest["verification"]["passed"]

@@ -50,6 +50,30 @@ def test_runs_in_clean_venv_with_only_onnxruntime_and_numpy(built_mlp, clean_ven
     assert result["error"] <= 1e-4
 
 
+def test_external_data_package_runs_in_clean_venv(clean_venv, tmp_path, monkeypatch):
+    """A package whose weights live in model.onnx.data (as one over 2 GB does; the bar is lowered
+    here to build a small one) runs in an app's environment from the extracted archive."""
+    import zipfile
+
+    import onnx
+
+    from edgesparse import external_data
+    from edgesparse.pipeline import BuildRequest, build
+    from edgesparse_testing import mlp_model
+
+    monkeypatch.setattr(external_data, "LARGE", 0)
+    onnx.save(mlp_model(), str(tmp_path / "mlp.onnx"))
+    build(BuildRequest(model=str(tmp_path / "mlp.onnx"), target="x86", output=tmp_path / "pkg", quiet=True,
+                       passes=[("magnitude", {"dispatch": "off"})]))
+    with zipfile.ZipFile(tmp_path / "pkg.zip") as archive:
+        archive.extractall(tmp_path / "unpacked")
+    (tmp_path / "app.py").write_text(APP)
+    out = subprocess.run([str(clean_venv), str(tmp_path / "app.py"), str(tmp_path / "unpacked" / "pkg")],
+                         capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert (tmp_path / "unpacked" / "pkg" / "model.onnx.data").is_file()
+    assert json.loads(out.stdout)["error"] <= 1e-4
+
+
 def test_snippet_shipped_in_the_package_runs(built_mlp, clean_venv, tmp_path):
     snippet = (built_mlp / "RUN.py.txt").read_text().replace('pkg = "path/to/package"', f'pkg = "{built_mlp}"')
     (tmp_path / "snippet.py").write_text(snippet)

@@ -33,6 +33,7 @@ def table(tmp_path, monkeypatch):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(TABLE))
     monkeypatch.setattr(dispatch, "TABLE_PATH", path)
+    monkeypatch.setattr(dispatch, "cache_dir", lambda: tmp_path / "no-tuned-tables")
     dispatch.load_table.cache_clear()
     yield
     dispatch.load_table.cache_clear()
@@ -77,6 +78,23 @@ def test_committed_table_is_well_formed():
     # on the machine it was measured on, 16x1 blocks at 90% on the FFN shapes go sparse
     isa = table["entries"][0]["isa"]
     assert dispatch.prefers_sparse("BlockSparseMatMul", {"K": 768, "N": 3072}, 0.9, 16, isa=isa)
+
+
+def test_committed_table_covers_every_x86_isa_and_names_its_cpus():
+    """Both ISAs the x86 library ships have entries for every op, block and thread count, so the
+    rule never answers "dense" for a machine merely because nobody measured its ISA."""
+    dispatch.load_table.cache_clear()
+    entries = dispatch.load_table()["entries"]
+    groups = {isa: {(e["op"], e["block"], e["threads"]) for e in entries if e["isa"] == isa} for isa in dispatch.X86_ISAS}
+    assert groups["avx2"] and groups["avx2"] == groups["avx512"]
+    assert all(e.get("cpu") and e.get("generated") for e in entries)
+
+
+@pytest.mark.parametrize("isa", dispatch.X86_ISAS)
+def test_every_isa_makes_the_ffn_layers_sparse_at_high_sparsity(isa, monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch, "cache_dir", lambda: tmp_path)  # the shipped table alone
+    for k, n in ((384, 1536), (1536, 384), (768, 3072), (3072, 768)):
+        assert dispatch.prefers_sparse("BlockSparseMatMul", {"K": k, "N": n}, 0.9, 16, isa=isa), (isa, k, n)
 
 
 def test_conv_kernel_as_list_or_int_is_the_same_kind():

@@ -1,7 +1,12 @@
 """The `blockffn` pass: chunk-level activation sparsity for transformer FFNs (BlockFFN, papers.md
-section 2), for models that were trained dense.
+section 2).
 
-Torch stage: each FFN's intermediate neurons are grouped into E experts by co-activation on the
+Two kinds of models:
+- a trained BlockFFN model in the authors' released format, built by `checkpoint_factory(path)`:
+  its routers and experts are used as they are (no training, no conversion);
+- a dense model (conversion, below; see the README for what conversion cannot do).
+
+Conversion, torch stage: each FFN's intermediate neurons are grouped into E experts by co-activation on the
 calibration text, a ReLU + RMSNorm router is added and trained by layer-wise distillation from
 the dense FFN with the activation-locality and chunk-sparsification losses (FFN weights frozen).
 ONNX stage: each converted FFN becomes the router in standard ops plus one RoutedFFN node of the
@@ -14,6 +19,7 @@ from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
 from edgesparse.kernels import DOMAIN
 
 # torch, convert and rewrite are imported inside the methods: loading the plugin must stay light.
+from .factory import checkpoint_factory  # noqa: E402,F401  (imports torch only when called)
 
 __version__ = "0.1.0"
 
@@ -51,6 +57,8 @@ class BlockFFN(Pass):
         Option("state", str, "", "a conversion saved by samples/blockffn (routers and expert orders): "
                "apply it instead of training"),
         Option("seed", int, 0, "seed of the clustering and the training batches"),
+        Option("min_cls", float, BREAK_EVEN_CLS, "an FFN whose CLS(chunk) on the calibration text is below this "
+               "keeps ORT's dense kernels (0: every FFN on RoutedFFN)", check=in_range(0.0, 1.0)),
     )
     needs = "calibration"
     emits = (f"{DOMAIN}::RoutedFFN",)
@@ -65,12 +73,25 @@ class BlockFFN(Pass):
     def transform_module(self, module, ctx):
         import torch
 
-        from . import convert
+        from . import checkpoint, convert
 
         torch.manual_seed(self.seed)
         batches = ctx.calibration_inputs()
         module.eval()
-        if self.state:
+        self.layers = checkpoint.trained_layers(module)
+        self.trained = bool(self.layers)
+        if self.trained:
+            if self.state or self.experts:
+                raise EdgesparseError("blockffn: the model is a trained BlockFFN checkpoint: its experts and routers "
+                                      "are used as trained, so the conversion options state/experts do not apply")
+            source = getattr(module, "calibration_source", "given")
+            ctx.log(f"[blockffn] trained BlockFFN checkpoint: {len(self.layers)} FFNs used as they are")
+            ctx.report("checkpoint", {"ffns": len(self.layers), "calibration": source})
+            if source == "random token ids":
+                ctx.warn("calibrated on random token ids (the checkpoint has no tokenizer that loads "
+                         "offline): the sparsity report and the dense/RoutedFFN choice do not reflect real text; "
+                         "pass calibration=... to checkpoint_factory")
+        elif self.state:
             self.layers = convert.load(module, self.state)
         else:
             self.layers = convert.convert(module, batches, self.settings(), ctx.log)
@@ -89,7 +110,7 @@ class BlockFFN(Pass):
         ctx.report("layers", per_layer)
         ctx.report("ffn_flops", {f"chunk{s}": convert.ffn_flops(self.layers, routes, s) for s in convert.CLS_SIZES})
         achieved = mean(f"cls{self.chunk}") if self.chunk in convert.CLS_SIZES else None
-        if achieved is not None and achieved < self.sparsity - 0.05:
+        if not self.trained and achieved is not None and achieved < self.sparsity - 0.05:
             ctx.warn(f"CLS({self.chunk}) on the calibration text is {achieved:.3f}, below the target {self.sparsity}: "
                      "train longer (steps, time_budget) or give more calibration text")
         return module
@@ -100,14 +121,23 @@ class BlockFFN(Pass):
         layers = getattr(self, "layers", None)
         if not layers:
             raise EdgesparseError("blockffn: the ONNX stage needs the torch stage of the same build (a model.py:build factory)")
-        chosen, dense = [], []
+        chosen, dense, unfit = [], [], []
         for layer, cls in zip(layers, self.layer_cls):
-            (chosen if cls >= BREAK_EVEN_CLS else dense).append(layer)
+            site = layer.site
+            if (site.hidden // layer.router.weight.shape[0]) % 4 or site.down.out_features % 4:
+                unfit.append(layer)  # a trained checkpoint may have any expert size; the kernel's panels need 4s
+            else:
+                (chosen if cls >= self.min_cls else dense).append(layer)
+        if unfit:
+            ctx.warn(f"{len(unfit)} FFN(s) keep ORT's dense kernels: {rewrite.OP} needs an expert size and a model "
+                     f"width that are multiples of 4 ({unfit[0].site.name}: expert size "
+                     f"{unfit[0].site.hidden // unfit[0].router.weight.shape[0]}, width {unfit[0].site.down.out_features})")
         if dense:
             ctx.warn(f"{len(dense)} FFN(s) keep ORT's dense kernels (router and expert scaling as standard ops): their "
-                     f"CLS({self.chunk}) on the calibration text is below {BREAK_EVEN_CLS}, where {rewrite.OP} is not "
+                     f"CLS({self.chunk}) on the calibration text is below {self.min_cls}, where {rewrite.OP} is not "
                      f"faster than dense ({', '.join(l.site.name for l in dense[:3])}{', ...' if len(dense) > 3 else ''})")
         names = rewrite.apply(model, chosen, self.chunk) if chosen else []
+        dense += unfit
         ctx.log(f"[blockffn] {len(names)} FFNs -> router + {rewrite.OP} (chunk {self.chunk}), {len(dense)} left dense")
         ctx.report("nodes", names)
         ctx.report("dense_layers", [l.site.name for l in dense])

@@ -370,8 +370,10 @@ def measure(module, layers: list[Layer], batches: list[dict]) -> list[list[torch
 
 def _block_of(module, layer: Layer):
     site = layer.site
-    if site.gated:
+    if site.gated:  # install() replaced the MLP: look it up again
         return module.get_submodule(site.name)
+    if not site.attr:  # a trained checkpoint's block (checkpoint.trained_layers): the owner itself
+        return site.owner
     return getattr(site.owner, site.attr)
 
 

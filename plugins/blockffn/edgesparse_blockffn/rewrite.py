@@ -29,24 +29,35 @@ def _find(layers: list, weight: np.ndarray, what: str, name: str):
 
 
 def _router_nodes(model: ir.Model, x: ir.Value, router, base: str) -> tuple[list[ir.Node], ir.Value]:
-    """routes = ReLU(x W_r^T + b) / sqrt(mean(ReLU(.)^2) + eps) * g"""
-    w = graph.initializer(model, f"{base}.router_weight", router.weight.detach().numpy().T.astype(np.float32))
-    b = graph.initializer(model, f"{base}.router_bias", router.bias.detach().numpy().astype(np.float32))
-    g = graph.initializer(model, f"{base}.router_gain", router.gain.detach().numpy().astype(np.float32))
-    eps = graph.initializer(model, f"{base}.router_eps", np.array(EPS, np.float32))
+    """routes = norm(ReLU(x W_r^T + b)): norm "rms" (x / sqrt(mean(x^2) + eps) * g, the converted
+    routers and the paper's), "sum" (x / (sum(x) * norm_scale + 1e-5)) or "none" (trained
+    checkpoints may use either); b is absent in checkpoints."""
+    norm, eps_value = getattr(router, "norm", "rms"), getattr(router, "eps", EPS)
+    init = lambda name, value: graph.initializer(model, f"{base}.router_{name}", np.asarray(value, np.float32))
+    w = init("weight", router.weight.detach().numpy().T)
     axes = graph.initializer(model, f"{base}.router_axes", np.array([-1], np.int64))
-    two = graph.initializer(model, f"{base}.router_two", np.array(2.0, np.float32))
-    mm = ir.node("MatMul", [x, w], name=f"{base}/router/MatMul")
-    z = ir.node("Add", [mm.outputs[0], b], name=f"{base}/router/Bias")
-    a = ir.node("Relu", [z.outputs[0]], name=f"{base}/router/Relu")
-    # Pow/ReduceMean/Add/Sqrt/Div/Mul is the pattern ORT fuses into SimplifiedLayerNormalization
-    sq = ir.node("Pow", [a.outputs[0], two], name=f"{base}/router/Square")
-    ms = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{base}/router/ReduceMean")
-    add = ir.node("Add", [ms.outputs[0], eps], name=f"{base}/router/AddEps")
-    rms = ir.node("Sqrt", [add.outputs[0]], name=f"{base}/router/Sqrt")
-    div = ir.node("Div", [a.outputs[0], rms.outputs[0]], name=f"{base}/router/Div")
-    routes = ir.node("Mul", [div.outputs[0], g], name=f"{base}/router/Gain")
-    return [mm, z, a, sq, ms, add, rms, div, routes], routes.outputs[0]
+    nodes = [ir.node("MatMul", [x, w], name=f"{base}/router/MatMul")]
+    if router.bias is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], init("bias", router.bias.detach().numpy())],
+                             name=f"{base}/router/Bias"))
+    a = ir.node("Relu", [nodes[-1].outputs[0]], name=f"{base}/router/Relu")
+    nodes.append(a)
+    if norm == "rms":
+        # Pow/ReduceMean/Add/Sqrt/Div/Mul is the pattern ORT fuses into SimplifiedLayerNormalization
+        sq = ir.node("Pow", [a.outputs[0], init("two", 2.0)], name=f"{base}/router/Square")
+        ms = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{base}/router/ReduceMean")
+        add = ir.node("Add", [ms.outputs[0], init("eps", eps_value)], name=f"{base}/router/AddEps")
+        rms = ir.node("Sqrt", [add.outputs[0]], name=f"{base}/router/Sqrt")
+        div = ir.node("Div", [a.outputs[0], rms.outputs[0]], name=f"{base}/router/Div")
+        gain = ir.node("Mul", [div.outputs[0], init("gain", router.gain.detach().numpy())], name=f"{base}/router/Gain")
+        nodes += [sq, ms, add, rms, div, gain]
+    elif norm == "sum":
+        total = ir.node("ReduceSum", [a.outputs[0], axes], {"keepdims": 1}, name=f"{base}/router/ReduceSum")
+        scaled = ir.node("Mul", [total.outputs[0], init("norm_scale", router.norm_scale)], name=f"{base}/router/Scale")
+        add = ir.node("Add", [scaled.outputs[0], init("eps", 1e-5)], name=f"{base}/router/AddEps")
+        div = ir.node("Div", [a.outputs[0], add.outputs[0]], name=f"{base}/router/Div")
+        nodes += [total, scaled, add, div]
+    return nodes, nodes[-1].outputs[0]
 
 
 def apply(model: ir.Model, layers: list, chunk: int) -> list[str]:

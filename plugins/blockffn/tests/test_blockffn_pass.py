@@ -66,7 +66,7 @@ def test_build_matches_the_converted_torch_model(kind, gated, tmp_path):
     layers = report["layers"]
     assert len(layers) == 2
     for row in layers:
-        assert 0 <= row["cls64"] <= row["cls32"] <= row["cls8"] <= row["cls1"] == row["tls"] <= 1
+        assert 0 <= row["cls64"] <= row["cls32"] <= row["cls8"] <= row["cls1"] == row["tls"] < 1  # some expert on
     flops = report["ffn_flops"]
     assert flops["chunk1"]["executed_per_token"] <= flops["chunk8"]["executed_per_token"] <= \
         flops["chunk64"]["executed_per_token"] < flops["chunk64"]["dense_per_token"] + 1e-6

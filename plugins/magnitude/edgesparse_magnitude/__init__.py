@@ -7,7 +7,12 @@ kernel taps, the shape the kernels skip. Within each layer, the blocks with the 
 are zeroed until `sparsity` of them are. Grouped and depthwise convs stay dense: each output
 channel there sees few inputs, so there is nothing for a block to skip in bulk.
 Layers the target's dispatch rule says would not get faster stay dense and unpruned: pruning them
-would cost accuracy and buy no time.
+would cost accuracy and buy no time. `dispatch=off` skips that question (every eligible layer is
+pruned, whatever the host): the documented switch for tests and experiments.
+
+With a model factory and `recover_steps` > 0 a torch stage runs first (gradual.py): the same layers,
+the same blocks, reached gradually with recovery in between; the ONNX stage then packs the weights
+it finds already pruned. ONNX inputs, and recover_steps=0, are pruned once in the ONNX graph.
 """
 from __future__ import annotations
 
@@ -20,24 +25,35 @@ from edgesparse import kernels
 __version__ = "0.1.0"
 
 
-def prune_blocks(weight: np.ndarray, sparsity: float, block: int) -> np.ndarray:
-    """Zero the lowest-L2 blocks of a MatMul weight [K, N] (blocks of `block` outputs x 1 input)
-    or a Conv weight [O, C, kh, kw] (`block` output channels x 1 input channel x all taps).
-    Ties break by position."""
+def keep_blocks(weight: np.ndarray, sparsity: float, block: int) -> np.ndarray:
+    """The weights to keep (bool, the weight's shape) when the lowest-L2 blocks of a MatMul weight
+    [K, N] (blocks of `block` outputs x 1 input) or a Conv weight [O, C, kh, kw] (`block` output
+    channels x 1 input channel x all taps) are zeroed until `sparsity` of them are. Ties break by
+    position, so blocks already zero are the first to go: pruning a pruned weight again at the same
+    sparsity keeps it as it is."""
     conv = weight.ndim == 4
     w = weight.reshape(weight.shape[0], weight.shape[1], -1).transpose(1, 2, 0) if conv else weight[:, None, :]
     k, taps, n = w.shape  # [inputs, taps, outputs]
-    padded = np.zeros((k, taps, -(-n // block) * block), weight.dtype)
+    n_blocks = -(-n // block)
+    padded = np.zeros((k, taps, n_blocks * block), np.float64)
     padded[:, :, :n] = w
-    blocks = padded.reshape(k, taps, -1, block)
-    norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(axis=(1, 3))).ravel()  # [k * n_blocks]
+    norms = np.sqrt((padded.reshape(k, taps, n_blocks, block) ** 2).sum(axis=(1, 3))).ravel()  # [k * n_blocks]
     drop = int(round(sparsity * norms.size))
     mask = np.ones(norms.size, bool)
     mask[np.argsort(norms, kind="stable")[:drop]] = False
-    pruned = (blocks * mask.reshape(k, 1, -1, 1)).reshape(k, taps, -1)[:, :, :n]
+    keep = np.broadcast_to(mask.reshape(k, 1, n_blocks, 1), (k, taps, n_blocks, block)).reshape(k, taps, -1)[:, :, :n]
     if conv:
-        return pruned.transpose(2, 0, 1).reshape(weight.shape).copy()
-    return pruned[:, 0, :].copy()
+        return keep.transpose(2, 0, 1).reshape(weight.shape).copy()
+    return keep[:, 0, :].copy()
+
+
+def prune_blocks(weight: np.ndarray, sparsity: float, block: int) -> np.ndarray:
+    """`weight` with the blocks `keep_blocks` drops set to zero."""
+    return np.where(keep_blocks(weight, sparsity, block), weight, 0).astype(weight.dtype)
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
 
 
 class Magnitude(Pass):
@@ -47,55 +63,140 @@ class Magnitude(Pass):
         Option("sparsity", float, 0.75, "fraction of weight blocks set to zero in each pruned layer",
                check=in_range(0.0, 1.0, hi_open=True)),
         Option("block", int, 16, "consecutive output features pruned together", choices=(4, 8, 16)),
-        Option("skip", tuple, (), "layers to leave dense: node-name substrings, ';'-separated"),
+        Option("skip", tuple, (), "layers to leave dense: node-name (torch stage: module-name) substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
                check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("dispatch", str, "target", "target: keep a layer dense where the target's measured dispatch table "
+               "says sparse is slower; off: make every eligible layer sparse (tests, experiments)",
+               choices=("target", "off")),
+        Option("recover_steps", int, 0, "model factories: prune in PyTorch, gradually, with this many recovery steps "
+               "in all (0: prune once, in the ONNX graph; ONNX inputs are always pruned once)", check=_non_negative),
+        Option("recover_seconds", float, 600.0, "time budget of the recovery (0: no limit)", check=_non_negative),
+        Option("prune_stages", int, 4, "with recovery: reach the sparsity in this many steps of a cubic schedule, "
+               "each followed by its share of the recovery steps", check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("recovery", str, "distill", "'distill': from the unpruned model on the calibration inputs; "
+               "'train': the model's own training loop (TorchModel.train)", choices=("distill", "train")),
+        Option("lr", float, 1e-4, "distillation learning rate (Adam)",
+               check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        Option("distill_layers", bool, False, "also distil the outputs of every pruned layer (layer-wise)"),
+        Option("distill_loss", str, "auto", "on the outputs: KL of softened logits, MSE, or auto (KL for 2-D "
+               "outputs of several columns)", choices=("auto", "kl", "mse")),
     )
     needs = "none"
     emits = (f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_MATMUL}", f"{kernels.DOMAIN}::{graph.BLOCK_SPARSE_CONV}")
 
-    def rewrite_graph(self, model: ir.Model, ctx) -> None:
-        layers = list(graph.layers(model, kinds=("matmul", "conv")))
+    def __init__(self, **values):
+        super().__init__(**values)
+        self._pruned_in_torch: dict[str, str] | None = None  # digest of each weight the torch stage pruned -> its module
+
+    def requires_torch(self) -> bool:
+        return self.recover_steps > 0
+
+    # -- torch stage (factories with recover_steps > 0) ---------------------------------------------
+    def transform_module(self, module, ctx):
+        if self.recover_steps == 0:
+            return module  # pruned once, in the ONNX stage
+        from . import gradual
+
+        module.eval()
+        layers = gradual.torch_layers(module, ctx.calibration_inputs()[0])
         if not layers:
-            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune")
+            raise EdgesparseError("magnitude: the module runs no nn.Linear or nn.Conv2d to prune")
+        chosen, dense = [], []
+        for layer in layers:
+            reason = self._dense_reason(layer.name, layer.kind, layer.onnx_weight(), layer.group, layer.stride, ctx)
+            if reason:
+                dense.append({"layer": layer.name, "shape": list(layer.onnx_weight().shape), "reason": reason})
+            else:
+                chosen.append(layer)
+        report = {"mode": "none"}
+        if chosen:
+            report = gradual.prune_gradually(module, chosen, lambda w, s: keep_blocks(w, s, self.block), self, ctx)
+            if "cut_by_budget" in report:
+                ctx.warn(f"recovery cut short by its time budget: {report['steps']} of {report['steps_requested']} "
+                         f"steps in {report['seconds']:.0f} s (recover_seconds={self.recover_seconds:g}; 0 = no limit)")
+        self._pruned_in_torch = {gradual.digest(l.onnx_weight()): l.name for l in chosen}
+        ctx.report("torch_stage", {"pruned": [l.name for l in chosen], "kept_dense": dense})
+        ctx.report("recovery", report)
+        return module
+
+    # -- ONNX stage ---------------------------------------------------------------------------------
+    def rewrite_graph(self, model: ir.Model, ctx) -> None:
+        layers = list(graph.layers(model, kinds=("matmul", "conv", "conv1d"), unsupported=True))
+        if not layers:
+            raise EdgesparseError("magnitude: the model has no MatMul/Gemm/Conv with a constant weight to prune"
+                                  + _where_the_layers_are(model))
         pruned, dense = [], []
+        found = set()
         for layer in ctx.progress(layers, "magnitude pruning"):
             shape = list(layer.weight.shape)
-            reason = self._keep_dense_reason(layer, ctx)
+            if self._pruned_in_torch is None:
+                reason = self._keep_dense_reason(layer, ctx)
+            else:  # the torch stage decided, and its weights are pruned already
+                from .gradual import digest
+
+                module = self._pruned_in_torch.get(digest(layer.weight))
+                found.add(module)
+                reason = None if module else "left dense by the torch stage (see torch_stage.kept_dense)"
             if reason:
                 dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
-            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)
-            if layer.kind == "conv":
+            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)  # fp16 too: kernels take fp32
+            if self._pruned_in_torch is not None and not np.array_equal(weight, layer.weight):
+                raise EdgesparseError(f"magnitude: {layer.name} lost weights the torch stage kept (it should be pruned already)")
+            if layer.kind != "matmul":
                 graph.replace_with_block_sparse_conv(model, layer, weight, self.block)
             else:
                 graph.replace_with_block_sparse_matmul(model, layer, weight, self.block)
-            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())})
+            pruned.append({"layer": layer.name, "shape": shape, "sparsity": float((weight == 0).mean())}
+                          | ({"weight_dtype": layer.stored_dtype} if layer.stored_dtype != "float32" else {}))
+        lost = sorted(set((self._pruned_in_torch or {}).values()) - found)
+        if lost:
+            ctx.warn(f"{len(lost)} layer(s) pruned in PyTorch are not a MatMul/Gemm/Conv with a constant weight in the "
+                     f"ONNX graph and run dense ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})")
         if not pruned:
             ctx.warn("no layer was pruned: every candidate stays dense (see kept_dense in the report)")
         ctx.report("pruned", pruned)
         ctx.report("kept_dense", dense)
 
     def _keep_dense_reason(self, layer, ctx) -> str | None:
-        if any(s and s in layer.name for s in self.skip):
+        if layer.unsupported:
+            return layer.unsupported
+        attrs = graph.conv_geometry(layer) if layer.kind != "matmul" else {"group": 1, "strides": [1]}
+        return self._dense_reason(layer.name, layer.kind, layer.weight, attrs["group"], attrs["strides"][-1], ctx)
+
+    def _dense_reason(self, name: str, kind: str, weight: np.ndarray, group: int, stride: int, ctx) -> str | None:
+        """Why a layer stays dense, or None; one rule for both stages. `weight` as in the ONNX graph:
+        [K, N] for a matmul, [O, C, kh, kw] for a conv."""
+        if any(s and s in name for s in self.skip):
             return "skipped by option"
-        if layer.weight.dtype != np.float32:
-            return f"weights are {layer.weight.dtype}, kernels take float32"
-        if layer.kind == "conv":
-            attrs = graph.attributes(layer.node)
-            if attrs.get("group", 1) != 1:
+        if weight.dtype not in (np.float32, np.float16):
+            return f"weights are {weight.dtype}, kernels take float32 (float16 layers are cast around them)"
+        if kind != "matmul":
+            if group != 1:
                 return "grouped or depthwise conv"
-            o, c, kh, kw = layer.weight.shape
-            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": list(attrs.get("strides", [1, 1]))[0]}
+            o, c, kh, kw = weight.shape
+            op, shape = graph.BLOCK_SPARSE_CONV, {"C": c, "O": o, "kernel": [kh, kw], "stride": stride}
             features = min(o, c)
         else:
-            k, n = layer.weight.shape
+            k, n = weight.shape
             op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
         if features < self.min_features:
             return f"fewer than {self.min_features} features"
-        if not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
+        if self.dispatch == "target" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
+
+
+def _where_the_layers_are(model: ir.Model) -> str:
+    """Why a model with layers has none to prune: they sit in If/Loop branches or are quantized."""
+    ops = {(n.op_type, n.graph is model.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    if any(op in ("MatMul", "Gemm", "Conv") and not top for op, top in ops):
+        return " (its layers sit inside If/Loop branches, which magnitude leaves as they are)"
+    quantized = sorted({op for op, _ in ops if op in ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLSTM")})
+    if quantized:
+        return f" (its layers are quantized: {', '.join(quantized)})"
+    return ""
 
 
 @hookimpl

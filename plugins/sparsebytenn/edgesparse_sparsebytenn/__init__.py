@@ -7,7 +7,7 @@ BlockSparseMatMul kernels skip with one SIMD step, with a group pattern per oper
 checked numerically) so that the weight mass falls into fewer groups (permute.py). Per-layer
 sparsities come from a global target, uniform or by measured sensitivity, and only where the
 target's dispatch rule says the sparse kernel wins (allocate.py). Optional recovery by the user's
-training loop or by distillation on calibration inputs, masks kept (recover.py). After export the
+training loop or by distillation on calibration inputs, masks kept (the core's recovery service). After export the
 pruned layers become group-sparse operators with pre-packed weights (rewrite.py).
 
 Stages: transform_module (torch: allocate, rearrange, prune, recover) and rewrite_graph (ONNX).
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
-from edgesparse import kernels
+from edgesparse import kernels, recovery
 
 from . import allocate as alloc
 from . import patterns, permute, recover
@@ -167,13 +167,14 @@ class SparseByteNN(Pass):
         statistics after each, recover with the masks kept. Returns the report's `recovery`."""
         import torch
 
-        # the teacher of recovery=distill: the dense network, rearranged, before any pruning
-        dense_reference = recover.teacher_copy(module) if self.recovery == "distill" and pruned else None
+        # the teacher of the recovery (and what its loss is measured against): the dense network,
+        # rearranged, before any pruning
+        dense_reference = recovery.teacher_copy(module) if self.recovery != "none" and pruned else None
         if self.prune_stages > 1 and self.recovery == "none":
             ctx.warn("prune_stages is ignored without recovery: the sparsity is reached in one step")
-        stages = recover.stage_fractions(self.prune_stages if self.recovery != "none" else 1)
-        shares = recover.split_steps(self.recovery_steps, len(stages))
-        recovery = {"mode": "none"}
+        stages = recovery.stage_fractions(self.prune_stages if self.recovery != "none" else 1)
+        shares = recovery.split_steps(self.recovery_steps, len(stages))
+        report = {"mode": "none"}
         t_recovery = time.monotonic()
         for k, (fraction, steps) in enumerate(zip(stages, shares)):
             # a later stage scores the trained weights; the groups zeroed before score 0 and stay pruned
@@ -187,26 +188,23 @@ class SparseByteNN(Pass):
                 if problem:
                     if k == 0:
                         ctx.warn(f"BatchNorm statistics not recalibrated: {problem}")
-                    recovery["batchnorm_recalibrated"] = 0
+                    report["batchnorm_recalibrated"] = 0
                 else:
-                    recovery["batchnorm_recalibrated"] = recover.recalibrate_batchnorm(module, batches)
+                    report["batchnorm_recalibrated"] = recover.recalibrate_batchnorm(module, batches)
                 module.eval()
             if self.recovery == "none" or not pruned:
                 continue
             seconds = self.recovery_seconds  # one budget for all the stages
             if seconds > 0:
                 seconds = max(seconds - (time.monotonic() - t_recovery), 1e-3)
-            with recover.masks_kept(masks):
-                if self.recovery == "train":
-                    done = recover.user_training(module, ctx, steps, seconds)
-                else:
-                    done = recover.distill(module, dense_reference, ctx, steps, seconds, self.lr)
+            done = ctx.recover(module, dense_reference, steps=steps, seconds=seconds, mode=self.recovery,
+                               lr=self.lr, masks=masks)
             module.eval()
-            recovery = recover.merge_stage(recovery, done, fraction * self.sparsity, len(stages))
-        if "cut_by_budget" in recovery:
-            ctx.warn(f"recovery cut short by its time budget: {recovery['steps']} of {recovery['steps_requested']} "
-                     f"steps in {recovery['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
-        return recovery
+            report = recovery.merge(report, done, fraction * self.sparsity, len(stages), self.recovery_seconds)
+        if "cut_by_budget" in report:
+            ctx.warn(f"recovery cut short by its time budget: {report['steps']} of {report['steps_requested']} "
+                     f"steps in {report['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")
+        return report
 
     def _static_reason(self, info: LayerInfo) -> str | None:
         if info.kind == "depthwise":

@@ -62,7 +62,7 @@ class Snapdragon(Target):
         info["cflags"] = list(tc.flags)
         info["abi"] = toolchains.ANDROID_ABI
         info["verified_on"] = f"{emulator.QEMU} -cpu {emulator.CPU}"
-        info["dispatch"] = ("the kernel dispatch table (measured NEON timings)" if _core_table_has(self.isa) else
+        info["dispatch"] = (f"measured NEON timings ({self.dispatch_table().label})" if self.dispatch_table().entries else
                             f"instruction counts under qemu (sparse if <= {RULE_MAX_RATIO} x the dense loop's); "
                             "no NEON timings in the kernel dispatch table")
         return info
@@ -80,19 +80,12 @@ class Snapdragon(Target):
                                                        set(rt.get("custom_domains", []))))
 
     def prefers_sparse(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> bool:
-        """The core's measured dispatch table decides once it holds NEON timings; until then (no ARM
-        device measures here) the instruction-count stand-in does (see instruction_rule)."""
-        if _core_table_has(self.isa):
+        """A measured NEON dispatch table decides once there is one (shipped, or measured on a device
+        and taken in with `edgesparse tune --import`); until then (no ARM device measures here) the
+        instruction-count stand-in does (see instruction_rule)."""
+        if self.dispatch_table().entries:
             return super().prefers_sparse(op, shape, sparsity, block, threads)
         return instruction_rule(op, sparsity, block)
-
-
-def _core_table_has(isa: str) -> bool:
-    try:
-        from edgesparse.kernels import dispatch
-    except ImportError:
-        return False
-    return any(e.get("isa") == isa for e in dispatch.load_table().get("entries", []))
 
 
 # Sparse only where the kernel issues at most this fraction of the dense loop's instructions at
