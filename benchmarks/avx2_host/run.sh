@@ -9,7 +9,7 @@ grep -qw cpuid_fault /proc/cpuinfo || { echo "run.sh: this CPU has no CPUID faul
 lib="${EDGESPARSE_CACHE:-$HOME/.cache/edgesparse}/avx2_host/mask_avx512.so"
 if [ ! -f "$lib" ] || [ "$here/mask_avx512.c" -nt "$lib" ]; then
     mkdir -p "$(dirname "$lib")"
-    cc -O2 -shared -fPIC -o "$lib.tmp" "$here/mask_avx512.c" && mv "$lib.tmp" "$lib"
+    cc -O2 -shared -fPIC -o "$lib.tmp" "$here/mask_avx512.c" -ldl && mv "$lib.tmp" "$lib"
 fi
 # EDGESPARSE_CPU_NOTE labels what `edgesparse tune` measures here; NM_ARCH tells DeepSparse, whose
 # static CPU probe would not load the shim.
