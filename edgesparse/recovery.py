@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from . import distributed
-from .distillation import Distillation, Taps, device, sync_teacher, to_torch
+from .distillation import Distillation, Taps, device, sync_teacher, tensors, to_torch  # noqa: F401 (tensors: public)
 from .errors import EdgesparseError
 
 MODES = ("distill", "train")

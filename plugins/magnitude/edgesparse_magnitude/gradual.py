@@ -59,25 +59,12 @@ def torch_layers(module, batch: dict) -> list[TorchLayer]:
             w.requires_grad_(True)
         with torch.enable_grad():
             out = module(*(torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in batch.values()))
-            total = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+            total = sum(t.float().sum() for t in recovery.tensors(out) if t.is_floating_point() and t.requires_grad)
             grads = torch.autograd.grad(total, weights, allow_unused=True) if torch.is_tensor(total) else [None] * len(weights)
     finally:
         for w in frozen:
             w.requires_grad_(False)
     return [l for l, g in zip(found, grads) if g is not None]
-
-
-def _tensors(out):
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
 
 
 def digest(weight: np.ndarray) -> str:

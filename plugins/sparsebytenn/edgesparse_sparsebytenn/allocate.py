@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgesparse.recovery import tensors
+
 LADDER = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -30,20 +32,7 @@ def outputs(module, batch: dict) -> list:
 
     with torch.no_grad():
         out = module(*to_args(batch))
-    return list(_tensors(out))
-
-
-def _tensors(out):
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
+    return list(tensors(out))
 
 
 def collect_stats(module, layers: list, batches: list[dict]) -> None:
