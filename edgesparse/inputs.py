@@ -132,6 +132,8 @@ def _guess(spec: dict, axis: int, dim: str) -> int | None:
         return SEQUENCE
     if rank == 2 and axis == 1 and np.dtype(spec["dtype"]).kind in "iu":  # token ids / masks [batch, seq]
         return SEQUENCE
+    if rank == 3 and axis == 1 and isinstance(spec["shape"][2], int):  # [batch, tokens, features]
+        return SEQUENCE
     return None
 
 

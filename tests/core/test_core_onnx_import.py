@@ -92,6 +92,8 @@ def test_unguessable_dims_are_refused_with_what_to_give():
     with pytest.raises(EdgesparseError) as err:
         inputs.generated(model)
     assert str(err.value) == "input 'x' has dynamic dims H, d3: give --inputs FILE.npz or --input-shape x=1,3,H,d3"
+    # [batch, tokens, features] with fixed features: the middle dim is a sequence, a safe guess
+    assert inputs.resolve_shapes(signature_model({"h": (TensorProto.FLOAT, ["b", "t", 96])}))["h"][2] == 96
     unset = signature_model({"x": (TensorProto.FLOAT, [None, None])})  # dims present but neither value nor name
     with pytest.raises(EdgesparseError, match=r"dynamic dims d1: .* --input-shape x=1,d1$"):
         inputs.generated(unset)
