@@ -33,7 +33,16 @@ def process_group(device):
 
 
 def _close():
+    """Every rank reaches the end before any tears its connections down: a rank closing while
+    another's gloo threads still talk to it can abort ("terminate called without an active
+    exception"). Bounded, so a rank that died does not hang the others."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except Exception:  # noqa: BLE001 - a peer already gone: close anyway
+            pass
         dist.destroy_process_group()
