@@ -71,3 +71,20 @@ def run(*args, check=True, env=None, cwd=None) -> subprocess.CompletedProcess:
 
 def run_json(*args, **kw):
     return json.loads(run(*args, "--json", **kw).stdout)
+
+
+def fails(*args, expect: str, **kw) -> str:
+    """The CLI fails with exactly one `error:` line containing `expect`, and no traceback."""
+    result = run(*args, check=False, **kw)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert expect in errors[0], errors[0]
+    return errors[0]
+
+
+def no_leftovers(folder):
+    """Hidden staging folders a failed build left behind (there should be none)."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]

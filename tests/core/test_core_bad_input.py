@@ -7,22 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgesparse_testing import run
-
-
-def fails(*args, expect: str, **kw) -> str:
-    result = run(*args, check=False, **kw)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    assert expect in errors[0], errors[0]
-    return errors[0]
-
-
-def no_leftovers(folder):
-    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+from edgesparse_testing import fails, no_leftovers, run
 
 
 def test_missing_model(tmp_path):

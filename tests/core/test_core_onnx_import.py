@@ -10,8 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgesparse import inputs
 from edgesparse.errors import EdgesparseError
-from edgesparse_testing import conv_model, mlp_model, run_json
-from test_core_bad_input import fails, no_leftovers
+from edgesparse_testing import conv_model, fails, mlp_model, no_leftovers, run_json
 
 SPARSE = ["-t", "x86", "-p", "magnitude:dispatch=off"]  # every eligible layer sparse, whatever the host measured
 

@@ -13,20 +13,9 @@ from edgesparse import Pass, hookimpl, runtime
 from edgesparse.cli import main
 from edgesparse.pipeline import BuildRequest, build
 from edgesparse.plugins import load_registry
-from edgesparse_testing import mlp_model, run, run_json
+from edgesparse_testing import fails, mlp_model, run, run_json
 
 DAMAGE = "magnitude:sparsity=0.95,block=16,dispatch=off"  # every layer sparse, whatever the host's table says
-
-
-def fails(*args, expect: str) -> str:
-    result = run(*args, check=False)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    assert expect in errors[0], errors[0]
-    return errors[0]
 
 
 def nothing_written(folder, out):
