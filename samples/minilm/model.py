@@ -163,27 +163,33 @@ def embedding_agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict:
             "nn_agreement": float((nearest[0] == nearest[1]).mean())}
 
 
-@lru_cache(maxsize=1)
-def wiki_sentences() -> list[str]:
-    """EMBEDDING_SENTENCES sentences of the Wikipedia articles in gensim's test data (none of them
-    calibration sentences), or [] without gensim."""
-    try:
-        import gensim
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    except ImportError:
-        return []
-    path = Path(gensim.__file__).parent / "test" / "test_data" / WIKI
-    sentences = []
-    with bz2.open(path) as f:
+def wiki_article_sentences():
+    """For each Wikipedia article in gensim's test data, its plain-text sentences of 40-200
+    characters (markup and headings stripped). Needs gensim."""
+    import gensim
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    with bz2.open(Path(gensim.__file__).parent / "test" / "test_data" / WIKI) as f:
         for _, text, _ in extract_pages(f):
             if text.lower().lstrip().startswith("#redirect"):
                 continue
             plain = re.sub(r"'{2,}|^=+.*?=+\s*$", "", filter_wiki(text), flags=re.M)
             found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", plain.replace("\n", " "))]
-            found = [s for s in found if 40 <= len(s) <= 200 and s[0].isupper() and "|" not in s]
-            sentences += found[:: max(1, len(found) // PER_ARTICLE)][:PER_ARTICLE]  # spread over many articles
-            if len(sentences) >= EMBEDDING_SENTENCES:
-                break
+            yield [s for s in found if 40 <= len(s) <= 200 and s[0].isupper() and "|" not in s]
+
+
+@lru_cache(maxsize=1)
+def wiki_sentences() -> list[str]:
+    """EMBEDDING_SENTENCES held-out sentences spread over many articles, or [] without gensim."""
+    try:
+        import gensim  # noqa: F401
+    except ImportError:
+        return []
+    sentences = []
+    for found in wiki_article_sentences():
+        sentences += found[:: max(1, len(found) // PER_ARTICLE)][:PER_ARTICLE]
+        if len(sentences) >= EMBEDDING_SENTENCES:
+            break
     return sentences[:EMBEDDING_SENTENCES]
 
 

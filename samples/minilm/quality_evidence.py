@@ -15,10 +15,8 @@ Writes samples/minilm/results/quality_evidence.json.
 """
 from __future__ import annotations
 
-import bz2
 import copy
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,21 +35,12 @@ RESULTS = HERE / "results" / "quality_evidence.json"
 
 def calibration_sentences(count: int = 256) -> list[str]:
     """Wikipedia sentences none of which is an evaluation sentence."""
-    import gensim
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
     held_out, found = set(sample.wiki_sentences()), []
-    with bz2.open(Path(gensim.__file__).parent / "test" / "test_data" / sample.WIKI) as f:
-        for _, text, _ in extract_pages(f):
-            if text.lower().lstrip().startswith("#redirect"):
-                continue
-            plain = re.sub(r"'{2,}|^=+.*?=+\s*$", "", filter_wiki(text), flags=re.M)
-            parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", plain.replace("\n", " "))]
-            parts = [s for s in parts if 40 <= len(s) <= 200 and s[0].isupper() and "|" not in s and s not in held_out]
-            found += parts[1::7][:4]
-            if len(found) >= count:
-                return found[:count]
-    return found
+    for sentences in sample.wiki_article_sentences():
+        found += [s for s in sentences if s not in held_out][1::7][:4]
+        if len(found) >= count:
+            break
+    return found[:count]
 
 
 def encode(tokenizer, sentences):
