@@ -105,6 +105,24 @@ def _tokenizer_and_model():
 
 def build() -> TorchModel:
     tokenizer, bert = _tokenizer_and_model()
+    return _factory(tokenizer, bert)
+
+
+def recovered() -> TorchModel:
+    """The sample with the weights of a recovery run (recover.py): a snapshot named by the
+    MINILM_WEIGHTS environment variable. Quality is still measured against the original model."""
+    path = os.environ.get("MINILM_WEIGHTS")
+    if not path or not Path(path).is_file():
+        raise ValueError(f"set MINILM_WEIGHTS to a snapshot of samples/minilm/recover.py (got {path!r})")
+    tokenizer, original = _tokenizer_and_model()
+    _, bert = _tokenizer_and_model()
+    bert.load_state_dict(torch.load(path, weights_only=True))
+    return _factory(tokenizer, bert.eval(), original)
+
+
+def _factory(tokenizer, bert, original=None) -> TorchModel:
+    """The sample's factory around `bert`; quality figures compare with `original` (default: bert
+    as it is now, before any pass)."""
 
     def encode(sentences):
         enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
@@ -124,7 +142,7 @@ def build() -> TorchModel:
     wiki_batches = [encode(wiki[i:i + 64]) for i in range(0, len(wiki), 64)]
     if wiki_batches:
         with torch.no_grad():
-            reference = np.concatenate([pooled(bert(**b).last_hidden_state.numpy(), b["attention_mask"].numpy())
+            reference = np.concatenate([pooled((bert if original is None else original)(**b).last_hidden_state.numpy(), b["attention_mask"].numpy())
                                         for b in wiki_batches])
 
     def evaluate(run):
