@@ -64,18 +64,25 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
     for (int u = 0; u < U; ++u) {
       const float* xp = xt + (int64_t)kidx[p + u] * ldx;
       const float* w = vals + (int64_t)(p + u) * B;
-      for (int r = 0; r < R; ++r) {
-        V wv = vload<V>(w + r * L);
-        for (int t = 0; t < T; ++t) part[u][t][r] += wv * xp[t];
+      // token outer, output vector inner: one broadcast live at a time
+      // (R weights + 1 broadcast + T * R accumulators is what BsmmTile sizes;
+      // the other order kept T broadcasts live and spilled accumulators on AVX2)
+      V wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = vload<V>(w + r * L);
+      for (int t = 0; t < T; ++t) {
+        const float xs = xp[t];
+        for (int r = 0; r < R; ++r) part[u][t][r] += wv[r] * xs;
       }
     }
   }
   for (; p < p1; ++p) {
     const float* xp = xt + (int64_t)kidx[p] * ldx;
     const float* w = vals + (int64_t)p * B;
-    for (int r = 0; r < R; ++r) {
-      V wv = vload<V>(w + r * L);
-      for (int t = 0; t < T; ++t) part[0][t][r] += wv * xp[t];
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = vload<V>(w + r * L);
+    for (int t = 0; t < T; ++t) {
+      const float xs = xp[t];
+      for (int r = 0; r < R; ++r) part[0][t][r] += wv[r] * xs;
     }
   }
   for (int t = 0; t < T; ++t)
