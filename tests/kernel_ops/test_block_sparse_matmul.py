@@ -120,6 +120,41 @@ def test_kernel_larger_shapes_and_threads(kernel_lib, isa, m, k, n, block, threa
     assert_close(sess.run(None, {"X": x})[0], block_sparse_matmul_reference(x, packed, n, bias, "gelu"), k)
 
 
+# The token-vectorised tile for 16 x 1 blocks (AVX-512, M >= 32; bsmm_kernel.h
+# "bsmm_rows_wide"): 48-token tiles, a partial last tile (M not a multiple of
+# 48, or of 16: a partial token vector), outputs 8 at a time (n % 16 != 0: a
+# partial last block row, also n < 8), empty block rows, bias and every
+# activation; 2 threads split token tiles and block rows.
+@pytest.mark.parametrize("m", [32, 33, 47, 48, 49, 64, 97, 150])
+@pytest.mark.parametrize("n", [16, 45, 56, 5])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+def test_wide_token_tile(kernel_lib, isa, m, n, activation):
+    rng = np.random.default_rng(m * 100 + n)
+    k = 70
+    w = random_block_sparse(rng, k, n, 16, 0.5)
+    if n > 16:
+        w[:, 16:32] = 0  # an empty block row: act(bias) only
+    packed = pack_block_sparse(w, 16)
+    bias = rng.standard_normal(n).astype(np.float32) if m % 2 else None
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    threads = 2 if m == 150 else 1
+    sess = session(matmul_model([m, k], packed, n, bias, activation), kernel_lib, threads=threads)
+    assert_close(sess.run(None, {"X": x})[0], block_sparse_matmul_reference(x, packed, n, bias, activation), k)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+def test_wide_token_tile_dense_empty_and_batched(kernel_lib, isa, sparsity):
+    """All blocks kept or none (every block row empty: act(bias)); a [2, M, K] input."""
+    rng = np.random.default_rng(7)
+    k, n = 33, 40
+    w = random_block_sparse(rng, k, n, 16, sparsity)
+    packed = pack_block_sparse(w, 16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((2, 40, k)).astype(np.float32)
+    sess = session(matmul_model([2, 40, k], packed, n, bias, "relu"), kernel_lib)
+    assert_close(sess.run(None, {"X": x})[0], block_sparse_matmul_reference(x, packed, n, bias, "relu"), k)
+
+
 def test_all_zero_and_fully_dense(kernel_lib):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 24)).astype(np.float32)

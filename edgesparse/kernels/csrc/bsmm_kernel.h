@@ -14,6 +14,10 @@
 #include "es_kernels.h"
 #include "es_simd.h"
 
+#if defined(ES_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace ES_NS {
 
 // Tokens per register tile: T * R accumulators + R weight vectors + one
@@ -64,18 +68,25 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
     for (int u = 0; u < U; ++u) {
       const float* xp = xt + (int64_t)kidx[p + u] * ldx;
       const float* w = vals + (int64_t)(p + u) * B;
-      for (int r = 0; r < R; ++r) {
-        V wv = vload<V>(w + r * L);
-        for (int t = 0; t < T; ++t) part[u][t][r] += wv * xp[t];
+      // token outer, output vector inner: one broadcast live at a time
+      // (R weights + 1 broadcast + T * R accumulators is what BsmmTile sizes;
+      // the other order kept T broadcasts live and spilled accumulators on AVX2)
+      V wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = vload<V>(w + r * L);
+      for (int t = 0; t < T; ++t) {
+        const float xs = xp[t];
+        for (int r = 0; r < R; ++r) part[u][t][r] += wv[r] * xs;
       }
     }
   }
   for (; p < p1; ++p) {
     const float* xp = xt + (int64_t)kidx[p] * ldx;
     const float* w = vals + (int64_t)p * B;
-    for (int r = 0; r < R; ++r) {
-      V wv = vload<V>(w + r * L);
-      for (int t = 0; t < T; ++t) part[0][t][r] += wv * xp[t];
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = vload<V>(w + r * L);
+    for (int t = 0; t < T; ++t) {
+      const float xs = xp[t];
+      for (int r = 0; r < R; ++r) part[0][t][r] += wv[r] * xs;
     }
   }
   for (int t = 0; t < T; ++t)
@@ -138,6 +149,10 @@ static inline bool bsmm_token_path(const es_bsmm_args* a) {
   return a->block < ES_VEC_FLOATS && a->m > a->block;
 }
 
+// 16 x 1 blocks with many tokens: the token-vectorised wide tile (below).
+static inline bool bsmm_wide_path(const es_bsmm_args* a);
+static inline int32_t bsmm_wide_tile(const es_bsmm_args* a);
+
 // Tokens per packed tile for this call.
 static inline int32_t bsmm_tile(const es_bsmm_args* a) {
   if (bsmm_token_path(a)) {
@@ -148,7 +163,15 @@ static inline int32_t bsmm_tile(const es_bsmm_args* a) {
         return BsmmTokTile<(8 < ES_VEC_FLOATS ? 8 : 4)>::T;
     }
   }
-  return bsmm_tile_m(a->block);
+  if (bsmm_wide_path(a)) return bsmm_wide_tile(a);
+  // Tiles of equal size: a short last tile has few accumulator chains and
+  // waits on the FMA latency (AVX2, 16 x 1 blocks, M = 8: 4 + 4, not 6 + 2).
+  const int64_t tm = bsmm_tile_m(a->block);
+  if (a->m > tm) {
+    const int64_t tiles = (a->m + tm - 1) / tm;
+    return (int32_t)((a->m + tiles - 1) / tiles);
+  }
+  return (int32_t)tm;
 }
 
 // Block rows [jb, je) for the tc tokens of one tile (tc <= TV*L; lanes past
@@ -206,6 +229,168 @@ static void bsmm_rows_tok_any(const es_bsmm_args* a, const float* xt, int tc, in
   }
 }
 
+// Token-vectorised tile for blocks as wide as the native vector (16 x 1 blocks
+// on AVX-512): with many tokens the tile above needs one load (the weight
+// vector or a broadcast input) per FMA. Here vectors run over TV*L consecutive
+// tokens of the packed tile and the block's outputs are taken H at a time: per
+// block, TV input loads + H weight broadcasts feed H*TV FMAs (TV = 3, H = 8:
+// 11 loads for 24 FMAs). The H x tokens result is transposed into Y in the
+// epilogue. Used when M >= ES_BSMM_WIDE_MIN_M (see bsmm_wide_path); measured
+// (docs/kernels.md): on AVX-512 at M >= 32 it is 1.2-1.5x faster than the
+// tile above at 50-75 % sparsity and about even at 90 %; on AVX2 (16
+// registers: 4 outputs x 3 token vectors) it was 5-15 % slower, so it is off
+// there, as on the 16-byte-vector builds (not measured).
+#ifndef ES_BSMM_WIDE_MIN_M
+#if defined(ES_ISA_AVX512)
+#define ES_BSMM_WIDE_MIN_M 32
+#else
+#define ES_BSMM_WIDE_MIN_M 0 /* off */
+#endif
+#endif
+#ifndef ES_BSMM_WIDE_TV
+#define ES_BSMM_WIDE_TV 3
+#endif
+
+static inline bool bsmm_wide_path(const es_bsmm_args* a) {
+  return ES_BSMM_WIDE_MIN_M > 0 && a->block == 16 && a->block == ES_VEC_FLOATS && a->m >= ES_BSMM_WIDE_MIN_M;
+}
+// Tokens per tile (the last tile of a call may be shorter: M = 64 -> 48 + 16,
+// which measured faster than 32 + 32).
+static inline int32_t bsmm_wide_tile(const es_bsmm_args*) { return ES_BSMM_WIDE_TV * ES_VEC_FLOATS; }
+
+// Outputs per pass for TV token vectors: H*TV accumulators + TV inputs + one
+// broadcast within the register file.
+template <int TV>
+struct BsmmWideH {
+  static constexpr int fit = (ES_NUM_VREGS - 1 - TV) / TV;
+  static constexpr int H = fit > 16 ? 16 : (fit > 8 && fit < 16 ? 8 : fit);
+};
+
+// Stores tokens [t0, tc) x outputs [0, nh) of acc (outputs x token vectors)
+// into y (token t's outputs at y + t * n).
+template <int H, int TV>
+static ES_INLINE void bsmm_wide_store_scalar(const vfloat (&acc)[H][TV], float* y, int64_t n, int t0, int tc, int nh) {
+  constexpr int L = ES_VEC_FLOATS;
+  float buf[H][TV * L];
+  for (int b = 0; b < H; ++b)
+    for (int v = 0; v < TV; ++v) vstore<vfloat>(&buf[b][v * L], acc[b][v]);
+  y += (int64_t)t0 * n;
+  for (int t = t0; t < tc; ++t, y += n)
+    for (int b = 0; b < nh; ++b) y[b] = buf[b][t];
+}
+
+#if defined(ES_ISA_AVX512)
+// r[b][v] for b in [0, 8): 8 outputs x 16 tokens; stores token t's 8 outputs
+// at y + t * ldy (t in [0, 16)): unpack + shuffle within 128-bit lanes, then
+// 128-bit lane pairs, 40 shuffles and 16 stores for 128 floats.
+template <int TV>
+static ES_INLINE void transpose_store_8x16(const vfloat (*r)[TV], int v, float* y, int64_t ldy) {
+  __m512 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps((__m512)r[2 * i][v], (__m512)r[2 * i + 1][v]);
+    t[2 * i + 1] = _mm512_unpackhi_ps((__m512)r[2 * i][v], (__m512)r[2 * i + 1][v]);
+  }
+  // u[q] (q = token within a 128-bit lane): outputs 0-3, u[4 + q]: outputs 4-7
+  for (int h = 0; h < 2; ++h) {
+    const __m512 lo01 = t[4 * h], hi01 = t[4 * h + 1], lo23 = t[4 * h + 2], hi23 = t[4 * h + 3];
+    u[4 * h + 0] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+    u[4 * h + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+    u[4 * h + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+    u[4 * h + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    // lanes [lo l0, lo l2, hi l0, hi l2] -> [lo l0, hi l0, lo l2, hi l2]: tokens q and 8 + q
+    const __m512 e = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);  // [lo0, lo2, hi0, hi2]
+    const __m512 f = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);  // [lo1, lo3, hi1, hi3]
+    const __m512 e2 = _mm512_shuffle_f32x4(e, e, 0xD8);            // [lo0, hi0, lo2, hi2]
+    const __m512 f2 = _mm512_shuffle_f32x4(f, f, 0xD8);            // [lo1, hi1, lo3, hi3]
+    _mm256_storeu_ps(y + (int64_t)q * ldy, _mm512_castps512_ps256(e2));
+    _mm256_storeu_ps(y + (int64_t)(8 + q) * ldy, _mm512_extractf32x8_ps(e2, 1));
+    _mm256_storeu_ps(y + (int64_t)(4 + q) * ldy, _mm512_castps512_ps256(f2));
+    _mm256_storeu_ps(y + (int64_t)(12 + q) * ldy, _mm512_extractf32x8_ps(f2, 1));
+  }
+}
+#endif
+
+// Outputs [h0, h0 + H) of block row j (B = 16) for the tc tokens of one tile;
+// stores outputs [h0, min(h0 + H, valid)).
+template <int H, int TV>
+static ES_INLINE void bsmm_wide_pass(const es_bsmm_args* a, const float* ES_RESTRICT xt, int tc, int64_t m0,
+                                     int64_t j, int h0, int valid) {
+  constexpr int L = ES_VEC_FLOATS, B = 16;
+  vfloat acc[H][TV];
+  for (int b = 0; b < H; ++b)
+    for (int v = 0; v < TV; ++v) acc[b][v] = vzero<vfloat>();
+  const int32_t p1 = a->row_ptr[j + 1];
+  const int32_t* ES_RESTRICT kidx = a->k_index;
+  const float* ES_RESTRICT w = a->values + (int64_t)a->row_ptr[j] * B + h0;
+  for (int32_t p = a->row_ptr[j]; p < p1; ++p, w += B) {
+    const float* xp = xt + (int64_t)kidx[p] * tc;
+    vfloat xv[TV];
+    for (int v = 0; v < TV; ++v) xv[v] = vload<vfloat>(xp + v * L);
+    for (int b = 0; b < H; ++b) {
+      const float wb = w[b];
+      for (int v = 0; v < TV; ++v) acc[b][v] += xv[v] * wb;
+    }
+  }
+  const int64_t n = a->n, n0 = j * B + h0;
+  const int nh = valid - h0 < H ? valid - h0 : H;
+  for (int b = 0; b < H; ++b) {
+    const float bias = (a->bias && b < nh) ? a->bias[n0 + b] : 0.0f;
+    for (int v = 0; v < TV; ++v) acc[b][v] = vactivate(acc[b][v] + bias, a->activation);
+  }
+  float* y = a->y + m0 * n + n0;
+#if defined(ES_ISA_AVX512)
+  if constexpr (H % 8 == 0) {
+    if (nh == H) {
+      // full groups of 8 outputs x 16 tokens: transposed in registers
+      for (int v = 0; v < TV && (v + 1) * L <= tc; ++v)
+        for (int b = 0; b < H; b += 8)
+          transpose_store_8x16(&acc[b], v, y + (int64_t)v * L * n + b, n);
+      const int done = tc / L * L;
+      if (done == tc) return;
+      bsmm_wide_store_scalar<H, TV>(acc, y, n, done, tc, nh);
+      return;
+    }
+  }
+#endif
+  bsmm_wide_store_scalar<H, TV>(acc, y, n, 0, tc, nh);
+}
+
+template <int TV>
+static void bsmm_rows_wide(const es_bsmm_args* a, const float* xt, int tc, int64_t m0, int64_t jb, int64_t je) {
+  constexpr int H = BsmmWideH<TV>::H, B = 16;
+  constexpr int full = B / H * H, rest = B - full;
+  const int64_t n = a->n;
+  for (int64_t j = jb; j < je; ++j) {
+    const int valid = n - j * B < B ? (int)(n - j * B) : B;  // last block row may be partial
+    int h0 = 0;
+    for (; h0 < full && h0 < valid; h0 += H) bsmm_wide_pass<H, TV>(a, xt, tc, m0, j, h0, valid);
+    if constexpr (rest > 0)
+      if (h0 < valid) bsmm_wide_pass<(rest > 0 ? rest : 1), TV>(a, xt, tc, m0, j, h0, valid);
+  }
+}
+
+static void bsmm_rows_wide_any(const es_bsmm_args* a, const float* xt, int tc, int64_t m0, int64_t jb,
+                               int64_t je) {
+  constexpr int TV = ES_BSMM_WIDE_TV;
+  const int tv = (tc + ES_VEC_FLOATS - 1) / ES_VEC_FLOATS;
+  switch (tv) {
+    case 1:
+      bsmm_rows_wide<1>(a, xt, tc, m0, jb, je);
+      return;
+    case 2:
+      if constexpr (TV >= 2) bsmm_rows_wide<(TV >= 2 ? 2 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+    case 3:
+      if constexpr (TV >= 3) bsmm_rows_wide<(TV >= 3 ? 3 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+    default:
+      if constexpr (TV >= 4) bsmm_rows_wide<(TV >= 4 ? 4 : 1)>(a, xt, tc, m0, jb, je);
+      return;
+  }
+}
+
 template <int B>
 static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, int64_t ldx,
                           int64_t m0, int64_t jb, int64_t je) {
@@ -233,9 +418,15 @@ static int bsmm_pack(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t 
     const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
     const float* x = a->x + m0 * k;
     float* dst = xp + m0 * k;
-    for (int64_t t = 0; t < tc; ++t) {
-      const float* xr = x + t * k;
-      for (int64_t kk = 0; kk < k; ++kk) dst[kk * tc + t] = xr[kk];
+    // in slices of 64 k so the slice's destination lines (64 x tc floats) stay
+    // in L1 while every token writes its column (token by token over all of k,
+    // K = 3072 x 48 tokens took half the time of a 90 % sparse M = 64 call)
+    for (int64_t k0 = 0; k0 < k; k0 += 64) {
+      const int64_t k1 = k - k0 < 64 ? k : k0 + 64;
+      for (int64_t t = 0; t < tc; ++t) {
+        const float* xr = x + t * k;
+        for (int64_t kk = k0; kk < k1; ++kk) dst[kk * tc + t] = xr[kk];
+      }
     }
   }
   return 0;
@@ -253,6 +444,8 @@ static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, 
   const int64_t tm = bsmm_tile(a);
   void (*tok)(const es_bsmm_args*, const float*, int, int64_t, int64_t, int64_t) = nullptr;
   if (bsmm_token_path(a)) tok = a->block == 4 ? bsmm_rows_tok_any<4> : bsmm_rows_tok_any<(8 < ES_VEC_FLOATS ? 8 : 4)>;
+  else if (bsmm_wide_path(a))
+    tok = bsmm_rows_wide_any;
   const int64_t group_blocks = ES_BSMM_GROUP_BYTES / (a->block * (int64_t)sizeof(float));
   for (int64_t j0 = j_begin; j0 < j_end;) {
     int64_t j1 = j0 + 1;

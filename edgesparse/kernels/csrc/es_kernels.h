@@ -127,7 +127,7 @@ typedef struct es_kernel_table {
   int32_t vec_floats; /* native vector width in floats */
   /* Tokens per register tile of the output-vectorised path for a block size.
    * Split token ranges on bsmm_tile(a) (end of the table), which also covers
-   * the token-vectorised path for narrow blocks. */
+   * the token-vectorised paths and evens out the tiles of a call. */
   int32_t (*bsmm_tile_m)(int32_t block);
 
   /* Pack rows [m_begin, m_end) of x for bsmm (m_begin a multiple of the tile).
