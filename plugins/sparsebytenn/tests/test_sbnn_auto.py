@@ -116,3 +116,14 @@ def test_auto_bad_input_is_one_line(factory, verifying_registry, tmp_path, budge
 def test_auto_probe_steps_needs_auto(factory, verifying_registry, tmp_path):
     with pytest.raises(EdgesparseError, match="auto_probe_steps is for sparsity=auto"):
         _build(factory, tmp_path / "pkg", verifying_registry, {"cosine": 0.9}, sparsity=0.5, auto_probe_steps=5)
+
+
+def test_auto_probes_recover_before_they_are_checked(factory, verifying_registry, tmp_path):
+    """auto_probe_steps: each allocation checked gets that much recovery first; the chosen one then
+    gets the full recovery, and the package still meets the budget."""
+    manifest = _build(factory, tmp_path / "pkg", verifying_registry, {"top1_agreement": 0.9},
+                      recovery="distill", recovery_steps=6, auto_probe_steps=3, lr=5e-4)
+    report = manifest["passes"][0]["report"]
+    assert report["auto"]["probe_recovery_steps"] == 3 and report["auto"]["tried"]
+    assert report["recovery"]["mode"] == "distill" and report["recovery"]["steps"] == 6
+    assert manifest["quality"]["summary"]["top1_agreement"] >= 0.9
