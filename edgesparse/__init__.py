@@ -2,7 +2,8 @@
 
 The public API for plugin authors and users is what this module exports, plus
 `edgesparse.kernels` (sparse operators and their packers), `edgesparse.graph` (ONNX helpers) and
-`edgesparse.recovery` (masks kept while training, gradual-pruning schedules; `BuildContext.recover`).
+`edgesparse.recovery` (masks kept while training, gradual-pruning schedules; `BuildContext.recover`) and
+`edgesparse.allocation` (`sparsity=auto`: per-layer sparsities for speed within the quality budget).
 """
 __version__ = "0.1.0"
 

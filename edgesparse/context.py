@@ -23,6 +23,44 @@ class BuildContext:
         self.warnings: list[str] = []
         self.files: dict[str, bytes] = {}
         self._current = None
+        self._budget: dict = {}
+        self._baseline = None  # a callable giving the quality.Baseline (the build sets it), then the Baseline
+        self._evaluate = None
+
+    # -- quality (what sparsity=auto searches within) ----------------------------------------
+    def set_quality(self, budget: dict, baseline, evaluate: Callable | None = None) -> None:
+        """Called by the build: the quality budget, the original model's held-out outputs (a
+        quality.Baseline, or a callable that measures it when first needed) and the factory's
+        evaluate()."""
+        self._budget, self._baseline, self._evaluate = dict(budget), baseline, evaluate
+
+    @property
+    def quality_budget(self) -> dict[str, float]:
+        """The build's quality budget ({metric: value}, --min-quality); {} when it has none."""
+        return dict(self._budget)
+
+    def measure_quality(self, run_batch: Callable, factory_metrics: bool | None = None) -> dict:
+        """A candidate (run by `run_batch`: input batch {name: array} -> list of outputs, in the
+        original model's output order) against the original model on the build's held-out batches,
+        as the manifest's quality section measures the package, plus `budget` ({metric: {limit,
+        value, passed}}), `passed` and `missed` (the first miss as text, or None).
+        factory_metrics: call the factory's evaluate() too (default: when the budget holds one of
+        its metrics; it can be slow)."""
+        from . import quality
+
+        if self._baseline is None:
+            raise EdgesparseError("quality is not measurable here (no original model to compare with)")
+        if callable(self._baseline):
+            self._baseline = self._baseline()
+        base = self._baseline
+        if factory_metrics is None:
+            factory_metrics = quality.needs_evaluate(self._budget)
+        evaluate = self._evaluate if factory_metrics else None
+        result = quality.compare(base, run_batch, base.names, evaluate)
+        budget = {k: v for k, v in self._budget.items() if evaluate is not None or k in quality.METRICS}
+        result["budget"], result["missed"] = quality.budget_results(result, budget)
+        result["passed"] = result["missed"] is None
+        return result
 
     # -- data -----------------------------------------------------------------
     def calibration_inputs(self) -> list[dict[str, np.ndarray]]:

@@ -29,9 +29,14 @@ class Option:
     help: str
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None
+    # words accepted besides values of `type`, kept as strings (e.g. "auto" for a float sparsity);
+    # neither `choices` nor `check` applies to them
+    words: tuple[str, ...] = ()
 
     def parse(self, value: Any, owner: str) -> Any:
         """Convert a value (a string from the command line or a TOML value) and validate it."""
+        if isinstance(value, str) and value.strip() in self.words:
+            return value.strip()
         value = self._convert(value, owner)
         if self.choices is not None and value not in self.choices:
             raise EdgesparseError(
@@ -44,8 +49,9 @@ class Option:
         return value
 
     def _convert(self, value: Any, owner: str) -> Any:
+        also = "".join(f" or '{w}'" for w in self.words)
         wrong = EdgesparseError(
-            f"option {owner}.{self.name} expects {self.type.__name__}, got {value!r}"
+            f"option {owner}.{self.name} expects {self.type.__name__}{also}, got {value!r}"
         )
         if self.type is bool:
             if isinstance(value, bool):
@@ -147,6 +153,7 @@ class Pass:
             "options": [
                 {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
                 | ({"choices": list(o.choices)} if o.choices else {})
+                | ({"words": list(o.words)} if o.words else {})
                 for o in cls.options
             ],
         }

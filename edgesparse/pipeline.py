@@ -90,6 +90,23 @@ def build(request: BuildRequest, registry=None) -> dict | None:
     for warning in table.warnings:
         ctx.warn(warning)
     original = None
+    measured = []
+
+    def measure_baseline() -> quality.Baseline:
+        """The original on the held-out batches, once: when a pass first asks (sparsity=auto) or
+        before the ONNX passes."""
+        if not measured:
+            reference = original or model
+            if reference is None:  # a factory's torch stage, no pass of which needs torch
+                raise EdgesparseError("the original model is not exported yet: quality is measurable from the ONNX stage on")
+            ctx.log(f"running the original model on {len(held_out)} {held_out_kind} batches")
+            measured.append(quality.measure_original(_dense_original(reference, registry), held_out, held_out_kind,
+                                                     evaluate, request.threads))
+            if evaluate is not None:
+                quality.check_metric_names(budget, set(measured[0].metrics))
+        return measured[0]
+
+    ctx.set_quality(budget, measure_baseline, evaluate)
     if source is not None:
         if needing_torch:  # the module as the user gave it, before the passes change it
             ctx.log("exporting the original model to ONNX")
@@ -113,11 +130,7 @@ def build(request: BuildRequest, registry=None) -> dict | None:
             ctx.log(f"converted the model from opset {c['from']} to {c['to']} (max abs error {c['max_abs_error']:.2e} vs the original)")
 
     # the original, run once now on the held-out batches: the package is compared with it at the end
-    ctx.log(f"running the original model on {len(held_out)} {held_out_kind} batches")
-    baseline = quality.measure_original(_dense_original(original or model, registry), held_out, held_out_kind,
-                                        evaluate, request.threads)
-    if evaluate is not None:
-        quality.check_metric_names(budget, set(baseline.metrics))
+    baseline = measure_baseline()
 
     # ONNX passes
     graph = ir.from_proto(model)

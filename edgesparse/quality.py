@@ -93,15 +93,29 @@ def check_metric_names(budget: dict, factory_metrics: set[str] | None) -> None:
 def check_budget(quality: dict, budget: dict) -> dict:
     """The budget against the measured quality: {metric: {limit, value, passed}}. The first miss
     raises, naming the metric, its value and the limit."""
-    results = {}
+    results, missed = budget_results(quality, budget)
+    if missed:
+        raise EdgesparseError(f"quality budget missed: {missed}")
+    return results
+
+
+def budget_results(quality: dict, budget: dict) -> tuple[dict, str | None]:
+    """The budget against the measured quality, without raising: ({metric: {limit, value,
+    passed}}, the first miss as text, e.g. "cosine 0.91 < 0.95", or None)."""
+    results, missed = {}, None
     for name, limit in budget.items():
         value, kind, note = _budget_value(quality, name)
         passed = (value >= limit) if kind == "min" else (value <= limit)  # NaN never passes
         results[name] = {"min" if kind == "min" else "max": limit, "value": value, "passed": bool(passed)}
-        if not passed:
+        if not passed and missed is None:
             sign = "<" if kind == "min" else ">"
-            raise EdgesparseError(f"quality budget missed: {name} {value:.4g} {sign} {limit:.4g}{note}")
-    return results
+            missed = f"{name} {value:.4g} {sign} {limit:.4g}{note}"
+    return results, missed
+
+
+def needs_evaluate(budget: dict) -> bool:
+    """Whether the budget holds a factory metric (evaluate() must run to check it)."""
+    return any(name not in METRICS for name in budget)
 
 
 def _budget_value(quality: dict, name: str) -> tuple[float, str, str]:
@@ -129,6 +143,7 @@ class Baseline:
     inputs: str          # where the batches came from: evaluation, file or calibration
     outputs: list[list[np.ndarray]]
     metrics: dict[str, float] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # the original's output names
 
 
 def measure_original(original, batches: list[dict], kind: str, evaluate: Callable | None, threads: int = 1) -> Baseline:
@@ -145,11 +160,13 @@ def measure_original(original, batches: list[dict], kind: str, evaluate: Callabl
 
     outputs = [run_batch(b) for b in batches]
     metrics = call_evaluate(evaluate, runner(run_batch, names), "original") if evaluate else {}
-    return Baseline(batches, kind, outputs, metrics)
+    return Baseline(batches, kind, outputs, metrics, names)
 
 
 def compare(baseline: Baseline, run_batch: Callable, names: list[str], evaluate: Callable | None) -> dict:
-    """The manifest's quality section: the package (run by `run_batch`) against the baseline."""
+    """The manifest's quality section: the package (run by `run_batch`: an input batch -> the
+    list of outputs, in `names` order) against the baseline; evaluate=None leaves the factory
+    metrics out."""
     got = [run_batch(b) for b in baseline.batches]
     if len(baseline.outputs[0]) != len(names):
         raise EdgesparseError(f"the package has {len(names)} outputs where the original has {len(baseline.outputs[0])}")

@@ -85,6 +85,15 @@ class Target:
         return dispatch.prefers_sparse(op, shape, sparsity, block, isa=self.isa, threads=threads,
                                        table=self.dispatch_table())
 
+    def predicted_speedup(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> float | None:
+        """The speedup (dense time / sparse time) of the sparse kernel for this layer that the
+        measured dispatch table predicts, or None where it has no figure (sparsity=auto uses it to
+        weigh layers; see edgesparse.allocation). Targets with other measurements override it."""
+        from .kernels import dispatch
+
+        return dispatch.predicted_speedup(op, shape, sparsity, block, isa=self.isa, threads=threads,
+                                          table=self.dispatch_table())
+
     def dispatch_table(self):
         """The `edgesparse.kernels.dispatch.Table` that decides for this target's ISA: tuned on
         this machine, imported, or shipped. Looked up once per configured target."""

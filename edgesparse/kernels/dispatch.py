@@ -287,9 +287,10 @@ def _kind(op: str, shape: dict) -> tuple:
     return ()
 
 
-def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, table: Table | dict | None = None) -> float | None:
-    """Lowest sparsity at which the sparse kernel is known to win, or None if unknown."""
-    op = OP_ALIASES.get(op, op)
+def _neighbours(op: str, shape: dict, block: int, isa: str, threads: int, table) -> list[dict] | None:
+    """The measured entries that decide for this layer (same op, ISA, block and kind; the thread
+    count at or below; the nearest token count; the neighbouring sizes), or None when nothing
+    measured comes close."""
     if table is None:
         table = table_for(isa)
     entries = table.entries if isinstance(table, Table) else table.get("entries", [])
@@ -316,10 +317,49 @@ def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, tab
     below = [s for s in sizes if s <= size]
     above = [s for s in sizes if s >= size]
     near = {below[-1] if below else sizes[0], above[0] if above else sizes[-1]}
-    values = [e["break_even"] for e in cands if e["size"] in near]
+    return [e for e in cands if e["size"] in near]
+
+
+def break_even(op: str, shape: dict, block: int, isa: str, threads: int = 1, table: Table | dict | None = None) -> float | None:
+    """Lowest sparsity at which the sparse kernel is known to win, or None if unknown."""
+    op = OP_ALIASES.get(op, op)
+    near = _neighbours(op, shape, block, isa, threads, table)
+    if not near:
+        return None
+    values = [e["break_even"] for e in near]
     if any(v is None for v in values):
         return None  # some neighbour never wins
     return max(values)
+
+
+def _interpolate(points: list, sparsity: float) -> float | None:
+    """The measured speedup at `sparsity`, linear between measured sparsities; None below the
+    lowest; the highest measured point's value above it (no extrapolation upwards)."""
+    pts = sorted((float(s), float(v)) for s, v in points or ())
+    if not pts or sparsity < pts[0][0] - 1e-9:
+        return None
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 - 1e-9 <= sparsity <= s1 + 1e-9:
+            return v0 + (v1 - v0) * (sparsity - s0) / (s1 - s0) if s1 > s0 else v1
+    return pts[-1][1]
+
+
+def predicted_speedup(op: str, shape: dict, sparsity: float, block: int, isa: str | None = None, threads: int = 1,
+                      table: Table | dict | None = None) -> float | None:
+    """The sparse kernel's speedup over ORT's dense one (dense time / sparse time) that the table
+    predicts for this layer at `sparsity`: the measured points of the entries that decide for it
+    (as `break_even` picks them), interpolated linearly in sparsity, the lowest among them
+    (conservative, like the rule). None where nothing measured decides or `sparsity` lies below
+    the measured points."""
+    isa = isa or current_isa()
+    op = OP_ALIASES.get(op, op)
+    near = _neighbours(op, shape, block, isa, threads, table)
+    if not near:
+        return None
+    values = [_interpolate(e.get("points"), sparsity) for e in near]
+    if any(v is None for v in values):
+        return None
+    return min(values)
 
 
 def prefers_sparse(op: str, shape: dict, sparsity: float, block: int, isa: str | None = None, threads: int = 1,

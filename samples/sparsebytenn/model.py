@@ -6,7 +6,9 @@ here on the real Fashion-MNIST training set (cached after the first run).
 
 calibration: one image, then 7 batches of 128 real training images; train: the user's loop (AdamW on the real
 labelled training set, augmentation as in the original training, a cosine learning-rate schedule over the steps
-of each call), used by recovery=train. One epoch is 469 steps of 128 images.
+of each call), used by recovery=train. One epoch is 469 steps of 128 images. evaluation: the 10,000 test images
+in 20 batches of 500 (the build reads 16 of them for its quality section and sparsity=auto's sensitivities);
+evaluate: top-1 accuracy on all 10,000, so that `--min-quality accuracy_drop=0.01` holds the package to 1 point.
 Environment: SBNN_BATCH (calibration batch size, default 128), SBNN_LR (fine-tuning peak learning rate, 1e-3),
 SBNN_TEACHER (a state dict of this CNN to distill from while fine-tuning, with the labels), SBNN_SEED
 (the fine-tuning loop's batch order and augmentation; default: its step count).
@@ -58,6 +60,19 @@ def teacher() -> cnn.FashionMobileNet | None:
     return model.eval()
 
 
+def evaluation(batch: int = 500):
+    """The Fashion-MNIST test images (never trained on), in batches."""
+    xt, _ = data.load("test")
+    return [{"x": np.ascontiguousarray(xt[i:i + batch])} for i in range(0, len(xt), batch)]
+
+
+def evaluate(run) -> dict:
+    """Top-1 accuracy on the 10,000 test images; `run` maps input batches to output dicts."""
+    _, yt = data.load("test")
+    logits = np.concatenate([o["logits"] for o in run(evaluation())])
+    return {"accuracy": float((logits.argmax(1) == yt).mean())}
+
+
 def build() -> TorchModel:
     model = cnn.trained()
     return TorchModel(
@@ -67,4 +82,6 @@ def build() -> TorchModel:
         dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
         calibration=calibration_batches,
         train=train_loop,
+        evaluation=evaluation,
+        evaluate=evaluate,
     )

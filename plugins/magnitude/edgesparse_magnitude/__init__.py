@@ -10,6 +10,13 @@ Layers the target's dispatch rule says would not get faster stay dense and unpru
 would cost accuracy and buy no time. `dispatch=off` skips that question (every eligible layer is
 pruned, whatever the host): the documented switch for tests and experiments.
 
+`sparsity=auto` chooses a sparsity per layer instead (0 for layers it leaves dense): the most speed
+the target's measured dispatch table predicts within the build's quality budget (`--min-quality`),
+by the search of edgesparse.allocation on held-out inputs: each candidate allocation is pruned as
+the pass would prune it and run densely (ONNX Runtime, the pruned weights) against the original
+model with the budget's own metrics. It works on ONNX inputs and factories alike, in the ONNX stage
+(with recover_steps=0).
+
 With a model factory and `recover_steps` > 0 a torch stage runs first (gradual.py): the same layers,
 the same blocks, reached gradually with recovery in between; the ONNX stage then packs the weights
 it finds already pruned. ONNX inputs, and recover_steps=0, are pruned once in the ONNX graph.
@@ -19,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir  # noqa: F401  (the graph type passes receive)
 
-from edgesparse import EdgesparseError, Option, Pass, graph, hookimpl, in_range
+from edgesparse import EdgesparseError, Option, Pass, allocation, graph, hookimpl, in_range
 from edgesparse import kernels
 
 __version__ = "0.1.0"
@@ -60,8 +67,9 @@ class Magnitude(Pass):
     name = "magnitude"
     summary = "block-wise magnitude pruning of MatMul/Gemm/Conv weights into block-sparse operators"
     options = (
-        Option("sparsity", float, 0.75, "fraction of weight blocks set to zero in each pruned layer",
-               check=in_range(0.0, 1.0, hi_open=True)),
+        Option("sparsity", float, 0.75, "fraction of weight blocks set to zero in each pruned layer; 'auto': per-layer "
+               "sparsities chosen for the most predicted speed within the build's --min-quality budget "
+               "(edgesparse.allocation)", check=in_range(0.0, 1.0, hi_open=True), words=(allocation.AUTO,)),
         Option("block", int, 16, "consecutive output features pruned together", choices=(4, 8, 16)),
         Option("skip", tuple, (), "layers to leave dense: node-name (torch stage: module-name) substrings, ';'-separated"),
         Option("min_features", int, 64, "leave layers with fewer input or output features dense",
@@ -92,10 +100,17 @@ class Magnitude(Pass):
     def requires_torch(self) -> bool:
         return self.recover_steps > 0
 
+    @property
+    def auto(self) -> bool:
+        return self.sparsity == allocation.AUTO
+
     # -- torch stage (factories with recover_steps > 0) ---------------------------------------------
     def transform_module(self, module, ctx):
         if self.recover_steps == 0:
             return module  # pruned once, in the ONNX stage
+        if self.auto:
+            raise EdgesparseError("magnitude: sparsity=auto searches in the ONNX stage, one-shot: it does not combine "
+                                  "with recover_steps (use recover_steps=0, or a fixed sparsity)")
         from . import gradual
 
         module.eval()
@@ -128,6 +143,7 @@ class Magnitude(Pass):
                                   + _where_the_layers_are(model))
         pruned, dense = [], []
         found = set()
+        chosen = self._auto(model, layers, ctx) if self.auto and self._pruned_in_torch is None else None
         for layer in ctx.progress(layers, "magnitude pruning"):
             shape = list(layer.weight.shape)
             if self._pruned_in_torch is None:
@@ -138,10 +154,14 @@ class Magnitude(Pass):
                 module = self._pruned_in_torch.get(digest(layer.weight))
                 found.add(module)
                 reason = None if module else "left dense by the torch stage (see torch_stage.kept_dense)"
+            if chosen is not None and not reason and not chosen.get(layer.name):
+                reason = ("sparsity=auto left it dense (see auto in the report)" if layer.name in chosen
+                          else "the sparse kernel would not be faster than dense at any sparsity sparsity=auto tries")
             if reason:
                 dense.append({"layer": layer.name, "shape": shape, "reason": reason})
                 continue
-            weight = prune_blocks(layer.weight.astype(np.float32), self.sparsity, self.block)  # fp16 too: kernels take fp32
+            sparsity = chosen[layer.name] if chosen is not None else self.sparsity
+            weight = prune_blocks(layer.weight.astype(np.float32), sparsity, self.block)  # fp16 too: kernels take fp32
             if self._pruned_in_torch is not None and not np.array_equal(weight, layer.weight):
                 raise EdgesparseError(f"magnitude: {layer.name} lost weights the torch stage kept (it should be pruned already)")
             if layer.kind != "matmul":
@@ -165,9 +185,77 @@ class Magnitude(Pass):
         attrs = graph.conv_geometry(layer) if layer.kind != "matmul" else {"group": 1, "strides": [1]}
         return self._dense_reason(layer.name, layer.kind, layer.weight, attrs["group"], attrs["strides"][-1], ctx)
 
+    def _auto(self, model: ir.Model, layers, ctx) -> dict[str, float]:
+        """sparsity=auto (edgesparse.allocation): {layer name: sparsity} for the layers that may go
+        sparse, chosen within the build's quality budget."""
+        import onnx
+
+        from edgesparse import verify
+
+        allocation.require_budget(ctx, self.name)
+        proto = ir.to_proto(model)
+        try:
+            shapes = verify.value_shapes(onnx.shape_inference.infer_shapes(proto))
+        except Exception:  # noqa: BLE001 - shapes only weigh the layers; without them every layer counts once
+            shapes = {}
+        candidates = []
+        for layer in layers:
+            if self._keep_dense_reason(layer, ctx) is not None:
+                continue
+            op, shape = self._dispatch_shape(layer)
+            tokens = _tokens(shapes.get(layer.input.name), layer, shape)
+            shape.update(tokens[1])
+            entry = allocation.Layer(layer.name, op, shape, self.block, int(layer.weight.size),
+                                     float(layer.weight.size) * tokens[0])
+            allowed = None if self.dispatch == "target" else (lambda s: True)
+            entry.levels = allocation.levels(ctx, entry, allowed)
+            if entry.levels:
+                candidates.append(entry)
+        if not candidates:
+            raise EdgesparseError(f"magnitude: sparsity=auto found no layer that the target's dispatch rule says would "
+                                  f"run faster sparse on {ctx.target.name}")
+        library = ctx.kernel_library(kernels.DOMAIN)
+
+        def runner(sparsities: dict) -> object:
+            """The model with these layers pruned, as the pass would prune them, run densely."""
+            candidate = ir.from_proto(proto)
+            found = {l.name: l for l in graph.layers(candidate, kinds=("matmul", "conv", "conv1d"), unsupported=True)}
+            for name, s in sparsities.items():
+                if s > 0:
+                    layer = found[name]
+                    weight = prune_blocks(layer.weight.astype(np.float32), s, self.block)
+                    if layer.kind != "matmul":
+                        graph.replace_with_block_sparse_conv(candidate, layer, weight, self.block)
+                    else:
+                        graph.replace_with_block_sparse_matmul(candidate, layer, weight, self.block)
+            dense = verify.dense_equivalent(ir.to_proto(candidate), [library])
+            return allocation.onnx_runner(dense, ctx.threads)
+
+        def prune_alone(entry, s):
+            holder["run"] = runner({entry.name: s})
+            return lambda: holder.update(run=base)
+
+        base = allocation.onnx_runner(proto, ctx.threads)
+        holder = {"run": base}
+        held, where = allocation.held_out(ctx)
+        allocation.sensitivities(candidates, lambda b: holder["run"](b), held, prune_alone)
+        chosen = allocation.search(candidates, lambda a: ctx.measure_quality(runner(a)), self.name, ctx)
+        ctx.reports[self.name]["auto"]["sensitivity_inputs"] = where
+        return chosen
+
+    @staticmethod
+    def _dispatch_shape(layer) -> tuple[str, dict]:
+        if layer.kind == "matmul":
+            k, n = layer.weight.shape
+            return graph.BLOCK_SPARSE_MATMUL, {"K": int(k), "N": int(n)}
+        o, c, kh, kw = layer.weight.shape
+        stride = graph.conv_geometry(layer)["strides"][-1]
+        return graph.BLOCK_SPARSE_CONV, {"C": int(c), "O": int(o), "kernel": [int(kh), int(kw)], "stride": int(stride)}
+
     def _dense_reason(self, name: str, kind: str, weight: np.ndarray, group: int, stride: int, ctx) -> str | None:
         """Why a layer stays dense, or None; one rule for both stages. `weight` as in the ONNX graph:
-        [K, N] for a matmul, [O, C, kh, kw] for a conv."""
+        [K, N] for a matmul, [O, C, kh, kw] for a conv. With sparsity=auto the dispatch question is
+        left to the search (it asks it at each sparsity it tries)."""
         if any(s and s in name for s in self.skip):
             return "skipped by option"
         if weight.dtype not in (np.float32, np.float16):
@@ -183,9 +271,25 @@ class Magnitude(Pass):
             op, shape, features = graph.BLOCK_SPARSE_MATMUL, {"K": k, "N": n}, min(k, n)
         if features < self.min_features:
             return f"fewer than {self.min_features} features"
-        if self.dispatch == "target" and not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
+        if self.dispatch == "target" and not self.auto and \
+                not ctx.target.prefers_sparse(op, shape, self.sparsity, self.block, ctx.threads):
             return f"the sparse kernel would be slower than dense on {ctx.target.name} at this sparsity"
         return None
+
+
+def _tokens(dims, layer, shape: dict) -> tuple[float, dict]:
+    """(rows or output positions per run, the dispatch keys that say so) from the layer's input shape
+    as shape inference gives it; a symbolic dim counts as 1 (a batch of one: the edge case)."""
+    if not dims:
+        return 1.0, {}
+    known = [d if isinstance(d, int) and d > 0 else 1 for d in dims]
+    if layer.kind == "matmul":
+        m = int(np.prod(known[:-1])) if len(known) > 1 else 1
+        return float(max(m, 1)), {"M": max(m, 1)}
+    if len(known) == 4:
+        h, w = known[2], known[3]
+        return max(h * w / shape["stride"] ** 2, 1.0), {"H": h, "W": w}
+    return 1.0, {}
 
 
 def _where_the_layers_are(model: ir.Model) -> str:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from edgesparse import EdgesparseError, Option, Pass, hookimpl, in_range
+from edgesparse import EdgesparseError, Option, Pass, allocation, hookimpl, in_range
 from edgesparse import kernels, recovery
 
 from . import allocate as alloc
@@ -39,8 +39,9 @@ class SparseByteNN(Pass):
     summary = ("fine-grained group pruning (B out x 1 in x taps) per operator type, with whole-network "
                "channel rearrangement and optional recovery, into BlockSparseConv/BlockSparseMatMul")
     options = (
-        Option("sparsity", float, 0.5, "global target: fraction of the weight groups of the prunable layers set to zero",
-               check=in_range(0.0, 1.0, hi_open=True)),
+        Option("sparsity", float, 0.5, "global target: fraction of the weight groups of the prunable layers set to zero; "
+               "'auto': per-layer sparsities chosen for the most predicted speed within the build's --min-quality "
+               "budget (edgesparse.allocation)", check=in_range(0.0, 1.0, hi_open=True), words=(allocation.AUTO,)),
         Option("allocation", str, "uniform", "per-layer sparsities: the target everywhere, or by measured sensitivity",
                choices=("uniform", "sensitivity")),
         Option("score", str, "l2", "group score: L2 or L1 norm, or activation-weighted L2 (needs calibration inputs)",
@@ -69,8 +70,11 @@ class SparseByteNN(Pass):
                "'measure': time each layer's sparse kernel against ORT's dense op on this machine (targets that run "
                "here); 'off': prune every candidate (accuracy studies; the report says so)",
                choices=("target", "measure", "off")),
-        Option("sensitivity_batches", int, 2, "calibration batches used to measure sensitivities",
-               check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("sensitivity_batches", int, 2, "calibration batches used to measure sensitivities (sparsity=auto: "
+               "held-out batches)", check=lambda v: None if v >= 1 else "must be at least 1"),
+        Option("auto_probe_steps", int, 0, "sparsity=auto: recovery steps given to each allocation it checks against "
+               "the budget (0: checked right after pruning and BatchNorm recalibration; the full recovery that follows "
+               "the choice only adds quality)", check=_positive),
     )
     needs = "calibration"
     emits = (f"{kernels.DOMAIN}::BlockSparseConv", f"{kernels.DOMAIN}::BlockSparseMatMul",
@@ -82,9 +86,30 @@ class SparseByteNN(Pass):
         self._measurer = None
 
     # -- torch stage ------------------------------------------------------------------------------
+    def _check_auto(self, ctx) -> None:
+        """sparsity=auto: its budget and the options it works with, before any work."""
+        if self.sparsity != allocation.AUTO:
+            if self.auto_probe_steps:
+                raise EdgesparseError("sparsebytenn: auto_probe_steps is for sparsity=auto")
+            return
+        if self.allocation != "uniform":
+            raise EdgesparseError("sparsebytenn: sparsity=auto chooses per-layer sparsities itself; "
+                                  "drop allocation=sensitivity")
+        if self.dispatch == "measure":
+            raise EdgesparseError("sparsebytenn: sparsity=auto predicts speed from the target's dispatch table; "
+                                  "use dispatch=target (or off)")
+        if self.auto_probe_steps and self.recovery == "none":
+            raise EdgesparseError("sparsebytenn: auto_probe_steps recovers each checked allocation: it needs "
+                                  "recovery=train or recovery=distill")
+        allocation.require_budget(ctx, self.name)
+
     def transform_module(self, module, ctx):
         import torch
 
+        self._check_auto(ctx)
+        auto = self.sparsity == allocation.AUTO
+        # sparsity=auto: a first guess that steers the rearrangement; the search decides after it
+        target = 0.5 if auto else self.sparsity
         t_start = time.monotonic()
         blocks = {"pointwise": self.block_pointwise, "conv": self.block_conv, "linear": self.block_linear}
         layers = patterns.find_layers(module, blocks)
@@ -124,15 +149,24 @@ class SparseByteNN(Pass):
 
         # per-layer sparsity (a first uniform guess steers the rearrangement; sensitivity is measured after it)
         for info in candidates:
-            info.sparsity = self.sparsity if self._fast_enough(info, self.sparsity, ctx) else 0.0
-        if self.allocation == "uniform":
+            info.sparsity = target if self._fast_enough(info, target, ctx) else 0.0
+        if self.allocation == "uniform" and not auto:
             for info in candidates:
                 if info.sparsity == 0.0 and self.sparsity > 0:
                     info.reason = f"the sparse kernel would not beat dense on {ctx.target.name} at {self.sparsity:.0%}"
 
         rearrangement = {"enabled": bool(self.rearrange)}
-        if self.rearrange and self.sparsity > 0:
+        if self.rearrange and target > 0:
             rearrangement = self._rearrange(module, layers, batches, ctx)
+
+        if auto and candidates:
+            chosen = self._auto(module, candidates, batches, ctx)
+            for info in candidates:
+                info.sparsity = chosen.get(info.name, 0.0)
+                if info.sparsity == 0.0:
+                    info.reason = "sparsity=auto left it dense (see auto in the report)"
+        elif auto:
+            raise EdgesparseError("sparsebytenn: sparsity=auto found no layer it may prune")
 
         if self.allocation == "sensitivity" and self.sparsity > 0 and candidates:
             levels = {i.name: [s for s in alloc.LADDER if self._fast_enough(i, s, ctx)] for i in candidates}
@@ -162,6 +196,67 @@ class SparseByteNN(Pass):
         self._gm = None
         return module
 
+    def _auto(self, module, candidates: list[LayerInfo], batches, ctx) -> dict[str, float]:
+        """sparsity=auto (edgesparse.allocation): levels from the dispatch rule, sensitivities on
+        held-out batches, the greedy path, bisected by checking allocations as the pass will build
+        them (pruned, BatchNorm recalibrated, `auto_probe_steps` of recovery) against the budget."""
+        import torch
+
+        held, where = allocation.held_out(ctx)
+        layers, by_name = [], {}
+        for info in candidates:
+            shape = alloc.dispatch_shape(info)
+            tokens = shape.get("M") or (shape["H"] * shape["W"] / shape["stride"] ** 2 if "H" in shape else 1)
+            layer = allocation.Layer(info.name, info.op, shape, info.block, info.weight_count,
+                                     float(info.weight_count) * float(tokens))
+            layer.levels = allocation.levels(ctx, layer, lambda s, i=info: self._fast_enough(i, s, ctx))
+            if layer.levels:
+                layers.append(layer)
+                by_name[info.name] = info
+        if not layers:
+            raise EdgesparseError(f"sparsebytenn: sparsity=auto found no layer that the target's dispatch rule says "
+                                  f"would run faster sparse on {ctx.target.name}")
+
+        def prune_alone(layer, s):
+            w = by_name[layer.name].module.weight
+            saved = w.data.clone()
+            with torch.no_grad():
+                w.data = saved * torch.from_numpy(self._weight_mask(by_name[layer.name], s)).to(saved.dtype)
+
+            def restore():
+                w.data = saved
+            return restore
+
+        module.eval()
+        allocation.sensitivities(layers, allocation.torch_runner(module), held[: self.sensitivity_batches], prune_alone)
+        teacher = recovery.teacher_copy(module) if self.auto_probe_steps else None
+
+        def check(chosen: dict) -> dict:
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            try:
+                masks = {}
+                for name, s in chosen.items():
+                    if s > 0:
+                        info = by_name[name]
+                        masks[info.module] = torch.from_numpy(self._weight_mask(info, s))
+                        with torch.no_grad():
+                            info.module.weight.mul_(masks[info.module].to(info.module.weight.dtype))
+                if self.bn_recalibration and not _not_real_data(batches):
+                    recover.recalibrate_batchnorm(module, batches)
+                if self.auto_probe_steps:
+                    ctx.recover(module, teacher, steps=self.auto_probe_steps, seconds=0, mode=self.recovery,
+                                lr=self.lr, masks=masks, measure=(), label="sparsebytenn: auto probe recovery")
+                module.eval()
+                return ctx.measure_quality(allocation.torch_runner(module))
+            finally:
+                module.load_state_dict(state)
+                module.eval()
+
+        chosen = allocation.search(layers, check, self.name, ctx)
+        ctx.reports[self.name]["auto"]["sensitivity_inputs"] = where
+        ctx.reports[self.name]["auto"]["probe_recovery_steps"] = self.auto_probe_steps
+        return chosen
+
     def _prune_and_recover(self, module, pruned: list[LayerInfo], batches, ctx) -> dict:
         """Zero the pruned groups (in `prune_stages` steps when recovering), re-estimate BatchNorm
         statistics after each, recover with the masks kept. Returns the report's `recovery`."""
@@ -176,6 +271,8 @@ class SparseByteNN(Pass):
         shares = recovery.split_steps(self.recovery_steps, len(stages))
         report = {"mode": "none"}
         t_recovery = time.monotonic()
+        weights = sum(i.weight_count for i in pruned)  # the target the stages reach (sparsity=auto: the mean chosen)
+        target = sum(i.weight_count * i.sparsity for i in pruned) / weights if weights else 0.0
         for k, (fraction, steps) in enumerate(zip(stages, shares)):
             # a later stage scores the trained weights; the groups zeroed before score 0 and stay pruned
             masks = {}
@@ -200,7 +297,7 @@ class SparseByteNN(Pass):
             done = ctx.recover(module, dense_reference, steps=steps, seconds=seconds, mode=self.recovery,
                                lr=self.lr, masks=masks)
             module.eval()
-            report = recovery.merge(report, done, fraction * self.sparsity, len(stages), self.recovery_seconds)
+            report = recovery.merge(report, done, fraction * target, len(stages), self.recovery_seconds)
         if "cut_by_budget" in report:
             ctx.warn(f"recovery cut short by its time budget: {report['steps']} of {report['steps_requested']} "
                      f"steps in {report['seconds']:.0f} s (recovery_seconds={self.recovery_seconds:g}; 0 = no limit)")

@@ -82,6 +82,9 @@ class Wasm(Target):
         speedup = expected_speedup(block, sparsity)
         return speedup is not None and speedup > 1.0
 
+    def predicted_speedup(self, op: str, shape: dict, sparsity: float, block: int, threads: int = 1) -> float | None:
+        return expected_speedup(block, sparsity) if op in plan.KERNEL_OPS else None
+
     def run_package(self, package_dir: Path, inputs, threads: int = 1) -> RunResult:
         outputs, stats = node.run_in_node(Path(package_dir), inputs, threads)
         return RunResult(outputs, {op: int(n) for op, n in stats["kernelNodes"].items()})
