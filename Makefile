@@ -37,7 +37,7 @@ install-sample: $(VENV)/.sample
 
 sample: $(VENV)/.sample
 	$(VENV)/bin/edgesparse build samples/minilm/model.py:build --target x86 \
-		--pass magnitude:sparsity=0.75,block=16 -o out/minilm --force
+		--pass magnitude:sparsity=auto,block=16 --min-quality embedding_cosine=0.95 -o out/minilm --force
 	$(VENV)/bin/edgesparse bench out/minilm --threads 1,2
 
 test: $(VENV)/.installed
