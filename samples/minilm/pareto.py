@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgesparse.kernels import dispatch
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 EDGESPARSE = str(Path(sys.executable).with_name("edgesparse"))
@@ -73,7 +75,7 @@ def main() -> None:
         rows.append({"method": "recipe's one-shot start", "sparsity": run["sparsity"], "speedup": built["speedup"],
                      **run["one_shot"]})
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu": cpu(), "threads": 1, "rows": rows}, indent=1) + "\n")
+    RESULTS.write_text(json.dumps({"cpu": f"{dispatch.host_cpu()} ({dispatch.current_isa()})", "threads": 1, "rows": rows}, indent=1) + "\n")
     plot(rows)
 
 
@@ -103,13 +105,6 @@ def plot(rows) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=100)
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in Path("/proc/cpuinfo").read_text() else " (AVX2)")
-    return "unknown"
 
 
 if __name__ == "__main__":

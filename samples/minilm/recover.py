@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -43,6 +42,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import model as sample  # noqa: E402
+
+from edgesparse.kernels import dispatch  # noqa: E402
 
 BATCH = 32
 
@@ -95,7 +96,7 @@ class Recipe:
         self.sentences = training_sentences()
         self.opt = torch.optim.Adam([p for p in self.student.parameters()], lr=args.lr)
         self.masks: dict[str, torch.Tensor] = {}
-        self.state = {"step": 0, "cpu_seconds": 0.0, "order_seed": args.seed, "epoch": 0, "snapshots": [],
+        self.state = {"step": 0, "cpu_seconds": 0.0, "order_seed": args.seed, "snapshots": [],
                       "sparsity_now": 0.0}
         self.eval_enc = self.encode(sample.wiki_sentences())
         self.reference = self.embeddings(self.teacher)
@@ -200,7 +201,7 @@ class Recipe:
         progress = {"sparsity": self.args.sparsity, "block": self.args.block, "threads": self.args.threads,
                     "lr": self.args.lr, "ramp_minutes": self.args.ramp_minutes, "training_sentences": len(self.sentences),
                     "held_out_sentences": len(sample.wiki_sentences()), "batch": BATCH,
-                    "cpu": sample_cpu(), "step": self.state["step"], "cpu_minutes": round(self.state["cpu_seconds"] / 60, 2),
+                    "cpu": dispatch.host_cpu(), "step": self.state["step"], "cpu_minutes": round(self.state["cpu_seconds"] / 60, 2),
                     "one_shot": self.state.get("one_shot"), "snapshots": self.state["snapshots"]}
         tmp = self.out / "progress.json.tmp"
         tmp.write_text(json.dumps(progress, indent=1) + "\n")
@@ -256,16 +257,6 @@ class Recipe:
                 last_save = now
         self.checkpoint()
         self.write_progress()
-
-
-def sample_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:
