@@ -40,6 +40,16 @@ def test_build_reports_sparsity_per_layer_for_prefill_and_decode(tiny_onnx, inpu
     assert verification["sparse_nodes_on_kernel"] == 2
     # ... while the approximation's cost against the original model is in the quality section
     assert manifest["quality"]["outputs"]["logits"]["rel_l2"] > 1e-2   # measured: 1.5e-6 vs rel. L2 0.083
+    # bench times it against exact attention, after checking it against the op reference
+    from edgesparse import bench, runtime
+    from edgesparse.plugins import registry
+
+    batch = dict(np.load(tmp_path / "pkg" / "verification.npz"))
+    batch = {k.split(":", 1)[1]: v for k, v in batch.items() if k.startswith("input:")}
+    libraries = [lib for lib in registry().kernels.values() if lib.domain == "com.edgesparse.deltallm"]
+    record, = bench.bench_package(runtime.load(tmp_path / "pkg", check_target=False), batch, libraries, rounds=2,
+                                  budget_s=0.2)
+    assert record["max_abs_error"] < 1e-4
     # the manifest's per-node record carries the calibrated sparsity
     assert {layer["op"] for layer in manifest["layers"]} == {"DeltaAttention"}
     assert all(0 < layer["sparsity"] < 1 for layer in manifest["layers"])
