@@ -124,10 +124,17 @@ def reference(node, inputs: list, arrays: dict) -> list:
     if len(inputs) > 5 and inputs[5] is not None and np.asarray(inputs[5]).size:
         raise ValueError(f"DeltaAttention '{node.name}': the reference starts fresh sequences only (state given)")
     t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731  (a copy: the arrays may be read-only)
-    with torch.no_grad():
-        y, _, _ = delta_attention(t(q), t(k), t(v), scale=float(attrs.get("scale", 1.0)), window=int(attrs["window"]),
-                                  sinks=int(attrs.get("sinks", 0)), theta_q=t(theta_q), theta_v=t(theta_v),
-                                  softcap=float(attrs.get("softcap", 0.0)), span=int(attrs.get("span", 0)))
+    # one thread: the reference is thousands of small ops per call, and OpenMP teams that meet at a
+    # barrier after each one crawl on a busy machine (seen: a SmolLM2 build's verification)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            y, _, _ = delta_attention(t(q), t(k), t(v), scale=float(attrs.get("scale", 1.0)), window=int(attrs["window"]),
+                                      sinks=int(attrs.get("sinks", 0)), theta_q=t(theta_q), theta_v=t(theta_v),
+                                      softcap=float(attrs.get("softcap", 0.0)), span=int(attrs.get("span", 0)))
+    finally:
+        torch.set_num_threads(threads)
     return [y.numpy()] + [None] * (len(node.output) - 1)
 
 
