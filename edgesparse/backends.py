@@ -19,7 +19,15 @@ class KernelLibrary:
     densify:   (onnx.NodeProto, {initializer name: np.ndarray}, {value name: shape list}) ->
                (nodes, initializers): the same computation with standard ONNX ops on dense weights,
                the model a user would otherwise deploy; or None to use the op's ONNX function.
-               Verification and benchmarks compare with it.
+               Benchmarks compare with it, and so does verification unless `reference` is given.
+    reference: optional, for ops whose kernel computes an approximation of their dense meaning
+               (e.g. attention that skips work by thresholds): (onnx.NodeProto, [input arrays,
+               None for an absent input], {initializer name: np.ndarray}) -> [output arrays, None
+               for an output the node does not produce]: what the kernel is meant to compute,
+               approximation included, by an implementation independent of the kernel.
+               Verification then runs these nodes with it inside the otherwise dense model, so
+               that it proves the kernel computes what the pass asked for; the approximation's
+               cost against the original model is the quality section's business.
     """
 
     name: str
@@ -29,6 +37,7 @@ class KernelLibrary:
     functions: Callable
     describe: Callable
     densify: Callable
+    reference: Callable | None = None
 
 
 class Backend:

@@ -37,6 +37,161 @@ def reference_outputs(dense: onnx.ModelProto, batches: list[dict]) -> list[list[
     return [session.run(None, b) for b in batches]
 
 
+def uses_op_references(model: onnx.ModelProto, libraries) -> bool:
+    """Whether some node belongs to a library with its own reference implementation (an op whose
+    kernel approximates its dense meaning on purpose)."""
+    domains = {lib.domain for lib in libraries if getattr(lib, "reference", None) is not None}
+    return any(n.domain in domains for n in model.graph.node)
+
+
+def verification_reference(model: onnx.ModelProto, libraries, batches: list[dict],
+                           threads: int = 1) -> tuple[list[list[np.ndarray]], str]:
+    """What the package must reproduce, and how it was computed: the dense equivalent run by ORT's
+    own kernels ("dense"); or, when some nodes belong to a library with its own reference
+    implementation (KernelLibrary.reference: an approximation the kernel computes on purpose),
+    the dense equivalent of everything else run by ORT, stage by stage, with those nodes computed
+    by that reference in between ("op reference")."""
+    if not uses_op_references(model, libraries):
+        return reference_outputs(dense_equivalent(model, libraries), batches), "dense"
+    staged = _Staged(model, libraries, threads)
+    return [staged.run(b) for b in batches], "op reference"
+
+
+class _Staged:
+    """The model cut at the nodes computed by an op reference: the rest, densified, is split into
+    stages by dependency (stage s needs the outputs of the referenced nodes of stages < s), each
+    stage one ORT session; the referenced nodes run between the stages."""
+
+    def __init__(self, model: onnx.ModelProto, libraries, threads: int):
+        refs = {lib.domain: lib for lib in libraries if getattr(lib, "reference", None) is not None}
+        self.held = [(n, refs[n.domain]) for n in model.graph.node if n.domain in refs]
+        used = {i for n, _ in self.held for i in n.input if i}
+        self.arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in used}
+        produced = [o for n, _ in self.held for o in n.output if o]
+        cut = onnx.ModelProto()
+        cut.CopyFrom(model)
+        del cut.graph.node[:]
+        cut.graph.node.extend(n for n in model.graph.node if n.domain not in refs)
+        types = _value_types(model)
+        for name in produced:  # the referenced nodes' outputs come in from outside
+            cut.graph.input.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+        dense = dense_equivalent(cut, libraries)
+        types.update(_value_types(dense))
+        if len(types) < len({o for n in dense.graph.node for o in n.output}) and not external_data.is_large(dense):
+            try:  # intermediate values crossing stages need their element types
+                types.update(_value_types(onnx.shape_inference.infer_shapes(dense)))
+            except Exception:  # noqa: BLE001 - the types of the values that remain unknown stay float
+                pass
+        self.types = types
+        self.threads = threads
+        self.outputs = [o.name for o in dense.graph.output]
+        initializers = {i.name: i for i in dense.graph.initializer}
+        feeds = {i.name for i in dense.graph.input} | set(initializers)
+        level = {name: 0 for name in feeds if name not in produced}
+        nodes = list(dense.graph.node)
+        node_level: list[int | None] = [None] * len(nodes)
+        held_level: list[int | None] = [None] * len(self.held)
+        outer = feeds | set(produced) | {o for n in nodes for o in n.output if o}
+        deps = [[d for d in _used_names(n) if d in outer] for n in nodes]
+        while None in node_level or None in held_level:
+            progress = False
+            for i, node in enumerate(nodes):
+                if node_level[i] is None and all(d in level for d in deps[i]):
+                    node_level[i] = max((level[d] for d in deps[i]), default=0)
+                    for o in node.output:
+                        if o:
+                            level[o] = node_level[i]
+                    progress = True
+            for i, (node, _) in enumerate(self.held):
+                if held_level[i] is None and all(d in level for d in node.input if d):
+                    held_level[i] = max((level[d] for d in node.input if d), default=0)
+                    for o in node.output:
+                        if o:
+                            level[o] = held_level[i] + 1
+                    progress = True
+            if not progress:
+                raise EdgesparseError("verification: the model cannot be staged around its referenced nodes "
+                                      "(a value is used before it is produced)")
+        self.held_level = held_level
+        stages = max([*node_level, *(h + 1 for h in held_level)], default=0) + 1
+        later_use: dict[str, int] = {}  # value -> the last stage that reads it (held nodes read at their level)
+        for i, node in enumerate(nodes):
+            for d in deps[i]:
+                later_use[d] = max(later_use.get(d, -1), node_level[i])
+        for i, (node, _) in enumerate(self.held):
+            for d in node.input:
+                if d:
+                    later_use[d] = max(later_use.get(d, -1), held_level[i] + 0.5)
+        wanted = set(self.outputs)
+        self.stages = []
+        for s in range(stages):
+            members = [n for n, l in zip(nodes, node_level) if l == s]
+            made = {o for n in members for o in n.output if o}
+            reads = {d for i, n in enumerate(nodes) if node_level[i] == s for d in deps[i]}
+            ins = sorted(d for d in reads if d not in made and d not in initializers)
+            outs = sorted(o for o in made if o in wanted or later_use.get(o, -1) > s)
+            if not members:
+                self.stages.append(None)
+                continue
+            self.stages.append((members, ins, outs, [initializers[d] for d in sorted(reads & set(initializers))]))
+        self.opsets, self.ir_version = list(dense.opset_import), dense.ir_version
+        self.sessions: dict[int, object] = {}
+
+    def _session(self, s: int, env: dict):
+        """Stage s as an ORT session; its inputs typed as the values that arrive (first batch)."""
+        if s not in self.sessions:
+            members, ins, outs, inits = self.stages[s]
+            graph = onnx.helper.make_graph(
+                members, f"stage{s}",
+                [onnx.helper.make_tensor_value_info(d, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(env[d]).dtype), None)
+                 for d in ins],
+                [onnx.helper.make_tensor_value_info(o, self.types.get(o, onnx.TensorProto.FLOAT), None) for o in outs],
+                inits)
+            model = onnx.helper.make_model(graph, opset_imports=self.opsets, ir_version=self.ir_version)
+            self.sessions[s] = dense_session(model, self.threads)
+        return self.sessions[s]
+
+    def run(self, batch: dict) -> list[np.ndarray]:
+        env = dict(batch)
+        for s, stage in enumerate(self.stages):
+            if stage is not None:
+                _, ins, outs, _ = stage
+                got = self._session(s, env).run(outs, {d: env[d] for d in ins})
+                env.update(zip(outs, got))
+            for (node, lib), l in zip(self.held, self.held_level):
+                if l == s:
+                    values = [env.get(i, self.arrays.get(i)) if i else None for i in node.input]
+                    results = lib.reference(node, values, self.arrays)
+                    for name, value in zip(node.output, results):
+                        if name:
+                            if value is None:
+                                raise EdgesparseError(f"verification: the reference of {node.op_type} does not "
+                                                      f"compute output '{name}'")
+                            env[name] = value
+        return [env[o] for o in self.outputs]
+
+
+def _used_names(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads: its inputs and what its subgraphs read from outside them."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            inner = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                names += [d for d in _used_names(n) if d not in inner]
+                inner.update(o for o in n.output if o)
+    return list(dict.fromkeys(names))
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
 def max_abs_error(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> float:
     worst = 0.0
     for g_batch, w_batch in zip(got, want, strict=True):

@@ -140,24 +140,9 @@ class DeltaLLM(Pass):
         searched = self.theta_q < 0 or self.theta_v < 0  # both thresholds given: no target was pursued
         if self.target == "sparsity" and searched and chosen.sparsity < self.sparsity and not exact:
             ctx.warn(f"sparsity {chosen.sparsity:.3f} stays below the target {self.sparsity} on the calibration inputs")
-        shift = self._verification_shift(cal, setting, theta_q, theta_v)
-        if shift is not None and shift > 1e-4:
-            ctx.warn(f"delta attention moves the outputs by up to {shift:.3g} (relative to max(1, |output|)) on the "
-                     f"calibration inputs; the build verifies against exact attention, so use --tolerance {shift * 1.5:.2g} "
-                     "or more")
-
-    @staticmethod
-    def _verification_shift(cal, setting, theta_q, theta_v) -> float | None:
-        """What the build's verification (first two calibration batches, exact reference) will see."""
-        probe = cal._probe(setting.window, setting.sinks)
-        worst = None
-        for i in range(min(2, len(cal.batches))):
-            outputs, _, _ = probe.run(cal.batches[i], theta_q, theta_v)
-            for name, ref in zip(cal.output_names, cal.reference[i]):
-                scale = max(1.0, float(np.abs(ref).max()))
-                err = float(np.abs(outputs[name] - ref).max()) / scale
-                worst = err if worst is None else max(worst, err)
-        return worst
+        # the build verifies the package against the op's reference implementation (the same
+        # approximation); what the approximation costs against the original model is in the
+        # manifest's quality section and in `calibration` above
 
     @staticmethod
     def _proto(model: ir.Model) -> onnx.ModelProto:

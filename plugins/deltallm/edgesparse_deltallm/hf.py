@@ -54,22 +54,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if n == t_len:  # no cache before this call: a new sequence starts
         run.state = None
     stage = "prefill" if run.state is None else "decode"
-    _check_mask(attention_mask, query.shape[0])
+    # sliding-window layers (Mistral, Gemma 2/3 local layers) and soft-capped logits (Gemma 2):
+    # what transformers hands every attention implementation
+    span = int(kwargs.get("sliding_window") or 0)
+    softcap = float(kwargs.get("softcap") or 0.0)
+    _check_mask(attention_mask, query.shape[0], span)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out, run.state, stats = reference.delta_attention(
         query, key, value, scale=scale, window=cfg["window"], sinks=cfg["sinks"],
-        theta_q=cfg["theta_q"], theta_v=cfg["theta_v"], state=run.state)
+        theta_q=cfg["theta_q"], theta_v=cfg["theta_v"], state=run.state, softcap=softcap, span=span)
     run.stats[stage].add(stats)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_mask(mask, batch):
-    """Delta attention is causal attention over the whole cache; a padding mask would be ignored."""
+def _check_mask(mask, batch, span=0):
+    """Delta attention is causal attention over the whole cache (or its last `span` keys); a
+    padding mask would be ignored."""
     if mask is None or mask.dtype != torch.bool:
         if mask is not None and torch.isinf(mask).any() and mask.shape[-2] == 1 and batch > 1:
             raise RuntimeError("deltallm: padded batches are not supported (use batch size 1)")
         return
-    if not bool(mask[..., -1, :].all()):
+    if not bool(mask[..., -1, -span if span else 0:].all()):
         raise RuntimeError("deltallm: padded batches are not supported (use batch size 1)")
 
 

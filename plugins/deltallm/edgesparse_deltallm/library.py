@@ -1,7 +1,8 @@
 """The deltallm kernel library as edgesparse sees it: its domain and operator, the operator's
 dense meaning as an ONNX function (exact causal grouped-query attention: what a runtime without
-the library computes), the standard-op replacement used as the build's reference and benchmark
-baseline, and the description recorded per node in the package manifest."""
+the library computes), the standard-op replacement used as the benchmark baseline, the op's
+reference implementation (approximation included) that the build verifies the kernel against,
+and the description recorded per node in the package manifest."""
 from __future__ import annotations
 
 import json
@@ -98,7 +99,7 @@ def _attribute_constant(output: str, name: str, kind, field: str) -> onnx.NodePr
 
 def densify(node, arrays: dict, shapes: dict):
     """Exact attention with standard ops: the model a user would deploy without the pass, and
-    what the build compares the package with (the difference is the delta approximation)."""
+    what `edgesparse bench` times the package against (the build verifies against `reference`)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     prefix = f"{node.name or node.output[0]}."
     scale = numpy_helper.from_array(np.asarray(attrs.get("scale", 1.0), np.float32), f"{prefix}scale")
@@ -107,6 +108,34 @@ def densify(node, arrays: dict, shapes: dict):
     q, k, v = node.input[:3]
     return (_attention_nodes(q, k, v, node.output[0], scale.name, prefix, softcap.name, span.name),
             [scale, softcap, span])
+
+
+def reference(node, inputs: list, arrays: dict) -> list:
+    """What the kernel computes, approximation included, by the PyTorch reference
+    (reference.delta_attention, written independently of the kernel): the build verifies the
+    package against this, each call a fresh sequence as in a prefill. Only Y is computed (the
+    state and MAC counters are the kernel's own bookkeeping)."""
+    import torch
+
+    from .reference import delta_attention
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    q, k, v, theta_q, theta_v = inputs[:5]
+    if len(inputs) > 5 and inputs[5] is not None and np.asarray(inputs[5]).size:
+        raise ValueError(f"DeltaAttention '{node.name}': the reference starts fresh sequences only (state given)")
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731  (a copy: the arrays may be read-only)
+    # one thread: the reference is thousands of small ops per call, and OpenMP teams that meet at a
+    # barrier after each one crawl on a busy machine (seen: a SmolLM2 build's verification)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            y, _, _ = delta_attention(t(q), t(k), t(v), scale=float(attrs.get("scale", 1.0)), window=int(attrs["window"]),
+                                      sinks=int(attrs.get("sinks", 0)), theta_q=t(theta_q), theta_v=t(theta_v),
+                                      softcap=float(attrs.get("softcap", 0.0)), span=int(attrs.get("span", 0)))
+    finally:
+        torch.set_num_threads(threads)
+    return [y.numpy()] + [None] * (len(node.output) - 1)
 
 
 def describe(node, arrays: dict, shapes: dict) -> dict:
@@ -138,4 +167,4 @@ def kernel_library():
     from .build import build_library
 
     return KernelLibrary(name="deltallm", domain=DOMAIN, ops=(OP,), build=build_library,
-                         functions=function_protos, describe=describe, densify=densify)
+                         functions=function_protos, describe=describe, densify=densify, reference=reference)

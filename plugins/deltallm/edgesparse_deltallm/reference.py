@@ -105,9 +105,17 @@ def transmitted_queries(q: torch.Tensor, theta_q, q_hat: torch.Tensor | None):
 
 
 def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, theta_v,
-                    state: DeltaState | None = None):
+                    state: DeltaState | None = None, softcap: float = 0.0, span: int = 0):
     """q: [B, H, T, D] (after RoPE), k, v: [B, Hkv, N, D] (cache + new). Returns
-    (out [B, H, T, D], new state, DeltaStats)."""
+    (out [B, H, T, D], new state, DeltaStats).
+
+    softcap > 0: logits softcap * tanh(scale q.k / softcap) (the far scores are kept raw and
+    capped where they become weights). span > 0: a sliding window, row p sees only keys
+    p - span < j <= p; inside it the near/far split is the same (near: j > p - window; sinks do
+    not apply), and a far key that leaves the sliding window leaves the running sums (the kernel
+    subtracts its applied weight and value: D MACs)."""
+    if span > 0:
+        sinks = 0
     b, h, t_len, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     if h % hkv:
@@ -123,6 +131,8 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
     pos = torch.arange(past, n, device=q.device).view(t_len, 1)      # p_t
     key = torch.arange(n, device=q.device).view(1, n)
     causal = key <= pos
+    if span > 0:
+        causal = causal & (key > pos - span)
     near = causal & ((key > pos - window) | (key < sinks))
     far = causal & ~near
     new_far = far & (key == pos - window)                            # becomes far at this row
@@ -134,6 +144,9 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
 
     s_exact = torch.matmul(q, kx.transpose(-1, -2)) * scale          # [B, H, T, N]
     s_far = torch.matmul(q_rows, kx.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s_exact = softcap * torch.tanh(s_exact / softcap)
+    cap = (lambda s: softcap * torch.tanh(s / softcap)) if softcap > 0 else (lambda s: s)  # noqa: E731
 
     theta = _per_head(theta_v, h, q)[..., 0]                        # [1, H]
     s_ref = torch.full((b, h, n), float("-inf"), dtype=q.dtype, device=q.device)
@@ -146,12 +159,13 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
     updated = torch.zeros(b, h, t_len, dtype=torch.int64, device=q.device)
     for t in range(t_len):
         nr, fr, nf = near[t], far[t], new_far[t]
-        cur = torch.where(fr, s_far[:, :, t], s_exact[:, :, t])
+        cur = torch.where(fr, cap(s_far[:, :, t]), s_exact[:, :, t])
         cur = torch.where(nr | fr, cur, torch.full_like(cur, float("-inf")))
+        held = cap(s_ref)                                                # the far keys' applied logits
         # any common reference c gives the same decisions; this one keeps every weight <= 1
-        c = torch.maximum(cur.amax(-1, keepdim=True), s_ref.amax(-1, keepdim=True))
+        c = torch.maximum(cur.amax(-1, keepdim=True), held.amax(-1, keepdim=True))
         w_now = torch.exp(cur - c)
-        w_hat = torch.exp(s_ref - c)
+        w_hat = torch.exp(held - c)
         budget = (theta * torch.exp(log_den - c[..., 0])).unsqueeze(-1)      # theta_v * Z_{t-1}
         old = fr & ~nf
         dev = torch.where(old, (w_now - w_hat).abs(), torch.zeros_like(w_now))
@@ -179,7 +193,7 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
         s_ref = torch.where(apply, s_far[:, :, t], s_ref)
         s_ref = torch.where(fr, s_ref, torch.full_like(s_ref, float("-inf")))
         updated[:, :, t] = (apply & ~nf).sum(-1)
-        row = torch.where(fr, torch.exp(s_ref - c), torch.where(nr, w_now, torch.zeros_like(w_now)))
+        row = torch.where(fr, torch.exp(cap(s_ref) - c), torch.where(nr, w_now, torch.zeros_like(w_now)))
         weights[:, :, t] = row
         log_den = c[..., 0] + torch.log(row.sum(-1))
     out = torch.matmul(weights / weights.sum(-1, keepdim=True), vx)
@@ -190,6 +204,13 @@ def delta_attention(q, k, v, *, scale: float, window: int, sinks: int, theta_q, 
     n_old_far = (far.sum(-1) - new_far.sum(-1)).view(1, 1, t_len)
     qk = (n_near + n_new) * d + active * n_old_far
     pv = (n_near + n_new) * d + updated * d
+    if span > 0:  # far keys leaving the sliding window are subtracted from the running sums
+        was_far = (key == pos - span) & (key <= pos - 1 - window) & (key >= 0)
+        if state is None:   # a fresh call holds nothing before its first row
+            was_far[0] = False
+        else:
+            was_far[0] &= key[0] < state.s_ref.shape[-1]
+        pv = pv + was_far.sum(-1).view(1, 1, t_len) * d
     stats = DeltaStats(
         dense_macs=int(2 * d * causal.sum().item() * b * h),
         qk_macs=int(qk.sum().item()),

@@ -73,15 +73,101 @@ def test_softcap_prefill_equals_decode_through_the_kept_state(library):
     np.testing.assert_allclose(np.concatenate(rows, 2), whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("window,softcap", [(2, 0.0), (64, 0.0), (3, 4.0)])
-def test_span_is_exact_inside_the_window_whatever_the_window(library, window, softcap):
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_span_is_exact_inside_the_window_when_the_window_covers_it(library, softcap):
     q, k, v = smooth_qkv(7, n=50)
     span, scale = 6, 64 ** -0.5
-    y, macs = session(_model(scale, window, 2, softcap=softcap, span=span), library).run(
-        None, _feeds(q, k, v, 5.0, 0.5))  # large thresholds would skip a lot outside a window: none is used
+    y, macs = session(_model(scale, 6, 2, softcap=softcap, span=span), library).run(
+        None, _feeds(q, k, v, 5.0, 0.5))  # large thresholds, but every key the row sees is near
     np.testing.assert_allclose(y, exact(q, k, v, scale, softcap, span), atol=2e-5)
     seen = np.minimum(np.arange(1, 51), span).sum()   # dense MACs count only the keys in the window
     assert (macs[..., 0] == 2 * 64 * seen).all() and (macs[..., 1:].sum(-1) == macs[..., 0]).all()
+
+
+def _reference(q, k, v, scale, window, tq, tv, softcap=0.0, span=0, state=None):
+    import torch
+
+    from edgesparse_deltallm import reference as R
+
+    return R.delta_attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), scale=scale, window=window, sinks=0,
+                             theta_q=tq, theta_v=tv, softcap=softcap, span=span, state=state)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_span_with_delta_inside_the_sliding_window_matches_the_reference(library, softcap):
+    """Sequences 4x longer than the sliding window: the far keys inside it go through the delta
+    approximation, and those that leave it leave the running sums (kernel == reference)."""
+    from test_kernel import close_enough
+
+    q, k, v = smooth_qkv(11, n=160)
+    q *= 2
+    span, window, scale = 40, 8, 64 ** -0.5
+    ref, _, stats = _reference(q, k, v, scale, window, 0.3, 2e-3, softcap, span)
+    y, macs = session(_model(scale, window, 3, softcap=softcap, span=span), library).run(
+        None, _feeds(q, k, v, 0.3, 2e-3))   # sinks are ignored with a span: nothing before the window is seen
+    close_enough(y, ref.numpy())
+    assert macs[..., 0].sum() == stats.dense_macs
+    assert macs[..., 1].sum() == pytest.approx(stats.qk_macs, rel=1e-3)
+    assert macs[..., 2].sum() == pytest.approx(stats.pv_macs, rel=1e-3)
+    assert stats.sparsity > 0.3   # far keys inside the sliding window are skipped
+    # and it approximates the windowed attention, not the full causal one
+    rel = lambda want: np.sqrt(((y - want) ** 2).mean() / (want ** 2).mean())  # noqa: E731
+    windowed, causal = rel(exact(q, k, v, scale, softcap, span)), rel(exact(q, k, v, scale, softcap))
+    assert windowed < 0.1 and causal > 3 * windowed   # measured: 0.078 vs 0.98 (cap 4: 0.064 vs 0.78), 40% sparsity
+
+
+def test_span_with_zero_thresholds_is_exact_windowed_attention(library):
+    q, k, v = smooth_qkv(12, n=130)
+    span, scale = 32, 64 ** -0.5
+    y, _ = session(_model(scale, 4, 0, span=span), library).run(None, _feeds(q, k, v))
+    np.testing.assert_allclose(y, exact(q, k, v, scale, 0.0, span), atol=2e-5)
+
+
+@pytest.mark.parametrize("carry, split", [(1, 70), (1, 20), (0, 70)])
+def test_span_prefill_then_decode_equals_one_call_and_the_reference(library, carry, split):
+    """Decode with the KV cache far past the sliding window: the state kept between calls (in
+    the node, or fed back) continues the sequence exactly; and the reference's own prefill +
+    decode agrees."""
+    import torch
+
+    from edgesparse_deltallm import reference as R
+
+    q, k, v = smooth_qkv(13, n=120)
+    span, window, scale = 30, 6, 64 ** -0.5
+    whole, _ = session(_model(scale, window, 0, span=span), library).run(None, _feeds(q, k, v, 0.4, 3e-3))
+    names = ["q", "k", "v", "tq", "tv"] + ([] if carry else ["s"])
+    node = helper.make_node("DeltaAttention", names, ["y", "so"], domain=DOMAIN, scale=float(scale), window=window,
+                            sinks=0, carry=carry, span=span)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "so")])
+    s = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]),
+                library)
+    part = lambda a, b: _feeds(q[:, :, a:b], k[:, :, :b], v[:, :, :b], 0.4, 3e-3)  # noqa: E731
+    feed = part(0, split)
+    if not carry:
+        feed["s"] = np.zeros((1, 9, 0), np.float32)
+    y, state = s.run(None, feed)
+    ys = [y]
+    for t in range(split, 120):
+        feed = part(t, t + 1)
+        if not carry:
+            feed["s"] = state
+        y, state = s.run(None, feed)
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys, axis=2), whole, atol=1e-6)
+
+    kw = dict(scale=scale, window=window, sinks=0, theta_q=0.4, theta_v=3e-3, span=span)
+    ref_whole, _, st_whole = R.delta_attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), **kw)
+    rstate, rows, total = None, [], R.DeltaStats()
+    for a, b in [(0, split)] + [(t, t + 1) for t in range(split, 120)]:
+        y, rstate, st = R.delta_attention(torch.tensor(q[:, :, a:b]), torch.tensor(k[:, :, :b]), torch.tensor(v[:, :, :b]),
+                                          state=rstate, **kw)
+        rows.append(y)
+        total.add(st)
+    torch.testing.assert_close(torch.cat(rows, 2), ref_whole, atol=1e-5, rtol=1e-5)
+    assert total.macs == st_whole.macs and total.dense_macs == st_whole.dense_macs
+    err = np.abs(whole - ref_whole.numpy())
+    assert err.max() < 2e-3 and (err < 2e-5).mean() > 0.995
 
 
 def test_the_onnx_function_means_the_same_without_the_library(library):

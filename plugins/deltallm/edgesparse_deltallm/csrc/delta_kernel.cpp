@@ -4,7 +4,7 @@
 //
 // Layout of the work for one head and one query row (see delta_attention.h for the maths):
 //   1. query delta: the dims whose |q_t - qh| > theta_q, as a short list (index, delta*scale);
-//   2. far scores sh[sinks, fe) += sum over that list of delta * KT[dim][keys]: keys are the
+//   2. far scores sh[lo, fe) += sum over that list of delta * KT[dim][keys]: keys are the
 //      contiguous axis of KT, so the inner loop is a vector FMA over 4 vectors of keys held in
 //      registers while it walks the active dims only (skipped dims are never loaded);
 //   3. keys that left the window this row get a full dot product with qh;
@@ -14,6 +14,8 @@
 //   6. value side: far keys whose weight moved by more than theta_v * Z are re-applied to U
 //      (D MACs each); the others cost one compare per key;
 //   7. y_t = (U + sum_near w v) / (Zh + Z_near).
+// Far keys are [lo, fe): lo is `sinks`, or with a sliding window (span) the oldest key the row
+// sees; a far key that leaves the sliding window is subtracted from U and Zh (D MACs).
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -366,7 +368,14 @@ void head_impl(dl_head_args* a) {
   float held_peak = 0.f;  // largest zh since the running sums were last rebuilt (units of c)
   float thr_ratio = 1.f;  // last row's value-side threshold / budget
   bool thr_grow = false;  // the last row's doubled threshold would have kept within budget
-  int64_t fe = sinks;  // far keys known to the state: [sinks, fe)
+  // far keys held in the running sums: [lo, fe). lo is `sinks`, or with a sliding window the
+  // oldest key the row still sees (older far keys leave the sums: lo only grows)
+  auto lo_of = [&](int64_t p) -> int64_t {
+    if (span <= 0) return sinks;
+    return p - span + 1 > 0 ? p - span + 1 : 0;
+  };
+  int64_t lo = lo_of(P);
+  int64_t fe = lo;
   if (a->state_in && a->state_in[0] != 0.f) {
     const float* s = a->state_in;
     c = s[1];
@@ -384,7 +393,8 @@ void head_impl(dl_head_args* a) {
     memcpy(wh, st_rows + ns, sizeof(float) * (size_t)ns);
     have_q = have_c = true;
     const int64_t last = P - 1;  // position of the last row the state has seen
-    fe = last - win + 1 > sinks ? last - win + 1 : sinks;
+    lo = lo_of(last);
+    fe = last - win + 1 > lo ? last - win + 1 : lo;
   }
 
   int64_t dense = 0, qk = 0, pv = 0;
@@ -415,10 +425,11 @@ void head_impl(dl_head_args* a) {
     }
     int n_act_a[kRows];
     for (int r = 0; r < n_rows; ++r) n_act_a[r] = n_act[r] < 0 ? 0 : n_act[r];
-    // phase A: keys far before the chunk
-    const int64_t fe0 = fe;
-    if (fe0 > sinks)
-      far_scores(sh, rows, n_rows, kt, NP, act, dv, n_act_a, sinks, fe0, mfar);
+    // phase A: keys far before the chunk (with a sliding window, keys that leave it during the
+    // chunk are updated too: at most kRows - 1 of them per row)
+    const int64_t fe0 = fe, lo0 = lo;
+    if (fe0 > lo0)
+      far_scores(sh, rows, n_rows, kt, NP, act, dv, n_act_a, lo0, fe0, mfar);
     else
       for (int r = 0; r < n_rows; ++r) mfar[r] = kNegInf;
 
@@ -426,15 +437,37 @@ void head_impl(dl_head_args* a) {
     for (int r = 0; r < n_rows; ++r) {
       const int64_t p = P + t0 + r;
       const float* qt = a->q + (t0 + r) * D;
-      int64_t fe_new = p - win + 1 > sinks ? p - win + 1 : sinks;  // far keys this row: [sinks, fe_new)
+      // sliding window: the far keys this row no longer sees leave the running sums
+      const int64_t lo_p = lo_of(p);
+      int64_t n_left = 0;
+      float left = 0.f;
+      if (lo_p > lo) {
+        const int64_t hi = lo_p < fe ? lo_p : fe;
+        for (int64_t j = lo; j < hi; ++j) {
+          if (wh[j] != 0.f) {
+            U.fma(-wh[j], a->v + j * D);
+            zh -= wh[j];
+            left += wh[j];
+            wh[j] = 0.f;
+          }
+          ++n_left;
+        }
+        lo = lo_p;
+        if (fe <= lo) {  // nothing held any more: drop the subtraction's rounding residue
+          fe = lo;
+          U.zero();
+          zh = 0.f;
+        }
+      }
+      int64_t fe_new = p - win + 1 > lo ? p - win + 1 : lo;  // far keys this row: [lo, fe_new)
       if (fe_new > p + 1) fe_new = p + 1;
       if (fe_new < fe) fe_new = fe;
-      const int64_t n_old = fe > sinks ? fe - sinks : 0;
-      const int64_t new_lo = fe > sinks ? fe : sinks;
+      const int64_t n_old = fe > lo ? fe - lo : 0;
+      const int64_t new_lo = fe > lo ? fe : lo;
       const int na = n_act_a[r];
-      float m = mfar[r];
+      float m = n_old > 0 ? mfar[r] : kNegInf;
       // keys that became far earlier in this chunk: incremental update from row-major K
-      for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) {
+      for (int64_t j = fe0 > lo ? fe0 : lo; j < new_lo; ++j) {
         const float* kj = a->k + j * D;
         float acc[4] = {sh[j], 0.f, 0.f, 0.f};  // four chains: the FMA latency, not the loads, bounds one
         int i = 0;
@@ -477,7 +510,7 @@ void head_impl(dl_head_args* a) {
           zh *= f;
           den_prev *= f;
           held_peak *= f;
-          for (int64_t j = sinks; j < fe; ++j) wh[j] *= f;
+          for (int64_t j = lo; j < fe; ++j) wh[j] *= f;
         }
         c = target;
         have_c = true;
@@ -489,18 +522,18 @@ void head_impl(dl_head_args* a) {
       int64_t n_upd = 0;
       const float budget = thv * den_prev;
       wmax = 0.f;
-      float removed = 0.f;  // weight taken out of the running sums this row
-      if (new_lo > sinks) {
+      float removed = left;  // weight taken out of the running sums this row
+      if (new_lo > lo) {
         // keys that became far earlier in this chunk have their scores in sh: bring them over
-        for (int64_t j = fe0 > sinks ? fe0 : sinks; j < new_lo; ++j) rows[r][j] = sh[j];
+        for (int64_t j = fe0 > lo ? fe0 : lo; j < new_lo; ++j) rows[r][j] = sh[j];
         float ratio = thr_grow ? (thr_ratio * 2.f < 1.f ? thr_ratio * 2.f : 1.f) : thr_ratio;
         float kept = 0.f, kept_up = 0.f;
-        wmax = far_pass<NV, true>(rows[r], wb, wh, sinks, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
+        wmax = far_pass<NV, true>(rows[r], wb, wh, lo, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
                                   &kept_up, n_upd, ridx, rdw);
         thr_grow = kept_up <= budget && ratio < 1.f;
         for (int level = 0; kept > budget; ++level) {
           ratio = level < kMaxHalvings ? ratio * 0.5f : 0.f;
-          wmax = far_pass<NV, false>(rows[r], wb, wh, sinks, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
+          wmax = far_pass<NV, false>(rows[r], wb, wh, lo, new_lo, c, cap, ratio * budget, a->v, U, zh, removed, &kept,
                                      &kept_up, n_upd, ridx, rdw);
           thr_grow = false;
           if (ratio == 0.f) break;
@@ -514,12 +547,12 @@ void head_impl(dl_head_args* a) {
         // large numbers, so rebuild them from the weights (D MACs per far key, counted)
         U.zero();
         zh = 0.f;
-        for (int64_t j = sinks; j < new_lo; ++j)
+        for (int64_t j = lo; j < new_lo; ++j)
           if (wh[j] != 0.f) {
             U.fma(wh[j], a->v + j * D);
             zh += wh[j];
           }
-        n_rebuilt = new_lo - sinks;
+        n_rebuilt = new_lo - lo;
         held_peak = zh;
       }
       for (int64_t j = new_lo; j < fe_new; ++j) {
@@ -564,11 +597,11 @@ void head_impl(dl_head_args* a) {
       const int64_t n_near = sink_hi + (ws <= p ? p - ws + 1 : 0);
       dense += 2 * D * (p + 1 - first);
       qk += (n_near + n_new) * D + (int64_t)na * n_old;
-      pv += (n_near + n_new) * D + (n_upd + n_rebuilt) * D;
+      pv += (n_near + n_new) * D + (n_upd + n_rebuilt + n_left) * D;
       fe = fe_new;
     }
     // the chunk's last score row becomes the running far scores
-    if (fe0 > sinks) memcpy(sh + sinks, rows[n_rows - 1] + sinks, sizeof(float) * (size_t)(fe0 - sinks));
+    if (fe0 > lo0) memcpy(sh + lo0, rows[n_rows - 1] + lo0, sizeof(float) * (size_t)(fe0 - lo0));
   }
   a->macs[0] = dense;
   a->macs[1] = qk;

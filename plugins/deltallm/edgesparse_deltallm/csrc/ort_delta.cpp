@@ -11,8 +11,10 @@
 //          2 macs int64 [B, H, 3] (optional: dense causal MACs, QK MACs spent, PV MACs spent)
 // Attributes: scale (float), window (int >= 1), sinks (int >= 0), carry (int, default 0),
 //             softcap (float, default 0: none; logits = softcap * tanh(scale q.k / softcap)),
-//             span (int, default 0: none; a sliding window: row p sees keys p - span < j <= p,
-//             all exactly: window and sinks do not apply).
+//             span (int, default 0: none; a sliding window: row p sees keys p - span < j <= p;
+//             inside it keys j > p - window are exact and older ones go through the delta
+//             approximation, leaving the running sums when they leave the window; sinks do not
+//             apply; window >= span: exact).
 // carry = 1 keeps the state inside the node between calls when no state input is given: a call
 // whose cache is the previous call's keys plus new ones (same length, same first and last key
 // rows) continues the sequence (decode); any other call starts afresh. The graph's inputs and
@@ -128,10 +130,7 @@ struct Kernel {
     if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "span", &span)) api.ReleaseStatus(st);
     if (!(softcap >= 0.f)) throw Error("softcap must be >= 0");
     if (span < 0) throw Error("span must be >= 0");
-    if (span > 0) {  // a sliding-window layer: exact inside its window, nothing far
-      window = int64_t(1) << 40;
-      sinks = 0;
-    }
+    if (span > 0) sinks = 0;  // a sliding-window layer: keys before the window are not seen at all
     if (window < 1) throw Error("window must be >= 1");
     if (sinks < 0) throw Error("sinks must be >= 0");
     if (!(scale > 0.f)) throw Error("scale must be positive");
