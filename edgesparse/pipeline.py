@@ -169,7 +169,13 @@ def build(request: BuildRequest, registry=None) -> dict | None:
         manifest["verification"] = _verify(run_package, staging, model, libraries, calibration, input_kind, request, ctx)
         if not manifest["verification"]["passed"]:
             v = manifest["verification"]
-            raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance {v['tolerance']:.3g}")
+            hint = ""
+            if v.get("reference") == "op reference":  # threshold decisions can flip between kernel and reference
+                needed = v["max_abs_error"] / max(v["tolerance"] / request.tolerance, 1e-30) * 1.5
+                hint = (f" (approximating nodes: a skip decision that rounds differently in the kernel and its "
+                        f"reference changes every later layer; --tolerance {needed:.2g} accepts this difference)")
+            raise EdgesparseError(f"verification failed: max abs error {v['max_abs_error']:.3g} exceeds tolerance "
+                                  f"{v['tolerance']:.3g}{hint}")
         ctx.log(f"comparing the package with the original on {len(held_out)} {held_out_kind} batches")
         manifest["quality"] = quality.compare(baseline, lambda b: run_package(b).outputs,
                                               [o["name"] for o in manifest["outputs"]], evaluate)

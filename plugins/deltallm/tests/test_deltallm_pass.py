@@ -77,8 +77,9 @@ def test_a_wrong_kernel_fails_verification(tiny_onnx, inputs, tmp_path, library,
     monkeypatch.setattr(kernel_build, "CSRC", csrc)
     monkeypatch.setattr(kernel_build, "VARIANTS", {"generic": kernel_build.VARIANTS["generic"]})  # one copy: quick
     monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(EdgesparseError, match="verification failed"):
+    with pytest.raises(EdgesparseError, match="verification failed") as failed:
         _build(tiny_onnx, inputs, tmp_path, window=8, theta_q=0.3, theta_v=0.01, decode_steps=0)
+    assert "approximating nodes" in str(failed.value) and "--tolerance" in str(failed.value)  # what would accept it
 
 
 def test_package_runs_without_the_library_as_exact_attention(tiny_onnx, inputs, tmp_path, library):
