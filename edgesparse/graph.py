@@ -2,6 +2,7 @@
 that hold weights, read and add initializers, and swap a layer for a new node."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -194,6 +195,109 @@ def _pads(node: ir.Node, kernel: list[int]) -> list[int] | None:
     return begin + end
 
 
+def readers(value: ir.Value) -> list[ir.Node]:
+    """The nodes that read `value`."""
+    return [u.node if hasattr(u, "node") else u[0] for u in value.uses()]
+
+
+def single_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads `value`, or None (no reader, several, or a graph output)."""
+    if value.is_graph_output():
+        return None
+    found = readers(value)
+    return found[0] if len(found) == 1 else None
+
+
+def _std(node: ir.Node | None, op: str) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type == op
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    c = constant(value)
+    return float(np.asarray(c).reshape(-1)[0]) if c is not None and np.asarray(c).size == 1 else None
+
+
+def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a two-input node that reads `value` once."""
+    ins = list(node.inputs)
+    if len(ins) != 2 or sum(v is value for v in ins) != 1:
+        return None
+    return ins[1] if ins[0] is value else ins[0]
+
+
+def _near(x: float | None, want: float) -> bool:
+    return x is not None and abs(x - want) <= 1e-4 * abs(want)
+
+
+def following_activation(value: ir.Value, allowed: tuple[str, ...]) -> tuple[str, list[ir.Node], ir.Value]:
+    """(name, nodes, output) of an activation the sparse kernels can fuse that follows `value` and
+    reads nothing else: Relu; Clip(0, 6) (relu6) and Clip(0) (relu); x * Sigmoid(x) (silu); GELU
+    as the Gelu op (exact form) or spelled out with Erf, as exporters write it (x / sqrt 2 or
+    x * (1 / sqrt 2), Erf, + 1, then times x and 0.5 in any order). ("none", [], value) otherwise."""
+    none = ("none", [], value)
+    if value.is_graph_output():
+        return none
+    uses = readers(value)
+    if not uses or not all(n.domain in ("", "ai.onnx", "com.microsoft") for n in uses):
+        return none
+    if len(uses) == 1:
+        n = uses[0]
+        if _std(n, "Relu") and "relu" in allowed:
+            return "relu", [n], n.outputs[0]
+        if _std(n, "Clip"):
+            lo = _scalar(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else None
+            hi = _scalar(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else None
+            if lo == 0.0 and hi == 6.0 and "relu6" in allowed:
+                return "relu6", [n], n.outputs[0]
+            if lo == 0.0 and (len(n.inputs) < 3 or n.inputs[2] is None) and "relu" in allowed:
+                return "relu", [n], n.outputs[0]
+        if n.op_type == "Gelu" and n.domain in ("", "ai.onnx", "com.microsoft") and "gelu" in allowed:
+            approximate = attributes(n).get("approximate", "none")
+            if approximate in ("none", b"none"):
+                return "gelu", [n], n.outputs[0]
+    if len(uses) == 2 and "silu" in allowed:
+        sig = next((n for n in uses if _std(n, "Sigmoid")), None)
+        mul = next((n for n in uses if _std(n, "Mul")), None)
+        if sig is not None and mul is not None and single_reader(sig.outputs[0]) is mul \
+                and _other_input(mul, value) is sig.outputs[0]:
+            return "silu", [sig, mul], mul.outputs[0]
+    if len(uses) == 2 and "gelu" in allowed:
+        found = _erf_gelu(value, uses)
+        if found is not None:
+            return "gelu", found, found[-1].outputs[0]
+    return none
+
+
+def _erf_gelu(value: ir.Value, uses: list[ir.Node]) -> list[ir.Node] | None:
+    """The nodes of 0.5 * x * (1 + erf(x / sqrt 2)) reading `value` (two readers: the scaling
+    into Erf, and a Mul by x or by 0.5), in graph order, or None."""
+    scale = next((n for n in uses if (_std(n, "Div") and n.inputs[0] is value and _near(_scalar(n.inputs[1]), 2 ** 0.5))
+                  or (_std(n, "Mul") and _near(_scalar(_other_input(n, value)), 2 ** -0.5))), None)
+    if scale is None:
+        return None
+    erf = single_reader(scale.outputs[0])
+    plus = single_reader(erf.outputs[0]) if _std(erf, "Erf") else None
+    if not _std(plus, "Add") or not _near(_scalar(_other_input(plus, erf.outputs[0])), 1.0):
+        return None
+    other = next(n for n in uses if n is not scale)
+    if not _std(other, "Mul"):
+        return None
+    after_plus = single_reader(plus.outputs[0])
+    if not _std(after_plus, "Mul"):
+        return None
+    if _other_input(other, value) is plus.outputs[0]:  # (x * (1 + erf)) * 0.5
+        half = single_reader(other.outputs[0])
+        if _std(half, "Mul") and _near(_scalar(_other_input(half, other.outputs[0])), 0.5):
+            return [scale, erf, plus, other, half]
+    elif _near(_scalar(_other_input(other, value)), 0.5):  # (0.5 * x) * (1 + erf)
+        if after_plus is single_reader(other.outputs[0]) and _other_input(after_plus, plus.outputs[0]) is other.outputs[0]:
+            return [scale, erf, plus, other, after_plus]
+    elif _near(_scalar(_other_input(after_plus, plus.outputs[0])), 0.5):  # x * ((1 + erf) * 0.5)
+        if single_reader(after_plus.outputs[0]) is other and _other_input(other, value) is after_plus.outputs[0]:
+            return [scale, erf, plus, after_plus, other]
+    return None
+
+
 def attributes(node: ir.Node) -> dict:
     return {k: a.value for k, a in node.attributes.items()}
 
@@ -270,9 +374,16 @@ def node_name(model: ir.Model, base: str) -> str:
 BLOCK_SPARSE_MATMUL = "BlockSparseMatMul"
 
 
-def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.ndarray, block: int) -> ir.Node:
+MATMUL_ACTIVATIONS = ("relu", "gelu", "silu")  # what BlockSparseMatMul's epilogue computes
+
+
+def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.ndarray, block: int,
+                                     fuse_activation: bool = True) -> ir.Node:
     """Swap a matmul layer for edgesparse's block-sparse MatMul holding `weight` ([K, N], whose
-    zero blocks of `block` outputs x 1 input are skipped), packed now, at build time."""
+    zero blocks of `block` outputs x 1 input are skipped), packed now, at build time. An
+    activation that follows the layer alone (see following_activation) goes into the kernel's
+    epilogue: applied while the output is in registers, instead of ops that read and write it
+    again (GELU spelled out with Erf is five of them)."""
     from . import kernels
 
     packed = kernels.pack_block_sparse(np.asarray(weight, np.float32), block)
@@ -280,8 +391,13 @@ def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.n
     constants = [initializer(model, f"{base}.{key}", packed[key]) for key in ("values", "k_index", "row_ptr")]
     if layer.bias is not None:
         constants.append(initializer(model, f"{base}.bias", layer.bias.astype(np.float32)))
+    act, act_nodes, out = following_activation(layer.output, MATMUL_ACTIVATIONS) if fuse_activation else ("none", [], None)
+    attrs = {"N": int(weight.shape[1])}
+    if act != "none":
+        attrs["activation"] = act
+        layer = dataclasses.replace(layer, nodes=[*layer.nodes, *act_nodes], output=out)
     return _in_float32(model, layer, lambda x: ir.node(
-        BLOCK_SPARSE_MATMUL, [x, *constants], {"N": int(weight.shape[1])}, domain=kernels.DOMAIN,
+        BLOCK_SPARSE_MATMUL, [x, *constants], attrs, domain=kernels.DOMAIN,
         name=node_name(model, f"{base}_sparse")))
 
 
@@ -325,21 +441,24 @@ def _in_float32(model: ir.Model, layer: Layer, make) -> ir.Node:
     stored in another dtype is recorded on the node (the manifest's layer entry reports it)."""
     base = layer.name.replace("/", "_")
     compute = layer.weight.dtype
+    # the node's current input: layer.input is stale when the layer before was replaced since the
+    # layers were listed (its output, an activation fused into it, now comes from the new node)
+    x0 = layer.node.inputs[0]
     before, after = [], []
     if compute != np.float32:
-        before.append(ir.node("Cast", [layer.input], {"to": int(onnx.TensorProto.FLOAT)}, name=node_name(model, f"{base}_to_float32")))
+        before.append(ir.node("Cast", [x0], {"to": int(onnx.TensorProto.FLOAT)}, name=node_name(model, f"{base}_to_float32")))
     if layer.transposed_input:
-        x = before[-1].outputs[0] if before else layer.input
+        x = before[-1].outputs[0] if before else x0
         before.append(ir.node("Transpose", [x], {"perm": [1, 0]}, name=node_name(model, f"{base}_transpose_a")))
     if layer.kind == "conv1d":
         axes = initializer(model, f"{base}.height_axis", np.array([2], np.int64))
-        x = before[-1].outputs[0] if before else layer.input
+        x = before[-1].outputs[0] if before else x0
         before.append(ir.node("Unsqueeze", [x, axes], name=node_name(model, f"{base}_to_2d")))
         after.append(lambda y: ir.node("Squeeze", [y, axes], name=node_name(model, f"{base}_to_1d")))
     if compute != np.float32:
         after.append(lambda y: ir.node("Cast", [y], {"to": int(onnx.helper.np_dtype_to_tensor_dtype(compute))},
                                        name=node_name(model, f"{base}_from_float32")))
-    node = make(before[-1].outputs[0] if before else layer.input)
+    node = make(before[-1].outputs[0] if before else x0)
     node.outputs[0].dtype = ir.DataType.FLOAT
     nodes = [*before, node]
     for wrap in after:

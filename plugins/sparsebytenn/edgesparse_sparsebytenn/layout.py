@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from edgesparse import graph, kernels
 
-from .rewrite import _activation, _fold_batchnorm, _single_consumer, _std, _zero_pad
+from .rewrite import _fold_batchnorm, _std, _zero_pad
 
 SPARSE_CONVS = ("BlockSparseConv", "BlockSparseConvAdd")
 
@@ -79,8 +79,8 @@ def _depthwise_convs(model: ir.Model, blockable_only: bool = False) -> list[dict
         source = (pad_node.inputs[0] if pad_node is not None else x).producer()
         weight, bias, bn = _fold_batchnorm(layer, layer.weight.astype(np.float32), layer.bias)
         out = bn.outputs[0] if bn is not None else layer.output
-        act, act_nodes, out = _activation(out, ("relu", "relu6", "silu"))
-        consumer = _single_consumer(out)
+        act, act_nodes, out = graph.following_activation(out, ("relu", "relu6", "silu"))
+        consumer = graph.single_reader(out)
         if not (_is_sparse_conv(source) or _is_sparse_conv(consumer)):
             continue
         if blockable_only and not (weight.shape[0] % 16 == 0 and _blockable_conv(source) and _blockable_conv(consumer)):
@@ -126,7 +126,7 @@ def _residual_adds(model: ir.Model) -> list[dict]:
             conv = conv_out.producer() if conv_out is not None else None
             if conv is None or conv.op_type != "BlockSparseConv" or conv.domain != kernels.DOMAIN:
                 continue
-            if _single_consumer(conv_out) is not add or other is None or other is conv_out:
+            if graph.single_reader(conv_out) is not add or other is None or other is conv_out:
                 continue
             shape = _static_shape(conv_out)
             if shape is None or shape != _static_shape(other) or shape != _static_shape(add.outputs[0]):

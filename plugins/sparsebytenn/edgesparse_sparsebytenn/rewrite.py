@@ -9,7 +9,8 @@ left dense and reported.
 
 Fused into the sparse node when they directly follow the layer and nothing else reads the
 intermediate value: a BatchNormalization (folded into weights and bias), Relu, Clip(0, 6) (relu6),
-x * Sigmoid(x) (SiLU) for convs and Relu/SiLU for matmuls, and a zero Pad in front of a conv
+x * Sigmoid(x) (SiLU) for convs and Relu/SiLU/GELU for matmuls (edgesparse.graph.following_activation),
+and a zero Pad in front of a conv
 (folded into its pads: EfficientNet's TensorFlow-style "same" padding exports as one).
 """
 from __future__ import annotations
@@ -27,23 +28,13 @@ CONV_OP = "BlockSparseConv"
 MATMUL_OP = "BlockSparseMatMul"
 
 
-def _single_consumer(value: ir.Value):
-    if value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    if len(uses) != 1:
-        return None
-    use = uses[0]
-    return use.node if hasattr(use, "node") else use[0]
-
-
 def _std(node) -> bool:
     return node is not None and node.domain in ("", "ai.onnx")
 
 
 def _fold_batchnorm(layer, weight, bias):
     """Conv -> BatchNormalization with constant statistics: fold; returns (weight, bias, node)."""
-    bn = _single_consumer(layer.output)
+    bn = graph.single_reader(layer.output)
     if not _std(bn) or bn.op_type != "BatchNormalization" or len(bn.outputs) != 1:
         return weight, bias, None
     params = [graph.constant(v) for v in bn.inputs[1:5]]
@@ -58,35 +49,10 @@ def _fold_batchnorm(layer, weight, bias):
     return weight, bias, bn
 
 
-def _activation(value: ir.Value, allowed: tuple[str, ...]):
-    """(activation name, nodes, output value) when an activation follows `value` alone."""
-    uses = [u.node if hasattr(u, "node") else u[0] for u in value.uses()]
-    if value.is_graph_output() or not uses or not all(_std(n) for n in uses):
-        return "none", [], value
-    if len(uses) == 1:
-        n = uses[0]
-        if n.op_type == "Relu" and "relu" in allowed:
-            return "relu", [n], n.outputs[0]
-        if n.op_type == "Clip" and "relu6" in allowed:
-            lo = graph.constant(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else None
-            hi = graph.constant(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else None
-            if lo is not None and hi is not None and float(lo) == 0.0 and float(hi) == 6.0:
-                return "relu6", [n], n.outputs[0]
-            if lo is not None and float(lo) == 0.0 and (len(n.inputs) < 3 or n.inputs[2] is None) and "relu" in allowed:
-                return "relu", [n], n.outputs[0]
-    if len(uses) == 2 and "silu" in allowed:
-        sig = next((n for n in uses if n.op_type == "Sigmoid"), None)
-        mul = next((n for n in uses if n.op_type == "Mul"), None)
-        if sig is not None and mul is not None and _single_consumer(sig.outputs[0]) is mul \
-                and {id(v) for v in mul.inputs} == {id(value), id(sig.outputs[0])}:
-            return "silu", [sig, mul], mul.outputs[0]
-    return "none", [], value
-
-
 def _zero_pad(value: ir.Value, layer_node):
     """A constant-zero Pad on the two spatial axes feeding only this conv: (pads [t, l, b, r], node)."""
     pad = value.producer()
-    if not _std(pad) or pad.op_type != "Pad" or _single_consumer(value) is not layer_node:
+    if not _std(pad) or pad.op_type != "Pad" or graph.single_reader(value) is not layer_node:
         return None, None
     if graph.attributes(pad).get("mode", "constant") not in ("constant", b"constant"):
         return None, None
@@ -178,7 +144,7 @@ def _conv(model, layer, rec):
     weight, bias, bn = _fold_batchnorm(layer, weight, bias)
     nodes = list(layer.nodes) + ([bn] if bn is not None else [])
     out = bn.outputs[0] if bn is not None else layer.output
-    act, act_nodes, out = _activation(out, ("relu", "relu6", "silu"))
+    act, act_nodes, out = graph.following_activation(out, ("relu", "relu6", "silu"))
     nodes += act_nodes
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     # the node's current input: layer.input is stale when the producer was replaced before (the
@@ -212,7 +178,7 @@ def _matmul(model, layer, rec):
     problem = _check_mask(weight.T, rec)
     if problem:
         return problem
-    act, act_nodes, out = _activation(layer.output, ("relu", "silu"))
+    act, act_nodes, out = graph.following_activation(layer.output, graph.MATMUL_ACTIVATIONS)
     packed = kernels.pack_block_sparse(weight, rec["block"])
     base = layer.name.replace("/", "_").replace(".", "_")
     inputs = [layer.node.inputs[0]] + [graph.initializer(model, f"{base}.{k}", packed[k]) for k in ("values", "k_index", "row_ptr")]
