@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from blockffn_common import write_result
 from edgesparse.kernels import (X86_64, attach_functions, build_library, make_routed_ffn, pack_gathered_ffn,
                                 routed_ffn_reference)
-from edgesparse.kernels.dispatch import current_isa
+from edgesparse.kernels.dispatch import current_isa, host_cpu
 
 D, I, E = 576, 1536, 24
 ACTIVE = 7
@@ -170,7 +169,7 @@ def main():
               f"{row['routed_with_router_median_ms']:.4f} ms ({row['speedup_with_router']}x)", flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "shape": {"D": dim, "I": inter, "experts": n_exp, "expert_size": inter // n_exp, "gated": not args.plain, "activation": "silu"},
-              "threads": 1, "isa": current_isa(), "onnxruntime": ort.__version__, "cpu": platform.processor(),
+              "threads": 1, "isa": current_isa(), "onnxruntime": ort.__version__, "cpu": host_cpu(),
               "method": "one process, rotating interleaved order, io-binding, batches of runs >= 2 ms per sample",
               "rows": rows}
     print(write_result(args.out, result))

@@ -74,7 +74,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # written as x / sqrt(...) (not x * rsqrt(...)): ONNX Runtime fuses this spelling into one
+        # SimplifiedLayerNormalization node instead of running six small ops per norm
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class Router(nn.Module):
