@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from .kernels.blocksparse import MATMUL_ACTIVATIONS  # what BlockSparseMatMul's epilogue computes
+
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The array behind an initializer or Constant, or None for a run-time value. Exporters put
@@ -374,7 +376,6 @@ def node_name(model: ir.Model, base: str) -> str:
 BLOCK_SPARSE_MATMUL = "BlockSparseMatMul"
 
 
-MATMUL_ACTIVATIONS = ("relu", "gelu", "silu")  # what BlockSparseMatMul's epilogue computes
 
 
 def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.ndarray, block: int,

@@ -123,7 +123,9 @@ def test_graph_split_into_segments_and_kernels(tmp_path):
     plan = json.loads((tmp_path / "pkg" / "web" / "plan.json").read_text())
     kinds = [s["kind"] for s in plan["steps"]]
     assert kinds == ["onnx", "kernel", "kernel", "onnx"], kinds  # LayerNorm | fc1+GELU | fc2 | residual
-    assert plan["steps"][1]["activation_name"] == "gelu" and len(plan["steps"][1]["fused"]) == 5
+    # the magnitude pass put GELU into fc1's epilogue already (edgesparse.graph.following_activation):
+    # the plan reads it from the node and has nothing left to fold
+    assert plan["steps"][1]["activation_name"] == "gelu" and plan["steps"][1]["fused"] == []
     from edgesparse_wasm import node
 
     x = np.random.default_rng(1).standard_normal((2, 5, 96)).astype(np.float32)  # 3-D input, M = 10
@@ -132,6 +134,26 @@ def test_graph_split_into_segments_and_kernels(tmp_path):
     assert [o.shape for o in outputs] == [(2, 5, 96), (2, 5, 96)]
     for got, exp in zip(outputs, want):
         assert np.abs(got - exp).max() <= 1e-4
+
+
+def test_plan_folds_an_activation_the_graph_left_after_a_sparse_node():
+    """Sparse nodes that arrive with their activation still outside (an ONNX file with our ops, a
+    pass that does not fuse): the plan folds the GELU chain into the kernel call itself."""
+    from edgesparse_wasm.plan import Planner
+
+    model = block_model()
+    w1 = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
+    b1 = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b1"))
+    node, inits = kernels.make_block_sparse_matmul("ln", "h1", kernels.pack_block_sparse(w1, 16), w1.shape[1],
+                                                   bias=b1, name="fc1_sparse")
+    kept = [n for n in model.graph.node if n.name not in ("fc1", "fc1_bias")]
+    del model.graph.node[:]
+    model.graph.node.extend([kept[0], node, *kept[1:]])
+    model.graph.initializer.extend(inits)
+    planner = Planner(model)
+    planner.choose_kernels()
+    (call,) = planner.kernels.values()
+    assert call.activation == "gelu" and len(call.fused) == 5 and call.output == "act"
 
 
 def test_sparse_node_left_to_onnxruntime_web_is_not_counted(tmp_path):
