@@ -106,6 +106,15 @@ class Target:
     def runs_here(self) -> bool:
         return platform.machine() == self.machine
 
+    def times_here(self) -> bool:
+        """Whether timing a package on this machine times what the target's devices run: it runs
+        here natively, on the code its ISA names (an AVX2 package timed on an AVX-512 machine would
+        time ONNX Runtime's AVX-512 dense kernels against it). Passes use it to check speed claims
+        on the whole model before they ship them."""
+        from .kernels import dispatch
+
+        return self.runs_here() and self.isa == dispatch.best_isa()
+
     def describe(self) -> dict:
         return {
             "name": self.name,

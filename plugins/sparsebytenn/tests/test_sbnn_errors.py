@@ -287,3 +287,48 @@ def test_whole_model_check_keeps_or_drops_the_sparse_layers(monkeypatch, margin)
         assert "BlockSparseConv" not in ops and ops.count("Conv") == 2
         assert all("whole-model check" in r["reason"] for r in report["onnx"]["not_replaced"])
         assert any("whole-model check" in w for w in ctx.warnings)
+
+
+@pytest.mark.parametrize("veto", [0.0, 1e6])
+def test_dispatch_target_is_checked_on_the_whole_model_where_the_package_runs(monkeypatch, veto):
+    """dispatch=target on a target that runs here: the table chose the layers, then the whole
+    model is timed against dense and ships dense when it is slower (VETO forces either outcome)."""
+    from sbnn_testing import export_and_rewrite
+
+    from edgesparse.plugins import registry
+    from edgesparse_sparsebytenn import measure
+
+    target = registry().get("targets", "x86").configure({})
+    assert target.times_here()
+    always = type("Always", (), {"__getattr__": lambda self, n: getattr(target, n),
+                                 "prefers_sparse": lambda self, *a, **k: True})()  # the table: every layer sparse
+    monkeypatch.setattr(measure, "VETO", veto)
+    model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 128, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), target=always, sparsity=0.9)
+    dense, sparse = export_and_rewrite(p, ctx, out, {"x": torch.zeros(1, 128, 14, 14)})
+    check = ctx.reports["sparsebytenn"]["whole_model_check"]
+    assert check["dense_ms"] > 0 and check["sparse_ms"] > 0 and check["kept_sparse"] == (veto == 0.0)
+    ops = [n.op_type for n in sparse.graph.node]
+    assert ("BlockSparseConv" in ops) == (veto == 0.0)
+    assert any("whole-model check" in w for w in ctx.warnings) == (veto != 0.0)
+
+
+def test_dispatch_target_for_other_machines_keeps_the_tables_decisions():
+    """A package for the ISA this machine does not run natively cannot be timed here: the table's
+    decisions stand and the report says why nothing was timed."""
+    from sbnn_testing import export_and_rewrite
+
+    from edgesparse.kernels import dispatch
+    from edgesparse.plugins import registry
+
+    other = "avx2" if dispatch.best_isa() == "avx512" else "avx512"
+    target = registry().get("targets", "x86").configure({"isa": other})
+    assert not target.times_here()
+    always = type("Always", (), {"__getattr__": lambda self, n: getattr(target, n),
+                                 "prefers_sparse": lambda self, *a, **k: True})()
+    model = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(), nn.Conv2d(128, 128, 1)).eval()
+    p, ctx, out = run_torch_stage(model, _calib((1, 128, 14, 14)), target=always, sparsity=0.9)
+    dense, sparse = export_and_rewrite(p, ctx, out, {"x": torch.zeros(1, 128, 14, 14)})
+    check = ctx.reports["sparsebytenn"]["whole_model_check"]
+    assert "does not run here natively" in check["skipped"] and other in check["skipped"]
+    assert [n.op_type for n in sparse.graph.node].count("BlockSparseConv") == 2
