@@ -491,6 +491,8 @@ class SparseByteNN(Pass):
                 result["not_replaced"] += [{**r, "reason": "whole-model check: the sparse model was not faster"}
                                            for r in result.pop("replaced")]
                 result["replaced"] = []
+                if "nchw_layout" in ctx.reports.get(self.name, {}):
+                    ctx.report("nchw_layout", {"reverted": "whole-model check: the sparse model was not faster"})
         for entry in result["not_replaced"]:
             ctx.warn(f"{entry['layer']} stays a dense op in the package: {entry['reason']}")
         ctx.report("onnx", result)

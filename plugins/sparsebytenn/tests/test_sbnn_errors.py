@@ -311,6 +311,8 @@ def test_dispatch_target_is_checked_on_the_whole_model_where_the_package_runs(mo
     ops = [n.op_type for n in sparse.graph.node]
     assert ("BlockSparseConv" in ops) == (veto == 0.0)
     assert any("whole-model check" in w for w in ctx.warnings) == (veto != 0.0)
+    layout = ctx.reports["sparsebytenn"].get("nchw_layout", {})
+    assert ("reverted" in layout) == (veto != 0.0 and bool(layout))  # no layout left claimed on a dense graph
 
 
 def test_dispatch_target_for_other_machines_keeps_the_tables_decisions():
