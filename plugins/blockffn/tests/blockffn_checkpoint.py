@@ -56,6 +56,10 @@ def tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         }
         if cfg.get("norm_after_router", "sum") == "rms":
             out[p + "mlp.router_norm.weight"] = gain(e)
+        if cfg.get("attention_bias"):
+            out |= {p + "self_attn.q_a_proj.bias": 0.1 * torch.randn(ql, generator=g),
+                    p + "self_attn.kv_a_proj_with_mqa.bias": 0.1 * torch.randn(kvl + rope, generator=g),
+                    p + "self_attn.o_proj.bias": 0.1 * torch.randn(d, generator=g)}
     return out
 
 
@@ -95,9 +99,10 @@ def reference_logits(cfg: dict, t: dict[str, torch.Tensor], ids: torch.Tensor) -
     for i in range(n_layers):
         p = f"model.layers.{i}."
         y = rms(x, t[p + "input_layernorm.weight"])
-        q = rms(y @ t[p + "self_attn.q_a_proj.weight"].T, t[p + "self_attn.q_a_layernorm.weight"], 1e-6)
+        bias = (lambda name: t.get(p + f"self_attn.{name}.bias", 0.0))
+        q = rms(y @ t[p + "self_attn.q_a_proj.weight"].T + bias("q_a_proj"), t[p + "self_attn.q_a_layernorm.weight"], 1e-6)
         q = (q @ t[p + "self_attn.q_b_proj.weight"].T).view(b_, T, h, nope + rope).transpose(1, 2)
-        kv = y @ t[p + "self_attn.kv_a_proj_with_mqa.weight"].T
+        kv = y @ t[p + "self_attn.kv_a_proj_with_mqa.weight"].T + bias("kv_a_proj_with_mqa")
         c, k_pe = kv[..., :kvl], kv[..., kvl:]
         kvh = (rms(c, t[p + "self_attn.kv_a_layernorm.weight"], 1e-6) @ t[p + "self_attn.kv_b_proj.weight"].T)
         kvh = kvh.view(b_, T, h, nope + v).transpose(1, 2)
@@ -105,7 +110,7 @@ def reference_logits(cfg: dict, t: dict[str, torch.Tensor], ids: torch.Tensor) -
         qq = torch.cat([q[..., :nope], rot(q[..., nope:], cos, sin)], -1)
         att = (qq @ k.transpose(-1, -2)) / math.sqrt(nope + rope)
         att = torch.softmax(att.masked_fill(~causal, float("-inf")), -1)
-        o = (att @ kvh[..., nope:]).transpose(1, 2).reshape(b_, T, h * v) @ t[p + "self_attn.o_proj.weight"].T
+        o = (att @ kvh[..., nope:]).transpose(1, 2).reshape(b_, T, h * v) @ t[p + "self_attn.o_proj.weight"].T + bias("o_proj")
         x = x + o * scale
         y = rms(x, t[p + "post_attention_layernorm.weight"])
         a = torch.relu(y @ t[p + "mlp.router_proj.weight"].T)

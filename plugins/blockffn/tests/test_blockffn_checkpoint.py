@@ -35,10 +35,12 @@ def _factory(tmp_path: Path, ck: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("ffn_type,norm", [("block", "rms"), ("block_linear", "sum"), ("block", "none")])
-def test_model_computes_the_released_formulation(ffn_type, norm, tmp_path):
+@pytest.mark.parametrize("ffn_type,norm,bias", [("block", "rms", False), ("block_linear", "sum", False),
+                                               ("block", "none", False), ("block", "rms", True)])
+def test_model_computes_the_released_formulation(ffn_type, norm, bias, tmp_path):
     torch.set_num_threads(1)
-    cfg = ckpt.TINY | {"ffn_type": ffn_type, "norm_after_router": norm, "tie_word_embeddings": norm == "sum"}
+    cfg = ckpt.TINY | {"ffn_type": ffn_type, "norm_after_router": norm, "tie_word_embeddings": norm == "sum",
+                       "attention_bias": bias}
     ckpt.write(tmp_path, cfg, seed=1)
     model = checkpoint.load(tmp_path)
     ids = torch.randint(0, cfg["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
