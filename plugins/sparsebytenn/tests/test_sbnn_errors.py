@@ -298,7 +298,9 @@ def test_dispatch_target_is_checked_on_the_whole_model_where_the_package_runs(mo
     from edgesparse.plugins import registry
     from edgesparse_sparsebytenn import measure
 
-    target = registry().get("targets", "x86").configure({})
+    from edgesparse.kernels import dispatch
+
+    target = registry().get("targets", "x86").configure({"isa": dispatch.best_isa()})  # also with EDGESPARSE_ISA forced
     assert target.times_here()
     always = type("Always", (), {"__getattr__": lambda self, n: getattr(target, n),
                                  "prefers_sparse": lambda self, *a, **k: True})()  # the table: every layer sparse
