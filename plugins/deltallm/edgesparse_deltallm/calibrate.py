@@ -1,8 +1,12 @@
 """Calibration: choose the window and the thresholds from a few calibration inputs.
 
-Thresholds are scale-free. theta_q for layer l and head h is alpha * sigma[l, h], where sigma is
-the median |q_t - q_{t-1}| of that head's queries on the calibration text (so one alpha means
-the same thing in every layer and head); theta_v is a fraction of the softmax denominator. The
+Thresholds are scale-free. theta_q for layer l, head h and query dimension d is
+alpha * sigma[l, h, d], where sigma is the median |q_t[d] - q_{t-1}[d]| of that dimension on the
+calibration text (so one alpha means the same thing in every layer, head and dimension: RoPE turns
+some dimensions fast and others barely, and a head-wide scale sent the fast ones every step while
+the slow ones drifted), or alpha * sigma[l, h] with the head's median over all its dimensions
+(Setting.per "dimension" or "head"; which works better depends on the model, so the search tries
+both); theta_v is a fraction of the softmax denominator. The
 search runs the rewritten model in ONNX Runtime with the deltallm kernels (one session per
 window, thresholds fed as inputs) and measures, on the calibration batches:
 
@@ -38,6 +42,7 @@ class Setting:
     sinks: int
     alpha: float
     theta_v: float
+    per: str = "head"  # theta_q's scale: each query "dimension"'s median change, or the "head"'s
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Evaluation:
 
     def row(self) -> dict:
         s = self.setting
-        return {"window": s.window, "sinks": s.sinks, "alpha": round(s.alpha, 4), "theta_v": s.theta_v,
+        return {"window": s.window, "sinks": s.sinks, "alpha": round(s.alpha, 4), "theta_q_per": s.per, "theta_v": s.theta_v,
                 "sparsity": round(self.sparsity, 4), "error": round(self.error, 5)}
 
 
@@ -120,7 +125,8 @@ class Calibrator:
         return None
 
     def thresholds(self, setting: Setting):
-        theta_q = [setting.alpha * s for s in self.sigma]
+        """theta_q per layer ([H, D] or [H]), theta_v per layer ([H])."""
+        theta_q = [setting.alpha * s for s in (self.sigma_dim if setting.per == "dimension" else self.sigma)]
         theta_v = [np.full(l.heads, setting.theta_v, np.float32) for l in self.layers]
         return theta_q, theta_v
 
@@ -157,22 +163,22 @@ class Calibrator:
                           float(1 - 2 * macs[:, 1].sum() / dense) if dense else 0.0,
                           float(1 - 2 * macs[:, 2].sum() / dense) if dense else 0.0)
 
-    def _bisect(self, window, sinks, theta_v, accept) -> tuple[Evaluation | None, list[Evaluation]]:
+    def _bisect(self, window, sinks, theta_v, per, accept) -> tuple[Evaluation | None, list[Evaluation]]:
         """Largest alpha in [0, ALPHA_MAX] whose evaluation is accepted (accept is monotone: true
         for small alpha). Returns (best accepted, all evaluations)."""
         seen = []
-        lo_eval = self.evaluate(Setting(window, sinks, 0.0, theta_v))
+        lo_eval = self.evaluate(Setting(window, sinks, 0.0, theta_v, per))
         seen.append(lo_eval)
         if not accept(lo_eval):
             return None, seen
-        hi_eval = self.evaluate(Setting(window, sinks, ALPHA_MAX, theta_v))
+        hi_eval = self.evaluate(Setting(window, sinks, ALPHA_MAX, theta_v, per))
         seen.append(hi_eval)
         if accept(hi_eval):
             return hi_eval, seen
         lo, hi, best = 0.0, ALPHA_MAX, lo_eval
         for _ in range(BISECT_STEPS):
             mid = 0.5 * (lo + hi)
-            e = self.evaluate(Setting(window, sinks, mid, theta_v))
+            e = self.evaluate(Setting(window, sinks, mid, theta_v, per))
             seen.append(e)
             if accept(e):
                 lo, best = mid, e
@@ -181,30 +187,29 @@ class Calibrator:
         return best, seen
 
     def search(self, *, target: str, sparsity: float, budget: float, windows, sinks: int, theta_vs,
-               alpha: float | None = None) -> tuple[Evaluation, list[Evaluation]]:
+               alpha: float | None = None, pers=("dimension", "head")) -> tuple[Evaluation, list[Evaluation]]:
         """The calibrated setting and every evaluation made on the way."""
         tried: list[Evaluation] = []
         finalists: list[Evaluation] = []
-        for window in windows:
-            for theta_v in theta_vs:
-                if alpha is not None:  # alpha fixed by the user: nothing to search on that axis
-                    e = self.evaluate(Setting(window, sinks, alpha, theta_v))
-                    tried.append(e)
-                    finalists.append(e)
-                    continue
-                if target == "sparsity":
-                    # smallest alpha that reaches the target: bisect on "below target"
-                    below, seen = self._bisect(window, sinks, theta_v, lambda e: e.sparsity < sparsity)
-                    tried += seen
-                    reached = [e for e in seen if e.sparsity >= sparsity]
-                    finalists.append(min(reached, key=lambda e: e.setting.alpha) if reached
-                                     else max(seen, key=lambda e: e.sparsity))
-                else:
-                    best, seen = self._bisect(window, sinks, theta_v, lambda e: e.error <= budget)
-                    tried += seen
-                    if best is not None:
-                        finalists.append(best)
-                self.log(f"deltallm: window {window}, theta_v {theta_v}: {len(tried)} evaluations so far")
+        for window, theta_v, per in ((w, t, p) for w in windows for t in theta_vs for p in pers):
+            if alpha is not None:  # alpha fixed by the user: nothing to search on that axis
+                e = self.evaluate(Setting(window, sinks, alpha, theta_v, per))
+                tried.append(e)
+                finalists.append(e)
+                continue
+            if target == "sparsity":
+                # smallest alpha that reaches the target: bisect on "below target"
+                below, seen = self._bisect(window, sinks, theta_v, per, lambda e: e.sparsity < sparsity)
+                tried += seen
+                reached = [e for e in seen if e.sparsity >= sparsity]
+                finalists.append(min(reached, key=lambda e: e.setting.alpha) if reached
+                                 else max(seen, key=lambda e: e.sparsity))
+            else:
+                best, seen = self._bisect(window, sinks, theta_v, per, lambda e: e.error <= budget)
+                tried += seen
+                if best is not None:
+                    finalists.append(best)
+            self.log(f"deltallm: window {window}, theta_v {theta_v}, theta_q per {per}: {len(tried)} evaluations so far")
         if not finalists:
             raise EdgesparseError(f"deltallm: no setting keeps the calibration error within the budget {budget}")
         if target == "sparsity":

@@ -119,6 +119,26 @@ def test_accuracy_budget_is_respected_on_the_calibration_input(tiny_onnx, inputs
     assert manifest["passes"][0]["report"]["attention_sparsity"]["prefill"] > 0.2
 
 
+@pytest.mark.parametrize("per", ["auto", "dimension"])
+def test_theta_q_per_dimension_or_head(tiny_onnx, inputs, tmp_path, library, per):
+    """auto: the search tries theta_q scaled per query dimension and per head and keeps the better;
+    a per-dimension choice reaches the package as one threshold per head and dimension."""
+    manifest = _build(tiny_onnx, inputs, tmp_path, sparsity=0.5, window=16, decode_steps=0, theta_q_per=per)
+    report = manifest["passes"][0]["report"]
+    tried = {row["theta_q_per"] for row in report["calibration"]["evaluations"]}
+    assert tried == ({"dimension", "head"} if per == "auto" else {"dimension"})
+    chosen = report["setting"]["theta_q_per"]
+    assert chosen in tried
+    model = onnx.load(str(tmp_path / "pkg" / manifest["runtime"]["model"]))
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "DeltaAttention")
+    theta_q = init[node.input[3]]
+    assert theta_q.ndim == 2 and theta_q.shape[1] > 1  # [H, D]
+    rows_differ = bool((theta_q != theta_q[:, :1]).any())
+    assert rows_differ == (chosen == "dimension")  # per dimension: values vary along D; per head: constant rows
+    assert manifest["verification"]["passed"]
+
+
 def test_model_without_attention_fails_with_one_line(tmp_path, inputs):
     from onnx import TensorProto, helper, numpy_helper
 
