@@ -152,6 +152,11 @@ class _Staged:
         return self.sessions[s]
 
     def run(self, batch: dict) -> list[np.ndarray]:
+        env = self.values(batch)
+        return [env[o] for o in self.outputs]
+
+    def values(self, batch: dict) -> dict:
+        """Every value of the staged run, the referenced nodes' inputs and outputs included."""
         env = dict(batch)
         for s, stage in enumerate(self.stages):
             if stage is not None:
@@ -168,7 +173,41 @@ class _Staged:
                                 raise EdgesparseError(f"verification: the reference of {node.op_type} does not "
                                                       f"compute output '{name}'")
                             env[name] = value
-        return [env[o] for o in self.outputs]
+        return env
+
+
+def node_agreement(model: onnx.ModelProto, libraries, batch: dict, library_files: list[str],
+                   threads: int = 1) -> list[dict]:
+    """Teacher forcing: each node computed by an op reference, run by its kernel on the inputs the
+    reference run gave it, against the reference's output there. A kernel that computes something
+    else fails here; what passes here but not end to end is decisions (thresholds) that round
+    differently in kernel and reference and then feed every later layer different values."""
+    import onnxruntime as ort
+
+    staged = _Staged(model, libraries, threads)
+    env = staged.values(batch)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    for path in library_files:
+        so.register_custom_ops_library(str(path))
+    rows = []
+    for node, _ in staged.held:
+        feeds = {i: np.asarray(env.get(i, staged.arrays.get(i))) for i in node.input if i}
+        outputs = [o for o in node.output if o and o in env]
+        graph = onnx.helper.make_graph(
+            [node], "node",
+            [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for i, v in feeds.items()],
+            [onnx.helper.make_tensor_value_info(o, staged.types.get(o, onnx.TensorProto.FLOAT), None) for o in outputs])
+        single = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        got = ort.InferenceSession(single.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
+        want = [np.asarray(env[o]) for o in outputs]
+        error = max_abs_error([got], [want])
+        scale = max((float(np.abs(w).max()) for w in want if w.size and np.issubdtype(w.dtype, np.floating)), default=1.0)
+        rows.append({"node": node.name or node.op_type, "op": node.op_type, "max_abs_error": error,
+                     "scale": max(1.0, scale)})
+    return rows
 
 
 def _used_names(node: onnx.NodeProto) -> list[str]:
