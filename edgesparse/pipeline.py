@@ -173,9 +173,11 @@ def build(request: BuildRequest, registry=None) -> dict | None:
             v = manifest["verification"]
             hint = ""
             if v.get("per_node") and not v["per_node"]["agree"]:  # the kernel itself disagrees with its reference
-                n = v["per_node"]
-                hint = (f" (approximating node {n['worst_node']} differs from its reference on the same inputs by "
-                        f"{n['max_abs_error']:.3g}, tolerance {n['tolerance']:.3g}: its kernel computes something else)")
+                n = v["per_node"]["worst"]
+                hint = (f" (approximating node {n['node']} differs from its reference on the same inputs: "
+                        f"{100 * n['rows_within']:.2f}% of rows within the tolerance, the rest "
+                        f"{100 * n.get('of_approximation', 0.0):.1f}% of what the approximation changes: its kernel "
+                        "computes something else)")
             elif v.get("reference") == "op reference" and request.tolerance > 0:  # decisions can flip between kernel and reference
                 scale = v["tolerance"] / request.tolerance  # the tolerance is relative to max(1, |reference|)
                 hint = (f" (approximating nodes: a skip decision that rounds differently in the kernel and its "
@@ -250,17 +252,19 @@ def _verify(run_package, staging: Path, model, libraries, calibration: list[dict
     }
     if not result["passed"] and kind == "op reference" and node_libraries is not None:
         ctx.log(f"end to end {error:.3g} > {tolerance:.3g}: checking each approximating node on its reference inputs")
-        nodes = verify.node_agreement(model, libraries, batches[0], [str(f) for f in node_libraries], request.threads)
-        worst = max(nodes, key=lambda r: r["max_abs_error"] / (request.tolerance * r["scale"]))
-        agree = all(r["max_abs_error"] <= request.tolerance * r["scale"] for r in nodes)
-        result["per_node"] = {"nodes": len(nodes), "worst_node": worst["node"], "max_abs_error": worst["max_abs_error"],
-                              "tolerance": request.tolerance * worst["scale"], "agree": agree}
+        nodes = verify.node_agreement(model, libraries, batches[0], [str(f) for f in node_libraries],
+                                      request.tolerance, request.threads)
+        worst = min(nodes, key=lambda r: (r["agrees"], r["rows_within"], -r.get("of_approximation", 0.0)))
+        agree = all(r["agrees"] for r in nodes)
+        result["per_node"] = {"nodes": len(nodes), "agree": agree, "rows_within": verify.ROWS_WITHIN,
+                              "of_approximation": verify.OF_APPROXIMATION, "worst": worst}
         if agree:
             result.update(passed=True, criterion="per node (teacher-forced), end to end recorded")
             ctx.warn(f"verified node by node: every approximating node matches its reference on the same inputs "
-                     f"(worst {worst['max_abs_error']:.3g}); end to end the package differs by {error:.3g} because "
-                     f"threshold decisions that round differently compound over later layers (quality below says "
-                     f"what the approximation costs)")
+                     f"(worst {worst['node']}: {100 * worst['rows_within']:.2f}% of rows within the tolerance, the "
+                     f"rest {100 * worst.get('of_approximation', 0.0):.2f}% of what the approximation changes); end "
+                     f"to end the package differs by {error:.3g} because threshold decisions that round differently "
+                     f"compound over later layers (quality below says what the approximation costs)")
     return result
 
 

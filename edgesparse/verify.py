@@ -176,37 +176,56 @@ class _Staged:
         return env
 
 
-def node_agreement(model: onnx.ModelProto, libraries, batch: dict, library_files: list[str],
+ROWS_WITHIN = 0.99   # node check: at least this share of output rows within the tolerance ...
+OF_APPROXIMATION = 0.05  # ... and the rest small next to what the approximation itself changes
+
+
+def node_agreement(model: onnx.ModelProto, libraries, batch: dict, library_files: list[str], tolerance: float,
                    threads: int = 1) -> list[dict]:
     """Teacher forcing: each node computed by an op reference, run by its kernel on the inputs the
-    reference run gave it, against the reference's output there. A kernel that computes something
-    else fails here; what passes here but not end to end is decisions (thresholds) that round
-    differently in kernel and reference and then feed every later layer different values."""
+    reference run gave it, against the reference's output there. Decisions (thresholds) that
+    round differently in kernel and reference still flip here, in a few rows; a kernel that
+    computes something else differs in most rows, or by a share of what the approximation itself
+    changes. A node agrees when every output row (the last axis) is within the tolerance, or when
+    at least ROWS_WITHIN of them are and |kernel - reference| is at most OF_APPROXIMATION of
+    |reference - exact| (exact: the node's dense meaning, its ONNX function, run by ORT)."""
     import onnxruntime as ort
 
     staged = _Staged(model, libraries, threads)
     env = staged.values(batch)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    for path in library_files:
-        so.register_custom_ops_library(str(path))
+
+    def session(single, with_kernels: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        for path in library_files if with_kernels else ():
+            so.register_custom_ops_library(str(path))
+        return ort.InferenceSession(single.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
     rows = []
     for node, _ in staged.held:
         feeds = {i: np.asarray(env.get(i, staged.arrays.get(i))) for i in node.input if i}
-        outputs = [o for o in node.output if o and o in env]
+        out = node.output[0]
         graph = onnx.helper.make_graph(
             [node], "node",
             [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
              for i, v in feeds.items()],
-            [onnx.helper.make_tensor_value_info(o, staged.types.get(o, onnx.TensorProto.FLOAT), None) for o in outputs])
-        single = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-        got = ort.InferenceSession(single.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
-        want = [np.asarray(env[o]) for o in outputs]
-        error = max_abs_error([got], [want])
-        scale = max((float(np.abs(w).max()) for w in want if w.size and np.issubdtype(w.dtype, np.floating)), default=1.0)
-        rows.append({"node": node.name or node.op_type, "op": node.op_type, "max_abs_error": error,
-                     "scale": max(1.0, scale)})
+            [onnx.helper.make_tensor_value_info(out, staged.types.get(out, onnx.TensorProto.FLOAT), None)])
+        single = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                        functions=[f for f in model.functions if f.domain == node.domain])
+        got = session(single, True).run([out], feeds)[0].astype(np.float64)
+        want = np.asarray(env[out], np.float64)
+        scale = max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+        diff = np.abs(got - want)
+        within = float((diff.reshape(-1, want.shape[-1]).max(-1) <= tolerance * scale).mean()) if want.size else 1.0
+        row = {"node": node.name or node.op_type, "op": node.op_type, "max_abs_error": float(diff.max(initial=0.0)),
+               "scale": scale, "rows_within": round(within, 5)}
+        if within < 1.0:
+            exact = session(single, False).run([out], feeds)[0].astype(np.float64)  # the dense meaning
+            approximation = float(np.linalg.norm(want - exact))
+            row["of_approximation"] = float(np.linalg.norm(got - want)) / max(approximation, 1e-30)
+        row["agrees"] = within == 1.0 or (within >= ROWS_WITHIN and row["of_approximation"] <= OF_APPROXIMATION)
+        rows.append(row)
     return rows
 
 
