@@ -256,7 +256,8 @@ def _verify(run_package, staging: Path, model, libraries, calibration: list[dict
                                       request.tolerance, request.threads)
         worst = min(nodes, key=lambda r: (r["agrees"], r["rows_within"], -r.get("of_approximation", 0.0)))
         agree = all(r["agrees"] for r in nodes)
-        result["per_node"] = {"nodes": len(nodes), "agree": agree, "rows_within": verify.ROWS_WITHIN,
+        result["per_node"] = {"nodes": len(nodes), "agree": agree, "tolerance": request.tolerance,
+                              "rows_within": verify.ROWS_WITHIN,
                               "of_approximation": verify.OF_APPROXIMATION, "worst": worst}
         if agree:
             result.update(passed=True, criterion="per node (teacher-forced), end to end recorded")
