@@ -99,6 +99,11 @@ class BuildContext:
         self._current = name
         self.reports.setdefault(name, {})
 
+    def end_passes(self) -> None:
+        """The passes are done: later warnings (compile, verification) belong to the build, not to
+        the last pass that ran."""
+        self._current = None
+
     def report(self, key: str, value) -> None:
         """Record a figure in the current pass's section of the manifest."""
         self.reports[self._current][key] = value

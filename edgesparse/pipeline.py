@@ -140,6 +140,7 @@ def build(request: BuildRequest, registry=None) -> dict | None:
             ctx.log(f"[{p.name}] rewriting the ONNX graph")
             p.rewrite_graph(graph, ctx)
     model = ir.to_proto(graph)
+    ctx.end_passes()
     libraries = _attach_functions(model, registry)
     model = export.check(model, "after the passes")
 
