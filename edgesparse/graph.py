@@ -376,8 +376,6 @@ def node_name(model: ir.Model, base: str) -> str:
 BLOCK_SPARSE_MATMUL = "BlockSparseMatMul"
 
 
-
-
 def replace_with_block_sparse_matmul(model: ir.Model, layer: Layer, weight: np.ndarray, block: int,
                                      fuse_activation: bool = True) -> ir.Node:
     """Swap a matmul layer for edgesparse's block-sparse MatMul holding `weight` ([K, N], whose
