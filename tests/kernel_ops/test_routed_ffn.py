@@ -96,6 +96,21 @@ def test_kernel_larger_and_threads(kernel_lib, t, chunk, threads):
     np.testing.assert_allclose(got, routed_ffn_reference(x, packed, r, "silu"), rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("s", [32, 56])
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_one_token_panels(kernel_lib, isa, s, gated):
+    """One token (a decode step) takes wide output panels (256 columns on AVX-512, 64 on AVX2) and
+    32-neuron expert panels; D_out = 300 and S = 56 leave every narrower tail after them."""
+    rng = np.random.default_rng(s + gated)
+    _, packed = random_ffn(rng, 64, 6 * s, 300, s, gated)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    r = sparse_routes(rng, (1, 6), 0.5)
+    r[0, 1] = 1.5  # at least one expert on
+    sess = session(routed_model([1, 64], 6, packed, "relu", 1), kernel_lib)
+    got = sess.run(None, {"X": x, "R": r})[0]
+    np.testing.assert_allclose(got, routed_ffn_reference(x, packed, r, "relu"), rtol=1e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("opset", [17, 21])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("activation", ["none", "gelu", "silu"])

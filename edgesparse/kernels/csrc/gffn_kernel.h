@@ -31,11 +31,17 @@ ES_INLINE void dense_accumulate(const float* ES_RESTRICT xt, int64_t ldx, const 
   for (int u = 0; u < U; ++u)
     for (int t = 0; t < T; ++t)
       for (int r = 0; r < R; ++r) part[u][t][r] = vzero<V>();
+  // One token (decode): this loop streams weights that are cold, since a step reads each
+  // layer's weights once; prefetch ~2 KB ahead, across the page boundaries where the hardware
+  // prefetchers stop (harmless past the block's end).
+  const int64_t ahead = T == 1 ? (2048 / (4 * wstride) + 1) * wstride : 0;
   int64_t d = 0;
   for (; d + U <= count; d += U)
     for (int u = 0; u < U; ++u) {
       const float* xp = xt + (d + u) * ldx;
       const float* wp = w + (d + u) * wstride;
+      if constexpr (T == 1)
+        for (int r = 0; r < R; ++r) __builtin_prefetch(wp + ahead + r * L);
       for (int r = 0; r < R; ++r) {
         V wv = vload<V>(wp + r * L);
         for (int t = 0; t < T; ++t) part[u][t][r] += wv * xp[t];
@@ -87,11 +93,32 @@ static void gffn_up_panel(const es_gffn_args* a, const float* xt, float* h, int6
     for (int t = 0; t < T; ++t) dst[l * T + t] = buf[t][l];
 }
 
+// One token (decode): the active experts' weights are cold (a step reads each layer's weights
+// once) and only known once the router has run. When they fit well inside L2, ask for all of them
+// up front, up blocks first: the memory system then fetches at full parallelism while the up
+// products start, instead of one short stream per expert block, each starting with a miss.
+static inline void prefetch_active(const es_gffn_args* a, int64_t i_begin, int64_t i_end) {
+  const int64_t up = a->d * a->s, down = a->s * a->d_out;
+  if ((i_end - i_begin) * (up * (a->w_gate ? 2 : 1) + down) > (int64_t)128 * 1024) return;  // > 512 KB
+  for (int64_t i = i_begin; i < i_end; ++i)
+    for (int64_t k = 0; k < up; k += 16) {
+      __builtin_prefetch(a->w_up + a->experts[i] * up + k);
+      if (a->w_gate) __builtin_prefetch(a->w_gate + a->experts[i] * up + k);
+    }
+  for (int64_t i = i_begin; i < i_end; ++i)
+    for (int64_t k = 0; k < down; k += 16) __builtin_prefetch(a->w_down + a->experts[i] * down + k);
+}
+
 template <int T>
 static void gffn_up_tile(const es_gffn_args* a, const float* xt, float* h, int64_t i_begin, int64_t i_end,
                          const float* sc) {
+  if constexpr (T == 1) prefetch_active(a, i_begin, i_end);
   for (int64_t i = i_begin; i < i_end; ++i) {
     int64_t c0 = 0;
+    // One token (decode): 32 neurons per pass read each weight row's 128 bytes at once, so an
+    // expert streams through its [D, S] block once instead of twice at half a cache line.
+    if constexpr (T == 1)
+      for (; c0 + 32 <= a->s; c0 += 32) gffn_up_panel<32, 1>(a, xt, h, i, c0, sc);
     for (; c0 + 16 <= a->s; c0 += 16) gffn_up_panel<16, T>(a, xt, h, i, c0, sc);
     if (c0 + 8 <= a->s) {
       gffn_up_panel<8, T>(a, xt, h, i, c0, sc);
@@ -118,9 +145,18 @@ static void gffn_down_panel(const es_gffn_args* a, const float* ht, int64_t t0, 
     for (int r = 0; r < R; ++r) vstore<V>(a->y + (t0 + t) * dout + n0 + r * L, acc[t][r]);
 }
 
+// Output columns per panel for one token: half the vector registers as accumulators. A decode
+// step's down projection then reads each active row of w_down in long contiguous runs (the
+// whole row at D = 256 on AVX-512) instead of 64 bytes per row per 16-column panel, which
+// strides through the expert 1 KB at a time: the weights of a decode step come from L3 or DRAM,
+// where that stride costs latency the prefetchers do not hide.
+constexpr int GFFN_WIDE = ES_NUM_VREGS / 2 * ES_VEC_FLOATS;
+
 template <int T>
 static void gffn_down_tile(const es_gffn_args* a, const float* ht, int64_t t0, int64_t n_begin, int64_t n_end) {
   int64_t n0 = n_begin;
+  if constexpr (T == 1)
+    for (; n0 + GFFN_WIDE <= n_end; n0 += GFFN_WIDE) gffn_down_panel<GFFN_WIDE, 1>(a, ht, t0, n0);
   for (; n0 + 16 <= n_end; n0 += 16) gffn_down_panel<16, T>(a, ht, t0, n0);
   if (n0 + 8 <= n_end) {
     gffn_down_panel<8, T>(a, ht, t0, n0);
