@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -25,8 +26,8 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
     module = model.module.eval()
     names = list(model.example_inputs)
     args = tuple(model.example_inputs[n] for n in names)
-    axes = None
-    if model.dynamic_axes:  # torch pairs these with the arguments by position: list every input, in order
+    axes, shapes = None, _varargs_shapes(module, names, model.dynamic_axes)
+    if model.dynamic_axes and shapes is None:  # torch pairs these with the arguments by position: list every input
         axes = {n: model.dynamic_axes.get(n) for n in names}
         axes.update({k: v for k, v in model.dynamic_axes.items() if k not in axes})
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,6 +42,7 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
                     input_names=names,
                     output_names=list(model.output_names),
                     dynamic_axes=axes,
+                    dynamic_shapes=shapes,
                     opset_version=OPSET,
                     dynamo=True,
                     external_data=False,
@@ -50,6 +52,27 @@ def export_torch(model: TorchModel) -> onnx.ModelProto:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EdgesparseError(f"torch.onnx.export failed: {first}") from exc
         return load_onnx(path)
+
+
+def _varargs_shapes(module, names: list[str], dynamic_axes: dict) -> dict | None:
+    """torch.export's dynamic_shapes for a forward(a, b, *rest) (one input per cache layer, say),
+    whose dynamic_axes torch cannot convert: the inputs after the named parameters fill *rest.
+    An axis name becomes one shared torch.export.Dim, which also names it in the ONNX graph."""
+    import torch
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    rest = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), None)
+    if rest is None or not dynamic_axes:
+        return None
+    dims: dict[str, object] = {}
+
+    def spec(name):
+        return {int(axis): dims.setdefault(d, torch.export.Dim(d) if d.isidentifier() else torch.export.Dim.DYNAMIC)
+                for axis, d in (dynamic_axes.get(name) or {}).items()}
+
+    shapes = {p.name: spec(n) for p, n in zip(params[:rest], names)}
+    shapes[params[rest].name] = tuple(spec(n) for n in names[rest:])
+    return shapes
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

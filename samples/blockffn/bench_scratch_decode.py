@@ -30,16 +30,19 @@ def _session(pkg: Path, chunk: int):
 
 
 def step_runner(sess, ids: np.ndarray, prefix: int, steps: int):
-    """A callable running `steps` new tokens after the package's own cache of `prefix` tokens."""
-    shapes = {i.name: i.shape for i in sess.get_inputs()}
-    empty = {n: np.zeros((shapes[n][0], 1, 0, shapes[n][3]), np.float32) for n in ("past_latent", "past_rope")}
-    _, latent, rope = sess.run(None, {"input_ids": ids[None, :prefix], **empty})
-    step = {"input_ids": ids[None, prefix:prefix + steps], "past_latent": latent, "past_rope": rope}
+    """A callable running `steps` new tokens after the package's own cache of `prefix` tokens
+    (inputs past_latent.i / past_rope.i, outputs present_*: one cache tensor per layer)."""
+    caches = [i for i in sess.get_inputs() if i.name.startswith("past_")]
+    empty = {i.name: np.zeros((1, 0, i.shape[2]), np.float32) for i in caches}
+    outputs = [o.name for o in sess.get_outputs()]
+    prefilled = dict(zip(outputs, sess.run(None, {"input_ids": ids[None, :prefix], **empty})))
+    step = {"input_ids": ids[None, prefix:prefix + steps],
+            **{i.name: prefilled[i.name.replace("past_", "present_", 1)] for i in caches}}
     binding = sess.io_binding()
     for k, v in step.items():
         binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
-    for o in sess.get_outputs():
-        binding.bind_output(o.name)
+    for o in outputs:
+        binding.bind_output(o)
     return lambda: sess.run_with_iobinding(binding)
 
 

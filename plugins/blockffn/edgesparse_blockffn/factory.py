@@ -68,9 +68,9 @@ def _tokenizer(path: Path):
 def checkpoint_factory(path, *, calibration=None, tokens: int = 64, batches: int = 4, seed: int = 0):
     """An edgesparse model factory's TorchModel for a released-format BlockFFN checkpoint.
 
-    The exported graph serves prefill and decode: inputs input_ids [1, T], past_latent
-    [L, 1, P, kv_lora_rank], past_rope [L, 1, P, qk_rope_head_dim] (P = 0 for a prompt); outputs
-    logits [1, T, V], present_latent, present_rope ([L, 1, P + T, .]: the next call's past).
+    The exported graph serves prefill and decode: inputs input_ids [1, T] and per layer i
+    past_latent.i [1, P, kv_lora_rank], past_rope.i [1, P, qk_rope_head_dim] (P = 0 for a prompt);
+    outputs logits [1, T, V] and present_latent.i, present_rope.i ([1, P + T, .]: the next call's past).
     calibration: token id sequences, or strings when the checkpoint has a tokenizer that loads
     offline; by default a short English text through that tokenizer, else seeded random ids (the
     sparsity report then says so). Every other calibration batch continues a sequence from a
@@ -83,33 +83,40 @@ def checkpoint_factory(path, *, calibration=None, tokens: int = 64, batches: int
 
 
 def torch_model(module, seqs: list, source: str, seed: int = 0):
-    """The build's TorchModel for a model with BlockFFNForCausalLM's forward and cache (a loaded
-    checkpoint, or e.g. a dense twin of the same shape), calibrated on token id sequences."""
+    """The build's TorchModel for a model with BlockFFNForCausalLM's step() and cache (a loaded
+    checkpoint, or e.g. a dense twin of the same shape), calibrated on token id sequences; exported
+    with one cache input and output per layer (model.LayerCaches)."""
     import torch
 
     from edgesparse import TorchModel
 
+    from .model import LayerCaches, cache_names, interleaved
+
     cfg = module.config
-    module.calibration_source = source  # the pass reports it (and warns about random ids)
+    names = cache_names(cfg.layers)
+    exported = LayerCaches(module)
+    exported.calibration_source = source  # the pass reports it (and warns about random ids)
+
+    def per_layer(latents, ropes) -> dict:
+        return dict(zip(names, (t.numpy() for t in interleaved(latents, ropes))))
 
     def calibration_batches():
         for i, seq in enumerate(seqs):
-            past_latent, past_rope = module.empty_cache()
+            latents, ropes = (list(c) for c in module.empty_cache())
             ids = seq
             if i % 2 == 1:  # continue from a cache of the first half
                 half = len(seq) // 2
                 with torch.no_grad():
-                    _, past_latent, past_rope = module(torch.tensor(seq[None, :half]), past_latent, past_rope)
+                    _, latents, ropes = module.step(torch.tensor(seq[None, :half]), latents, ropes)
                 ids = seq[half:]
-            yield {"input_ids": ids[None].astype(np.int64), "past_latent": past_latent.numpy(),
-                   "past_rope": past_rope.numpy()}
+            yield {"input_ids": ids[None].astype(np.int64), **per_layer(latents, ropes)}
 
     rng = torch.Generator().manual_seed(seed)
     example_past = 3  # a non-empty example cache: a zero-length one would pin the past axis to 0 in the export
+    cache = lambda width: [torch.randn(1, example_past, width, generator=rng) for _ in range(cfg.layers)]
     example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 5), generator=rng),
-               "past_latent": torch.randn(cfg.layers, 1, example_past, cfg.kv_lora_rank, generator=rng),
-               "past_rope": torch.randn(cfg.layers, 1, example_past, cfg.qk_rope_head_dim, generator=rng)}
-    return TorchModel(module=module, example_inputs=example,
-                      output_names=["logits", "present_latent", "present_rope"],
-                      dynamic_axes={"input_ids": {1: "sequence"}, "past_latent": {2: "past"}, "past_rope": {2: "past"}},
+               **dict(zip(names, interleaved(cache(cfg.kv_lora_rank), cache(cfg.qk_rope_head_dim))))}
+    return TorchModel(module=exported, example_inputs=example,
+                      output_names=["logits", *cache_names(cfg.layers, "present")],
+                      dynamic_axes={"input_ids": {1: "sequence"}, **{n: {1: "past"} for n in names}},
                       calibration=calibration_batches)

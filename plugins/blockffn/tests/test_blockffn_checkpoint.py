@@ -16,6 +16,7 @@ import torch
 import blockffn_checkpoint as ckpt
 from edgesparse import EdgesparseError
 from edgesparse_blockffn import checkpoint, checkpoint_factory
+from edgesparse_blockffn.model import cache_names, interleaved
 
 FACTORY = """from edgesparse_blockffn import checkpoint_factory
 
@@ -90,14 +91,19 @@ def test_checkpoint_builds_into_a_routedffn_package_that_matches_torch(tmp_path)
     # the package against the torch model on tokens the build never saw: prompt, then one decode step
     model = checkpoint.load(ck)
     ids = np.random.default_rng(7).integers(0, ckpt.TINY["vocab_size"], (1, 20)).astype(np.int64)
-    latent, rope = (c.numpy() for c in model.empty_cache())
+    names = cache_names(model.config.layers)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", *names]  # one cache tensor per layer and kind
+    assert [o.name for o in session.get_outputs()] == ["logits", *cache_names(model.config.layers, "present")]
+    latent, rope = model.empty_cache()
     for step in (ids[:, :19], ids[:, 19:]):
-        got = session.run(None, {"input_ids": step, "past_latent": latent, "past_rope": rope})
+        got = session.run(None, {"input_ids": step, **dict(zip(names, interleaved(latent.numpy(), rope.numpy())))})
         with torch.no_grad():
-            want = [t.numpy() for t in model(torch.tensor(step), torch.tensor(latent), torch.tensor(rope))]
-        for g, w in zip(got, want):
-            assert g.shape == w.shape and np.abs(g - w).max() <= 1e-4, np.abs(g - w).max()
-        latent, rope = got[1], got[2]  # the package's own cache feeds the next step
+            want = [t.numpy() for t in model(torch.tensor(step), latent, rope)]
+        assert got[0].shape == want[0].shape and np.abs(got[0] - want[0]).max() <= 1e-4, np.abs(got[0] - want[0]).max()
+        for i, (g_latent, g_rope) in enumerate(zip(got[1::2], got[2::2])):
+            assert np.abs(g_latent - want[1][i]).max() <= 1e-4 and np.abs(g_rope - want[2][i]).max() <= 1e-4
+        # the package's own cache feeds the next step
+        latent, rope = torch.tensor(np.stack(got[1::2])), torch.tensor(np.stack(got[2::2]))
     assert latent.shape[2] == 20
 
 
@@ -173,8 +179,8 @@ def test_sum_normalised_block_linear_checkpoint_builds_and_matches_torch(tmp_pat
     assert sum(n.op_type == "ReduceSum" and "router" in n.name for n in graph.node) == 2
     model = checkpoint.load(ck)
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], (1, 13)).astype(np.int64)
-    latent, rope = (c.numpy() for c in model.empty_cache())
-    got = session.run(None, {"input_ids": ids, "past_latent": latent, "past_rope": rope})[0]
+    empty = interleaved(*(c.numpy() for c in model.empty_cache()))
+    got = session.run(None, {"input_ids": ids, **dict(zip(cache_names(cfg["num_hidden_layers"]), empty))})[0]
     with torch.no_grad():
         want = model(torch.tensor(ids), *model.empty_cache())[0].numpy()
     assert np.abs(got - want).max() <= 1e-4

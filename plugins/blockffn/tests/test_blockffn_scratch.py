@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgesparse_blockffn import checkpoint, factory
+from edgesparse_blockffn.model import cache_names
 
 SCRIPT = Path(__file__).resolve().parents[3] / "samples" / "blockffn" / "train_scratch.py"
 
@@ -95,9 +96,11 @@ def test_the_trained_model_deploys_through_checkpoint_factory(packages):
 def test_the_dense_twin_builds_with_the_same_inputs_and_outputs(packages):
     sparse, dense = (json.loads((p / "manifest.json").read_text()) for p in packages)
     assert dense["verification"]["passed"] and not dense["runtime"]["custom_op_libraries"]
+    layers = len(sparse["outputs"]) // 2
     assert [i["name"] for i in dense["inputs"]] == [i["name"] for i in sparse["inputs"]] == \
-        ["input_ids", "past_latent", "past_rope"]
-    assert [o["name"] for o in dense["outputs"]] == ["logits", "present_latent", "present_rope"]
+        ["input_ids", *cache_names(layers)]
+    assert [o["name"] for o in dense["outputs"]] == [o["name"] for o in sparse["outputs"]] == \
+        ["logits", *cache_names(layers, "present")]
 
 
 def test_the_decode_benchmark_runs_on_both_packages(finished, packages, tmp_path):
