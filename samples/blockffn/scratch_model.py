@@ -1,5 +1,5 @@
 """The two models of a from-scratch run (train_scratch.py) as edgesparse model factories, so that
-their packages can be compared on ORT (same inputs and outputs: input_ids, past_latent, past_rope):
+their packages can be compared on ORT (same inputs and outputs: input_ids and per-layer caches):
 
     BLOCKFFN_SCRATCH_RUN=<run> edgesparse build samples/blockffn/scratch_model.py:build_blockffn \\
         --target x86 --pass blockffn:chunk=1 -o out/scratch-blockffn
