@@ -253,8 +253,9 @@ def _verify(run_package, staging: Path, model, libraries, calibration: list[dict
     }
     if not result["passed"] and kind == "op reference" and node_libraries is not None:
         ctx.log(f"end to end {error:.3g} > {tolerance:.3g}: checking each approximating node on its reference inputs")
-        nodes = verify.node_agreement(model, libraries, batches[0], [str(f) for f in node_libraries],
-                                      request.tolerance, request.threads)
+        with ctx.target.kernel_code():  # the code the package's devices run, as run_package ran it
+            nodes = verify.node_agreement(model, libraries, batches[0], [str(f) for f in node_libraries],
+                                          request.tolerance, request.threads)
         worst = min(nodes, key=lambda r: (r["agrees"], r["rows_within"], -r.get("of_approximation", 0.0)))
         agree = all(r["agrees"] for r in nodes)
         result["per_node"] = {"nodes": len(nodes), "agree": agree, "tolerance": request.tolerance,

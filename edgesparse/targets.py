@@ -2,6 +2,7 @@
 package there to verify it (natively, under an emulator, in a browser...)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ class Target:
 
     def runs_here(self) -> bool:
         return platform.machine() == self.machine
+
+    def kernel_code(self):
+        """A context in which kernel sessions created on this machine run the code this target's
+        devices run (the x86 target: the ISA it builds for); it yields what ran ({} here: the code
+        the library picks when it loads)."""
+        return contextlib.nullcontext({})
 
     def times_here(self) -> bool:
         """Whether timing a package on this machine times what the target's devices run: it runs

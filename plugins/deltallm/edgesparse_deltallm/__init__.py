@@ -80,7 +80,7 @@ class DeltaLLM(Pass):
         ctx.log(f"[deltallm] {len(found)} attention blocks replaced; calibrating on {len(batches)} batch(es)")
         local = [(i, s) for i, s in enumerate(spans) if s]
         if local:
-            ctx.log(f"[deltallm] sliding-window layers (exact inside their window): "
+            ctx.log(f"[deltallm] sliding-window layers (delta attention inside their window): "
                     + ", ".join(f"{i} ({s} keys)" for i, s in local))
         capped = sorted({a.softcap for a in found if a.softcap})
         if capped:

@@ -1,5 +1,6 @@
 """The pass inside edgesparse's build: calibration, reports, warnings, the package."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -81,6 +82,32 @@ def test_a_wrong_kernel_fails_verification(tiny_onnx, inputs, tmp_path, library,
         _build(tiny_onnx, inputs, tmp_path, window=8, theta_q=0.3, theta_v=0.01, decode_steps=0)
     # checked node by node on the same inputs, the kernel disagrees with its reference: named, no tolerance offered
     assert "differs from its reference on the same inputs" in str(failed.value) and "--tolerance" not in str(failed.value)
+
+
+def test_the_node_check_runs_the_code_of_the_isa_the_package_is_for(tiny_onnx, inputs, tmp_path, library, monkeypatch):
+    """A package for AVX2 built on an AVX-512 machine: the per-node check (reached here through a
+    wrong kernel) runs the kernels' AVX2 code, as the package run before it did."""
+    from edgesparse import verify
+    from edgesparse.kernels import dispatch
+    from edgesparse_deltallm import build as kernel_build
+
+    if not dispatch.host_supports("avx2"):
+        pytest.skip("this machine cannot run the AVX2 code")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(kernel_build.CSRC, csrc)
+    old, new = BUGS["transmitted query stored wrong"]
+    (csrc / "delta_kernel.cpp").write_text((csrc / "delta_kernel.cpp").read_text().replace(old, new))
+    monkeypatch.setattr(kernel_build, "CSRC", csrc)
+    monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGESPARSE_ISA", raising=False)
+    seen, real = [], verify.node_agreement
+    monkeypatch.setattr(verify, "node_agreement", lambda *a, **k: seen.append(os.environ.get("EDGESPARSE_ISA")) or real(*a, **k))
+    request = BuildRequest(model=str(tiny_onnx), target="x86", target_options={"isa": "avx2"}, output=tmp_path / "pkg",
+                           passes=[("deltallm", {"window": 8, "theta_q": 0.3, "theta_v": 0.01, "decode_steps": 0})],
+                           inputs=inputs, quiet=True)
+    with pytest.raises(EdgesparseError, match="differs from its reference on the same inputs"):
+        build(request)
+    assert seen == ["avx2"] and "EDGESPARSE_ISA" not in os.environ
 
 
 def test_each_node_matches_its_reference_on_the_same_inputs(tiny_onnx, inputs, tmp_path, library):

@@ -66,14 +66,17 @@ class X86(Target):
         if not self.runs_here():
             raise EdgesparseError("the x86 target builds on an x86-64 machine (it verifies packages natively)")
 
+    def kernel_code(self):
+        return kernel_isa(self.isa)
+
     def run_package(self, package_dir: Path, inputs, threads: int = 1) -> RunResult:
         package = runtime.load(package_dir)
-        with kernel_isa(self.isa) as details:
+        with self.kernel_code() as details:
             outputs, on_kernel = runtime.run_profiled(package, inputs, threads)
         return RunResult(outputs, on_kernel, details)
 
     def bench(self, package_dir: Path, batch, libraries, threads=(1,), rounds: int = 30) -> list[dict]:
-        with kernel_isa(self.isa):
+        with self.kernel_code():
             return super().bench(package_dir, batch, libraries, threads, rounds)
 
 
