@@ -20,6 +20,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode import interleaved, session, with_chunk  # noqa: E402
+from edgesparse_blockffn.generate import caches_after, empty_caches  # noqa: E402
 
 
 def _session(pkg: Path, chunk: int):
@@ -30,19 +31,14 @@ def _session(pkg: Path, chunk: int):
 
 
 def step_runner(sess, ids: np.ndarray, prefix: int, steps: int):
-    """A callable running `steps` new tokens after the package's own cache of `prefix` tokens
-    (inputs past_latent.i / past_rope.i, outputs present_*: one cache tensor per layer)."""
-    caches = [i for i in sess.get_inputs() if i.name.startswith("past_")]
-    empty = {i.name: np.zeros((1, 0, i.shape[2]), np.float32) for i in caches}
-    outputs = [o.name for o in sess.get_outputs()]
-    prefilled = dict(zip(outputs, sess.run(None, {"input_ids": ids[None, :prefix], **empty})))
-    step = {"input_ids": ids[None, prefix:prefix + steps],
-            **{i.name: prefilled[i.name.replace("past_", "present_", 1)] for i in caches}}
+    """A callable running `steps` new tokens after the package's own cache of `prefix` tokens."""
+    prefilled = sess.run(None, {"input_ids": ids[None, :prefix], **empty_caches(sess)})
+    step = {"input_ids": ids[None, prefix:prefix + steps], **caches_after(sess, prefilled)}
     binding = sess.io_binding()
     for k, v in step.items():
         binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
-    for o in outputs:
-        binding.bind_output(o)
+    for o in sess.get_outputs():
+        binding.bind_output(o.name)
     return lambda: sess.run_with_iobinding(binding)
 
 

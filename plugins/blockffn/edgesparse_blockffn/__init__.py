@@ -20,6 +20,7 @@ from edgesparse.kernels import DOMAIN
 
 # torch, convert and rewrite are imported inside the methods: loading the plugin must stay light.
 from .factory import checkpoint_factory  # noqa: E402,F401  (imports torch only when called)
+from .generate import generate  # noqa: E402,F401  (numpy only: what an app runs)
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ import torch
 
 import blockffn_checkpoint as ckpt
 from edgesparse import EdgesparseError
-from edgesparse_blockffn import checkpoint, checkpoint_factory
+from edgesparse_blockffn import checkpoint, checkpoint_factory, generate
 from edgesparse_blockffn.model import cache_names, interleaved
 
 FACTORY = """from edgesparse_blockffn import checkpoint_factory
@@ -105,6 +105,15 @@ def test_checkpoint_builds_into_a_routedffn_package_that_matches_torch(tmp_path)
         # the package's own cache feeds the next step
         latent, rope = torch.tensor(np.stack(got[1::2])), torch.tensor(np.stack(got[2::2]))
     assert latent.shape[2] == 20
+    # an app's greedy decoding (edgesparse_blockffn.generate) gives the torch model's tokens
+    want, feed, (latent, rope) = [], torch.tensor(ids[:, :9]), model.empty_cache()
+    with torch.no_grad():
+        for _ in range(6):
+            logits, latent, rope = model(feed, latent, rope)
+            want.append(int(logits[0, -1].argmax()))
+            feed = torch.tensor([[want[-1]]])
+    assert generate(session, ids[0, :9], 6) == want
+    assert generate(session, ids[0, :9], 6, eos_token_id=want[2]) == want[:want.index(want[2]) + 1]
 
 
 def _one_line_refusal(tmp_path, ck: Path, expect: str):
