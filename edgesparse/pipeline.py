@@ -227,7 +227,7 @@ def _verify(run_package, staging: Path, model, libraries, calibration: list[dict
     batches = calibration[:VERIFY_BATCHES]
     ctx.log(f"verifying on {len(batches)} input batches")
     runs = [run_package(b) for b in batches]
-    reference, kind = verify.verification_reference(model, libraries, batches)
+    reference, kind, staged_values = verify.verification_reference(model, libraries, batches)
     if kind != "dense":
         ctx.log("the reference runs the approximating nodes with their library's reference implementation")
     error = verify.max_abs_error([r.outputs for r in runs], reference)
@@ -255,7 +255,7 @@ def _verify(run_package, staging: Path, model, libraries, calibration: list[dict
         ctx.log(f"end to end {error:.3g} > {tolerance:.3g}: checking each approximating node on its reference inputs")
         with ctx.target.kernel_code():  # the code the package's devices run, as run_package ran it
             nodes = verify.node_agreement(model, libraries, batches[0], [str(f) for f in node_libraries],
-                                          request.tolerance, request.threads)
+                                          request.tolerance, request.threads, values=staged_values)
         worst = min(nodes, key=lambda r: (r["agrees"], r["rows_within"], -r.get("of_approximation", 0.0)))
         agree = all(r["agrees"] for r in nodes)
         result["per_node"] = {"nodes": len(nodes), "agree": agree, "tolerance": request.tolerance,

@@ -45,16 +45,19 @@ def uses_op_references(model: onnx.ModelProto, libraries) -> bool:
 
 
 def verification_reference(model: onnx.ModelProto, libraries, batches: list[dict],
-                           threads: int = 1) -> tuple[list[list[np.ndarray]], str]:
+                           threads: int = 1) -> tuple[list[list[np.ndarray]], str, dict | None]:
     """What the package must reproduce, and how it was computed: the dense equivalent run by ORT's
     own kernels ("dense"); or, when some nodes belong to a library with its own reference
     implementation (KernelLibrary.reference: an approximation the kernel computes on purpose),
     the dense equivalent of everything else run by ORT, stage by stage, with those nodes computed
-    by that reference in between ("op reference")."""
+    by that reference in between ("op reference"). Third: for an op reference, every value of the
+    first batch's staged run (node_agreement's inputs), else None."""
     if not uses_op_references(model, libraries):
-        return reference_outputs(dense_equivalent(model, libraries), batches), "dense"
+        return reference_outputs(dense_equivalent(model, libraries), batches), "dense", None
     staged = _Staged(model, libraries, threads)
-    return [staged.run(b) for b in batches], "op reference"
+    first = staged.values(batches[0]) if batches else None
+    outputs = ([[first[o] for o in staged.outputs]] if batches else []) + [staged.run(b) for b in batches[1:]]
+    return outputs, "op reference", first
 
 
 class _Staged:
@@ -181,18 +184,20 @@ OF_APPROXIMATION = 0.05  # ... and the rest small next to what the approximation
 
 
 def node_agreement(model: onnx.ModelProto, libraries, batch: dict, library_files: list[str], tolerance: float,
-                   threads: int = 1) -> list[dict]:
+                   threads: int = 1, values: dict | None = None) -> list[dict]:
     """Teacher forcing: each node computed by an op reference, run by its kernel on the inputs the
     reference run gave it, against the reference's output there. Decisions (thresholds) that
     round differently in kernel and reference still flip here, in a few rows; a kernel that
     computes something else differs in most rows, or by a share of what the approximation itself
     changes. A node agrees when every output row (the last axis) is within the tolerance, or when
     at least ROWS_WITHIN of them are and |kernel - reference| is at most OF_APPROXIMATION of
-    |reference - exact| (exact: the node's dense meaning, its ONNX function, run by ORT)."""
+    |reference - exact| (exact: the node's dense meaning, its ONNX function, run by ORT).
+    values: the staged reference run's values for `batch` when the caller has them
+    (verification_reference's third result), so the reference does not run twice."""
     import onnxruntime as ort
 
     staged = _Staged(model, libraries, threads)
-    env = staged.values(batch)
+    env = values if values is not None else staged.values(batch)
 
     def session(single, with_kernels: bool):
         so = ort.SessionOptions()
