@@ -253,9 +253,19 @@ def inspect(package, as_json):
         f"dispatch table: {_table_label(m['target'].get('dispatch_table'))}",
         summary_line(m.get("quality")),
         f"layers ({len(m['layers'])} sparse):",
-    ] + [f"  {l['node']:<40} {l['op']:<20} sparsity {l.get('sparsity', 0):.2f}"
+    ] + [f"  {l['node']:<40} {l['op']:<20} {_layer_sparsity(l)}"
          + (f"  dispatch table: {l['dispatch_table']}" if l.get("dispatch_table") else "") for l in m["layers"]]
     _emit(m, as_json, "\n".join(lines))
+
+
+def _layer_sparsity(layer: dict) -> str:
+    """Weight sparsity, or for activation-sparse ops (dense weights) what decides at run time."""
+    sparsity = layer.get("sparsity")
+    if sparsity is None:
+        return layer.get("note", "sparsity unknown")
+    if not sparsity and layer.get("note", "").startswith("activation sparsity"):
+        return f"weights dense; {layer['note']}"
+    return f"sparsity {sparsity:.2f}"
 
 
 def _table_label(table: dict | None) -> str:

@@ -78,6 +78,8 @@ def test_checkpoint_builds_into_a_routedffn_package_that_matches_torch(tmp_path)
     assert manifest["verification"]["passed"] and manifest["verification"]["sparse_nodes_on_kernel"] == 2
     report = manifest["passes"][0]["report"]
     assert report["checkpoint"] == {"ffns": 2, "calibration": "random token ids"}
+    shown = _cli("inspect", out).stdout  # the layers' weights are dense: inspect says what is sparse instead
+    assert shown.count("RoutedFFN") >= 2 and "weights dense; activation sparsity" in shown and "sparsity 0.00" not in shown
     assert 0.2 < report["sparsity"]["tls"] < 0.8  # random ReLU routers: about half the experts off per token
     # every BlockMLP is one RoutedFFN node fed by the checkpoint's router; no expert weights left outside it
     graph = onnx.load(str(out / "model.onnx")).graph
