@@ -263,7 +263,7 @@ class BlockFFNForCausalLM(nn.Module):
 
     def step(self, input_ids, latents: list, ropes: list) -> tuple:
         """forward with one cache tensor per layer: lists of [B, P, C] and [B, P, rope] -> logits and
-        the lists' successors [B, P + T, .] (the exported packages' form: factory.LayerCaches)."""
+        the lists' successors [B, P + T, .] (the exported packages' form: LayerCaches below)."""
         x = self.embed_tokens(input_ids) * self.config.scale_emb
         new_latents, new_ropes = [], []
         for layer, past_latent, past_rope in zip(self.layers, latents, ropes):
