@@ -112,3 +112,15 @@ def test_the_decode_benchmark_runs_on_both_packages(finished, packages, tmp_path
     rows = json.loads(out.read_text())["rows"]
     assert [(r["new_tokens"], r["chunk"]) for r in rows] == [(1, 1), (8, 8)]
     assert all(r["blockffn_samples"] >= 8 and r["dense_median_ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_the_decode_breakdown_cuts_each_ffn_out(finished, packages, tmp_path):
+    out = tmp_path / "breakdown.json"
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_breakdown.py"), "--run", str(finished),
+                             "--blockffn", str(packages[0]), "--dense", str(packages[1]), "--prefix", "16",
+                             "--budget", "0", "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["steps"]) == {"blockffn", "blockffn_without_ffn", "dense", "dense_without_ffn"}
+    assert figures["ort_per_node_us"] > 0 and all(s["median_ms"] > 0 for s in figures["steps"].values())
+
