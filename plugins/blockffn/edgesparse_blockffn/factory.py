@@ -90,7 +90,7 @@ def torch_model(module, seqs: list, source: str, seed: int = 0):
 
     from edgesparse import TorchModel
 
-    from .model import LayerCaches, cache_names, interleaved
+    from .model import LayerCaches, cache_names, layer_order
 
     cfg = module.config
     names = cache_names(cfg.layers)
@@ -98,7 +98,7 @@ def torch_model(module, seqs: list, source: str, seed: int = 0):
     exported.calibration_source = source  # the pass reports it (and warns about random ids)
 
     def per_layer(latents, ropes) -> dict:
-        return dict(zip(names, (t.numpy() for t in interleaved(latents, ropes))))
+        return dict(zip(names, (t.numpy() for t in layer_order(latents, ropes))))
 
     def calibration_batches():
         for i, seq in enumerate(seqs):
@@ -115,7 +115,7 @@ def torch_model(module, seqs: list, source: str, seed: int = 0):
     example_past = 3  # a non-empty example cache: a zero-length one would pin the past axis to 0 in the export
     cache = lambda width: [torch.randn(1, example_past, width, generator=rng) for _ in range(cfg.layers)]
     example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 5), generator=rng),
-               **dict(zip(names, interleaved(cache(cfg.kv_lora_rank), cache(cfg.qk_rope_head_dim))))}
+               **dict(zip(names, layer_order(cache(cfg.kv_lora_rank), cache(cfg.qk_rope_head_dim))))}
     return TorchModel(module=exported, example_inputs=example,
                       output_names=["logits", *cache_names(cfg.layers, "present")],
                       dynamic_axes={"input_ids": {1: "sequence"}, **{n: {1: "past"} for n in names}},

@@ -279,7 +279,7 @@ def cache_names(layers: int, kind: str = "past") -> list[str]:
     return [f"{kind}_{c}.{i}" for i in range(layers) for c in ("latent", "rope")]
 
 
-def interleaved(latents: list, ropes: list) -> list:
+def layer_order(latents: list, ropes: list) -> list:
     """Per-layer caches in cache_names' order."""
     return [t for pair in zip(latents, ropes) for t in pair]
 
@@ -300,5 +300,5 @@ class LayerCaches(nn.Module):
         if named:  # the export passes the caches by position; the pass's calibration runs by name
             caches = tuple(named[n] for n in cache_names(self.config.layers))
         logits, latents, ropes = self.model.step(input_ids, list(caches[0::2]), list(caches[1::2]))
-        return (logits, *interleaved(latents, ropes))
+        return (logits, *layer_order(latents, ropes))
 

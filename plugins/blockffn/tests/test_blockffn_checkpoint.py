@@ -16,7 +16,7 @@ import torch
 import blockffn_checkpoint as ckpt
 from edgesparse import EdgesparseError
 from edgesparse_blockffn import checkpoint, checkpoint_factory, generate
-from edgesparse_blockffn.model import cache_names, interleaved
+from edgesparse_blockffn.model import cache_names, layer_order
 
 FACTORY = """from edgesparse_blockffn import checkpoint_factory
 
@@ -98,7 +98,7 @@ def test_checkpoint_builds_into_a_routedffn_package_that_matches_torch(tmp_path)
     assert [o.name for o in session.get_outputs()] == ["logits", *cache_names(model.config.layers, "present")]
     latent, rope = model.empty_cache()
     for step in (ids[:, :19], ids[:, 19:]):
-        got = session.run(None, {"input_ids": step, **dict(zip(names, interleaved(latent.numpy(), rope.numpy())))})
+        got = session.run(None, {"input_ids": step, **dict(zip(names, layer_order(latent.numpy(), rope.numpy())))})
         with torch.no_grad():
             want = [t.numpy() for t in model(torch.tensor(step), latent, rope)]
         assert got[0].shape == want[0].shape and np.abs(got[0] - want[0]).max() <= 1e-4, np.abs(got[0] - want[0]).max()
@@ -190,7 +190,7 @@ def test_sum_normalised_block_linear_checkpoint_builds_and_matches_torch(tmp_pat
     assert sum(n.op_type == "ReduceSum" and "router" in n.name for n in graph.node) == 2
     model = checkpoint.load(ck)
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], (1, 13)).astype(np.int64)
-    empty = interleaved(*(c.numpy() for c in model.empty_cache()))
+    empty = layer_order(*(c.numpy() for c in model.empty_cache()))
     got = session.run(None, {"input_ids": ids, **dict(zip(cache_names(cfg["num_hidden_layers"]), empty))})[0]
     with torch.no_grad():
         want = model(torch.tensor(ids), *model.empty_cache())[0].numpy()
