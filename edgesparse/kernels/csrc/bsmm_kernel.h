@@ -25,6 +25,18 @@ namespace ES_NS {
 #ifndef ES_BSMM_TMAX
 #define ES_BSMM_TMAX 8
 #endif
+// Software prefetch distance (bytes) for the weights and indices in the few-token
+// loop (bsmm_accumulate); 0 = off. On AVX-512 the loop outruns the hardware
+// prefetchers: 2 KB ahead made M = 8 10-20 % faster on the FFN shapes (Xeon,
+// docs/kernels.md); on AVX2 it measured even, and farther prefetches (64-256 KB,
+// into L2) or non-temporal ones were slower on both.
+#ifndef ES_BSMM_PREFETCH
+#if defined(ES_ISA_AVX512)
+#define ES_BSMM_PREFETCH 2048
+#else
+#define ES_BSMM_PREFETCH 0
+#endif
+#endif
 // Weights of the block rows processed together over all token tiles; sized to
 // stay in L2 while the packed X tiles stream through.
 #ifndef ES_BSMM_GROUP_BYTES
@@ -57,8 +69,18 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
   typedef typename Lanes<B>::V V;
   constexpr int L = Lanes<B>::L, R = Lanes<B>::R;
   // Independent accumulator sets: with few tokens one chain per output vector
-  // would wait on the FMA latency (4 cycles) every block.
+  // would wait on the FMA latency (4 cycles) every block. On AVX2 / AVX-512 the
+  // sets are added until there are 12 / 16 chains or the registers run out
+  // (measured: 8 chains ran at ~80 % of 12); the 16-byte-vector builds keep the
+  // rule they were measured with.
+#if ES_VEC_FLOATS >= 8
+  constexpr int want = ((ES_NUM_VREGS >= 32 ? 16 : 12) + T * R - 1) / (T * R);
+  constexpr int fit = (ES_NUM_VREGS - R - 1) / (T * R);
+  constexpr int U0 = want < fit ? want : fit;
+  constexpr int U = U0 > 4 ? 4 : (U0 < 1 ? 1 : U0);
+#else
   constexpr int U = T * R >= 4 ? 1 : (T * R == 1 ? 4 : 2);
+#endif
   V part[U][T][R];
   for (int u = 0; u < U; ++u)
     for (int t = 0; t < T; ++t)
@@ -68,6 +90,11 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
     for (int u = 0; u < U; ++u) {
       const float* xp = xt + (int64_t)kidx[p + u] * ldx;
       const float* w = vals + (int64_t)(p + u) * B;
+#if ES_BSMM_PREFETCH > 0
+      // one prefetch per 64-byte line of values and of indices
+      if ((((p + u) * B) & 15) == 0) __builtin_prefetch(w + ES_BSMM_PREFETCH / 4, 0, 3);
+      if (((p + u) & 15) == 0) __builtin_prefetch(kidx + p + u + ES_BSMM_PREFETCH / 16, 0, 3);
+#endif
       // token outer, output vector inner: one broadcast live at a time
       // (R weights + 1 broadcast + T * R accumulators is what BsmmTile sizes;
       // the other order kept T broadcasts live and spilled accumulators on AVX2)
