@@ -61,6 +61,23 @@ static inline int32_t bsmm_tile_m(int32_t block) {
   }
 }
 
+// Independent accumulator sets in bsmm_accumulate for a tile of t tokens x r
+// vectors: with few tokens one chain per output vector would wait on the FMA
+// latency (4 cycles) every block. On AVX2 / AVX-512 sets are added until there
+// are 12 / 16 chains or the registers run out (measured: 8 chains ran at ~80 %
+// of 12); the 16-byte-vector builds keep the rule they were measured with.
+static constexpr int bsmm_sets(int t, int r) {
+#if ES_VEC_FLOATS >= 8
+  int u = ((ES_NUM_VREGS >= 32 ? 16 : 12) + t * r - 1) / (t * r);
+  const int fit = (ES_NUM_VREGS - r - 1) / (t * r);  // beside r weight vectors and one broadcast
+  if (u > fit) u = fit;
+  if (u > 4) u = 4;
+  return u < 1 ? 1 : u;
+#else
+  return t * r >= 4 ? 1 : (t * r == 1 ? 4 : 2);
+#endif
+}
+
 // acc[t][r] = sum over blocks p in [p0, p1) of values[p, r*L:(r+1)*L] * xt[k_index[p] * ldx + t]
 template <int B, int T>
 ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
@@ -68,19 +85,7 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
                                int32_t p0, int32_t p1, typename Lanes<B>::V (&acc)[T][Lanes<B>::R]) {
   typedef typename Lanes<B>::V V;
   constexpr int L = Lanes<B>::L, R = Lanes<B>::R;
-  // Independent accumulator sets: with few tokens one chain per output vector
-  // would wait on the FMA latency (4 cycles) every block. On AVX2 / AVX-512 the
-  // sets are added until there are 12 / 16 chains or the registers run out
-  // (measured: 8 chains ran at ~80 % of 12); the 16-byte-vector builds keep the
-  // rule they were measured with.
-#if ES_VEC_FLOATS >= 8
-  constexpr int want = ((ES_NUM_VREGS >= 32 ? 16 : 12) + T * R - 1) / (T * R);
-  constexpr int fit = (ES_NUM_VREGS - R - 1) / (T * R);
-  constexpr int U0 = want < fit ? want : fit;
-  constexpr int U = U0 > 4 ? 4 : (U0 < 1 ? 1 : U0);
-#else
-  constexpr int U = T * R >= 4 ? 1 : (T * R == 1 ? 4 : 2);
-#endif
+  constexpr int U = bsmm_sets(T, R);
   V part[U][T][R];
   for (int u = 0; u < U; ++u)
     for (int t = 0; t < T; ++t)
@@ -191,14 +196,29 @@ static inline int32_t bsmm_tile(const es_bsmm_args* a) {
     }
   }
   if (bsmm_wide_path(a)) return bsmm_wide_tile(a);
-  // Tiles of equal size: a short last tile has few accumulator chains and
-  // waits on the FMA latency (AVX2, 16 x 1 blocks, M = 8: 4 + 4, not 6 + 2).
+  // As few tiles as the registers allow (each tile reads the weights again), of
+  // about equal size: a short last tile has few accumulator chains and waits on
+  // the FMA latency. Where a block takes several vectors (AVX2, 16 x 1 blocks),
+  // some sizes run slower per token: 4 tokens leave 8 chains (12 did not fit),
+  // 2 or fewer issue more loads than FMAs. Then the first tile grows to avoid
+  // them when it can: M = 8 as 5 + 3, M = 9 as 6 + 3 (3-7 % faster than 4 + 4 and
+  // 5 + 4 at 768-4096 wide FFN shapes, docs/kernels.md); M = 7 stays 4 + 3.
   const int64_t tm = bsmm_tile_m(a->block);
-  if (a->m > tm) {
-    const int64_t tiles = (a->m + tm - 1) / tm;
-    return (int32_t)((a->m + tiles - 1) / tiles);
+  if (a->m <= tm) return (int32_t)tm;
+  const int64_t tiles = (a->m + tm - 1) / tm;
+  const int64_t equal = (a->m + tiles - 1) / tiles;
+#if ES_VEC_FLOATS >= 8
+  const int r = a->block / (a->block < ES_VEC_FLOATS ? a->block : ES_VEC_FLOATS);
+  if (r >= 2) {
+    auto slow = [r](int64_t t) { return t * r <= 4 || t * r * bsmm_sets((int)t, r) < 10; };
+    for (int64_t t = equal; t <= tm; ++t) {
+      const int64_t last = a->m - (tiles - 1) * t;
+      if (last < 1) break;
+      if (!slow(t) && !slow(last)) return (int32_t)t;
+    }
   }
-  return (int32_t)tm;
+#endif
+  return (int32_t)equal;
 }
 
 // Block rows [jb, je) for the tc tokens of one tile (tc <= TV*L; lanes past
