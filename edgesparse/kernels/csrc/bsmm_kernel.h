@@ -463,18 +463,7 @@ static int bsmm_pack(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t 
   const int64_t tm = bsmm_tile(a);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += tm) {
     const int64_t tc = a->m - m0 < tm ? a->m - m0 : tm;
-    const float* x = a->x + m0 * k;
-    float* dst = xp + m0 * k;
-    // in slices of 64 k so the slice's destination lines (64 x tc floats) stay
-    // in L1 while every token writes its column (token by token over all of k,
-    // K = 3072 x 48 tokens took half the time of a 90 % sparse M = 64 call)
-    for (int64_t k0 = 0; k0 < k; k0 += 64) {
-      const int64_t k1 = k - k0 < 64 ? k : k0 + 64;
-      for (int64_t t = 0; t < tc; ++t) {
-        const float* xr = x + t * k;
-        for (int64_t kk = k0; kk < k1; ++kk) dst[kk * tc + t] = xr[kk];
-      }
-    }
+    pack_token_tile(a->x + m0 * k, k, tc, xp + m0 * k);
   }
   return 0;
 }

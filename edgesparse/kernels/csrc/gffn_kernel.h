@@ -188,11 +188,7 @@ static void gffn_pack(const es_gffn_args* a, float* scratch, int64_t t_begin, in
   const int64_t tm = gffn_tile_m(), d = a->d;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += tm) {
     const int64_t tc = a->t - t0 < tm ? a->t - t0 : tm;
-    float* dst = scratch + t0 * d;
-    for (int64_t t = 0; t < tc; ++t) {
-      const float* xr = a->x + (t0 + t) * d;
-      for (int64_t k = 0; k < d; ++k) dst[k * tc + t] = xr[k];
-    }
+    pack_token_tile(a->x + t0 * d, d, tc, scratch + t0 * d);
   }
 }
 
