@@ -201,16 +201,56 @@ ES_INLINE void vtranspose4(const float* src, int64_t ls, float* dst, int64_t ld)
 #undef ES_SHUF4
 }
 
+#if ES_VEC_FLOATS >= 8
+// 8 x 8 transpose in 8-float vectors (unpack, shuffle, 128-bit lane swap: 24
+// shuffles and 8 stores per 64 floats where vtranspose4 takes 32 and 16).
+ES_INLINE void vtranspose8(const float* src, int64_t ls, float* dst, int64_t ld) {
+  typedef Vec<8>::type V8;
+  V8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = vload<V8>(src + i * ls);
+#if defined(__clang__)
+#define ES_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define ES_SHUF8(a, b, ...) __builtin_shuffle(a, b, (Vec<8>::itype){__VA_ARGS__})
+#endif
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = ES_SHUF8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = ES_SHUF8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = ES_SHUF8(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = ES_SHUF8(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = ES_SHUF8(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = ES_SHUF8(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    vstore<V8>(dst + i * ld, ES_SHUF8(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    vstore<V8>(dst + (i + 4) * ld, ES_SHUF8(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+#undef ES_SHUF8
+}
+#endif
+
 // Packs tc token rows of x (row stride k) as dst[kk * tc + t] (the kernels' token
 // tiles: the tc inputs of one feature share a cache line). In slices of 64
 // features so the slice's destination (64 x tc floats) stays in L1 (row by row
 // over all of K, 3072 x 48 tokens took half the time of a 90 % sparse M = 64
 // call), 4 x 4 at a time in registers (a float at a time took 2 cycles: 24 of the
-// ~80 us of a 75 % sparse 384 x 384 projection at M = 128).
+// ~80 us of a 75 % sparse 384 x 384 projection at M = 128; 8 x 8 where vectors
+// are 8 floats or wider).
 ES_INLINE void pack_token_tile(const float* x, int64_t k, int64_t tc, float* dst) {
   for (int64_t k0 = 0; k0 < k; k0 += 64) {
     const int64_t k1 = k - k0 < 64 ? k : k0 + 64;
     int64_t t = 0;
+#if ES_VEC_FLOATS >= 8
+    for (; t + 8 <= tc; t += 8) {
+      const float* xr = x + t * k;
+      int64_t kk = k0;
+      for (; kk + 8 <= k1; kk += 8) vtranspose8(xr + kk, k, dst + kk * tc + t, tc);
+      for (; kk < k1; ++kk)
+        for (int i = 0; i < 8; ++i) dst[kk * tc + t + i] = xr[i * k + kk];
+    }
+#endif
     for (; t + 4 <= tc; t += 4) {
       const float* xr = x + t * k;
       int64_t kk = k0;
