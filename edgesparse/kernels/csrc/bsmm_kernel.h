@@ -78,9 +78,13 @@ static constexpr int bsmm_sets(int t, int r) {
 #endif
 }
 
-// acc[t][r] = sum over blocks p in [p0, p1) of values[p, r*L:(r+1)*L] * xt[k_index[p] * ldx + t]
+// acc[t][r] = sum over blocks p in [p0, p1) of values[p, r*L:(r+1)*L] * xt[k_index[p] * T + t]
+// (a packed tile of T tokens; with one token, X itself). The stride is the
+// template's T, not a run-time argument: multiplying by a run-time stride put an
+// imul (which shares a port with the FMAs) on every block (AVX2, M = 64: 3-8 %
+// slower).
 template <int B, int T>
-ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
+ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt,
                                const float* ES_RESTRICT vals, const int32_t* ES_RESTRICT kidx,
                                int32_t p0, int32_t p1, typename Lanes<B>::V (&acc)[T][Lanes<B>::R]) {
   typedef typename Lanes<B>::V V;
@@ -93,7 +97,7 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
   int32_t p = p0;
   for (; p + U <= p1; p += U) {
     for (int u = 0; u < U; ++u) {
-      const float* xp = xt + (int64_t)kidx[p + u] * ldx;
+      const float* xp = xt + (int64_t)kidx[p + u] * T;
       const float* w = vals + (int64_t)(p + u) * B;
 #if ES_BSMM_PREFETCH > 0
       // one prefetch per 64-byte line of values and of indices
@@ -112,7 +116,7 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
     }
   }
   for (; p < p1; ++p) {
-    const float* xp = xt + (int64_t)kidx[p] * ldx;
+    const float* xp = xt + (int64_t)kidx[p] * T;
     const float* w = vals + (int64_t)p * B;
     V wv[R];
     for (int r = 0; r < R; ++r) wv[r] = vload<V>(w + r * L);
@@ -129,17 +133,16 @@ ES_INLINE void bsmm_accumulate(const float* ES_RESTRICT xt, int64_t ldx,
     }
 }
 
-// Block rows [jb, je) for the T tokens starting at m0 (inputs at xt, stride ldx).
+// Block rows [jb, je) for the T tokens starting at m0 (inputs at xt, stride T).
 template <int B, int T>
-static void bsmm_rows(const es_bsmm_args* a, const float* xt, int64_t ldx, int64_t m0, int64_t jb,
-                      int64_t je) {
+static void bsmm_rows(const es_bsmm_args* a, const float* xt, int64_t m0, int64_t jb, int64_t je) {
   typedef typename Lanes<B>::V V;
   constexpr int L = Lanes<B>::L, R = Lanes<B>::R;
   const int64_t n = a->n;
   const int act = a->activation;
   for (int64_t j = jb; j < je; ++j) {
     V acc[T][R];
-    bsmm_accumulate<B, T>(xt, ldx, a->values, a->k_index, a->row_ptr[j], a->row_ptr[j + 1], acc);
+    bsmm_accumulate<B, T>(xt, a->values, a->k_index, a->row_ptr[j], a->row_ptr[j + 1], acc);
     const int64_t n0 = j * B;
     const int valid = n - n0 < B ? (int)(n - n0) : B;  // last block row may be partial
     V bias[R];
@@ -439,13 +442,13 @@ static void bsmm_rows_wide_any(const es_bsmm_args* a, const float* xt, int tc, i
 }
 
 template <int B>
-static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, int64_t ldx,
-                          int64_t m0, int64_t jb, int64_t je) {
+static void bsmm_rows_any(int tcount, const es_bsmm_args* a, const float* xt, int64_t m0, int64_t jb,
+                          int64_t je) {
   constexpr int TM = BsmmTile<B>::T;
   switch (tcount) {
 #define ES_CASE(n)                                                      \
   case n:                                                               \
-    if constexpr (n <= TM) bsmm_rows<B, (n <= TM ? n : 1)>(a, xt, ldx, m0, jb, je); \
+    if constexpr (n <= TM) bsmm_rows<B, (n <= TM ? n : 1)>(a, xt, m0, jb, je);      \
     return;
     ES_CASE(1) ES_CASE(2) ES_CASE(3) ES_CASE(4) ES_CASE(5) ES_CASE(6) ES_CASE(7) ES_CASE(8)
     ES_CASE(9) ES_CASE(10) ES_CASE(11) ES_CASE(12) ES_CASE(13) ES_CASE(14) ES_CASE(15) ES_CASE(16)
@@ -470,11 +473,11 @@ static int bsmm_pack(const es_bsmm_args* a, float* xp, int64_t m_begin, int64_t 
 
 static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, int64_t m_end,
                        int64_t j_begin, int64_t j_end) {
-  void (*rows)(int, const es_bsmm_args*, const float*, int64_t, int64_t, int64_t, int64_t) =
+  void (*rows)(int, const es_bsmm_args*, const float*, int64_t, int64_t, int64_t) =
       a->block == 4 ? bsmm_rows_any<4> : a->block == 8 ? bsmm_rows_any<8> : bsmm_rows_any<16>;
   if (a->m == 1 || xp == nullptr) {
-    // unpacked: only valid token by token (ldx = 1)
-    for (int64_t m0 = m_begin; m0 < m_end; ++m0) rows(1, a, a->x + m0 * a->k, 1, m0, j_begin, j_end);
+    // unpacked: only valid token by token (stride 1)
+    for (int64_t m0 = m_begin; m0 < m_end; ++m0) rows(1, a, a->x + m0 * a->k, m0, j_begin, j_end);
     return;
   }
   const int64_t tm = bsmm_tile(a);
@@ -491,7 +494,7 @@ static void bsmm_range(const es_bsmm_args* a, const float* xp, int64_t m_begin, 
       if (tok)
         tok(a, xp + m0 * a->k, (int)tc, m0, j0, j1);
       else
-        rows((int)tc, a, xp + m0 * a->k, tc, m0, j0, j1);
+        rows((int)tc, a, xp + m0 * a->k, m0, j0, j1);
     }
     j0 = j1;
   }
