@@ -20,3 +20,16 @@ def test_quick_benchmark_records(kernel_lib):
     assert recs and all(keys <= set(r) for r in recs)
     conv = bench_conv_case(kernel_lib, 64, 64, 14, 3, 1, 0.75, 16, 1, budget_s=0.05)
     assert conv["op"] == "BlockSparseConv" and conv["speedup"] > 0
+
+
+def test_direct_kernel_harness_runs(kernel_lib):
+    """benchmarks/kernels/direct_bsmm.py (the kernel alone, docs/kernels.md) on a small case."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "direct_bsmm.py"
+    out = subprocess.run([sys.executable, str(script), "--k", "64", "--n", "48", "--m", "8", "--reps", "5",
+                          "--flush-mb", "1", "--lib", str(kernel_lib)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "GFLOP/s" in out.stdout and "M=8" in out.stdout

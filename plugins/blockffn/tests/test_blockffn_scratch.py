@@ -103,24 +103,23 @@ def test_the_dense_twin_builds_with_the_same_inputs_and_outputs(packages):
         ["logits", *cache_names(layers, "present")]
 
 
-def test_the_decode_benchmark_runs_on_both_packages(finished, packages, tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_scratch_decode.py"), "--run", str(finished),
+def _run_decode_script(name, finished, packages, out):
+    """One of the decode scripts on both packages, briefly (16-token prefix, minimum rounds)."""
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / name), "--run", str(finished),
                              "--blockffn", str(packages[0]), "--dense", str(packages[1]), "--prefix", "16",
                              "--budget", "0", "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())
+
+
+def test_the_decode_benchmark_runs_on_both_packages(finished, packages, tmp_path):
+    rows = _run_decode_script("bench_scratch_decode.py", finished, packages, tmp_path / "bench.json")["rows"]
     assert [(r["new_tokens"], r["chunk"]) for r in rows] == [(1, 1), (8, 8)]
     assert all(r["blockffn_samples"] >= 8 and r["dense_median_ms"] > 0 and r["speedup"] > 0 for r in rows)
 
 
 def test_the_decode_breakdown_cuts_each_ffn_out(finished, packages, tmp_path):
-    out = tmp_path / "breakdown.json"
-    result = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_breakdown.py"), "--run", str(finished),
-                             "--blockffn", str(packages[0]), "--dense", str(packages[1]), "--prefix", "16",
-                             "--budget", "0", "--out", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(out.read_text())
+    figures = _run_decode_script("decode_breakdown.py", finished, packages, tmp_path / "breakdown.json")
     assert set(figures["steps"]) == {"blockffn", "blockffn_without_ffn", "dense", "dense_without_ffn"}
     assert figures["ort_per_node_us"] > 0 and all(s["median_ms"] > 0 for s in figures["steps"].values())
 
