@@ -178,10 +178,12 @@ static void gffn_down_tile(const es_gffn_args* a, const float* ht, int64_t t0, i
     default: break;                                          \
   }
 
-// Scratch layout (floats): packed x [t][d] by tiles, then h [t][n_active * s] by tiles.
-static int64_t gffn_scratch(const es_gffn_args* a) { return a->t * a->d + a->t * a->n_active * a->s + 16; }
+// Scratch layout (floats): packed x [t][d] by tiles, then (from a 64-byte
+// boundary) h [t][n_active * s] by tiles.
+static inline int64_t gffn_h_offset(const es_gffn_args* a) { return (a->t * a->d + 15) / 16 * 16; }
+static int64_t gffn_scratch(const es_gffn_args* a) { return gffn_h_offset(a) + a->t * a->n_active * a->s + 16; }
 
-static inline float* gffn_h(const es_gffn_args* a, float* scratch) { return scratch + a->t * a->d; }
+static inline float* gffn_h(const es_gffn_args* a, float* scratch) { return scratch + gffn_h_offset(a); }
 
 // Packs tokens [t_begin, t_end) (tile aligned) of x into scratch as [d][tc] tiles.
 static void gffn_pack(const es_gffn_args* a, float* scratch, int64_t t_begin, int64_t t_end) {
