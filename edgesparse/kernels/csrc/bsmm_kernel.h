@@ -300,6 +300,14 @@ static void bsmm_rows_tok_any(const es_bsmm_args* a, const float* xt, int tc, in
 #ifndef ES_BSMM_WIDE_TV
 #define ES_BSMM_WIDE_TV 3
 #endif
+// Weights and indices prefetched this many bytes ahead by the first pass over
+// a block row (the second pass finds them in L1). In a model each layer's
+// weights arrive cold from L3: 4 KB ahead made the MiniLM 75 % package 3-5 %
+// faster and the (warm) FFN kernel cases even or faster; 1-2 KB gained less,
+// 8 KB the same, prefetching in both passes or into L2 only slightly less.
+#ifndef ES_BSMM_WIDE_PREFETCH
+#define ES_BSMM_WIDE_PREFETCH 4096
+#endif
 
 static inline bool bsmm_wide_path(const es_bsmm_args* a) {
   return ES_BSMM_WIDE_MIN_M > 0 && a->block == 16 && a->block == ES_VEC_FLOATS && a->m >= ES_BSMM_WIDE_MIN_M;
@@ -375,6 +383,10 @@ static ES_INLINE void bsmm_wide_pass(const es_bsmm_args* a, const float* ES_REST
   const int32_t* ES_RESTRICT kidx = a->k_index;
   const float* ES_RESTRICT w = a->values + (int64_t)a->row_ptr[j] * B + h0;
   for (int32_t p = a->row_ptr[j]; p < p1; ++p, w += B) {
+    if (ES_BSMM_WIDE_PREFETCH > 0 && h0 == 0) {
+      __builtin_prefetch(w + ES_BSMM_WIDE_PREFETCH / 4, 0, 3);  // one 64-byte block per iteration
+      if ((p & 15) == 0) __builtin_prefetch(kidx + p + ES_BSMM_WIDE_PREFETCH / 16, 0, 3);
+    }
     const float* xp = xt + (int64_t)kidx[p] * tc;
     vfloat xv[TV];
     for (int v = 0; v < TV; ++v) xv[v] = vload<vfloat>(xp + v * L);
