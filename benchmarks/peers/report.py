@@ -83,6 +83,40 @@ def _label(rec):
     return m if rec["kind"] != "ffn" else f"{m}, M={rec['tokens']}"
 
 
+def useful_gflops(rec: dict, name: str) -> float | None:
+    """An FFN case's nonzero multiply-adds (2 x M x K x N x density) per second of that runtime's median."""
+    c = rec["candidates"].get(name, {})
+    if rec["kind"] != "ffn" or "median_ms" not in c:
+        return None
+    flops = 2.0 * rec["tokens"] * rec["shape"]["K"] * rec["shape"]["N"] * (1.0 - rec["sparsity"])
+    return flops / (c["median_ms"] * 1e6)
+
+
+def peak_check(result: dict) -> list[str]:
+    """In a run on AVX2 code, the FFN cases where a runtime did its nonzero multiply-adds at >= 95 % of
+    the AVX2 FMA peak measured in the same run: no sparse kernel gets there with AVX2 instructions
+    (indices and epilogue cost issue slots), so that runtime's code was not all AVX2."""
+    env = result["environment"]
+    peaks = [p["avx2"] for p in (env.get("fma_peak_gflops"), env.get("fma_peak_gflops_end")) if p]
+    if not peaks:
+        return []
+    peak = max(peaks)
+    line = (f"One core's AVX2 FMA peak, measured at the start and end of the run (benchmarks/avx2_host/fma_peak.c): "
+            + " / ".join(f"{p:.0f}" for p in peaks) + " GFLOP/s.")
+    if env.get("kernel_isa") != "avx2":
+        return [line, ""]
+    over = {}
+    for r in result["records"]:
+        for name in r["candidates"]:
+            g = useful_gflops(r, name)
+            if g is not None and g >= 0.95 * peak:
+                over.setdefault(name, []).append(f"{_label(r)} {r['sparsity']:.0%}: {g:.0f}")
+    if over:
+        line += " At or above 95 % of it (nonzero multiply-adds per second): " + "; ".join(
+            f"{NAMES.get(n, n)} {', '.join(v)}" for n, v in over.items()) + ". Those runs did not execute AVX2 code only."
+    return [line, ""]
+
+
 def markdown(result: dict, png_name: str | None) -> str:
     env = result["environment"]
     recs = result["records"]
@@ -100,6 +134,7 @@ def markdown(result: dict, png_name: str | None) -> str:
         f"weights (max abs error <= {result['method']['tolerance']:g} x max(1, |output|)) before timing.",
         "",
     ]
+    lines += peak_check(result)
     chk = bar_check(recs)
     lines += [f"**Bar check.** edgesparse's dispatch chose sparse kernels in {len(chk['chosen'])} of {len(recs)} cases; "
               f"a peer was as fast or faster in {len(chk['lost'])} of those; edgesparse was behind ORT dense (ratio < {NOISE}) "

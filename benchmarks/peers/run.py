@@ -290,6 +290,21 @@ def run_case(model: cases.Model, sparsity: float, threads: int, workers: dict, w
 
 # --- the run -----------------------------------------------------------------------------------
 
+def fma_peak(work: Path) -> dict | None:
+    """One core's FMA peak in GFLOP/s, {"avx2": .., "avx512": ..} (benchmarks/avx2_host/fma_peak.c):
+    the yardstick for a runtime's useful GFLOP/s. None where there is no x86-64 C compiler."""
+    src = REPO / "benchmarks" / "avx2_host" / "fma_peak.c"
+    exe = work / "fma_peak"
+    if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"):
+        return None
+    try:
+        subprocess.run(["cc", "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
+    except (subprocess.CalledProcessError, json.JSONDecodeError, OSError):
+        return None
+
+
 def environment(workers: dict) -> dict:
     cpu = platform.processor() or ""
     try:
@@ -354,7 +369,7 @@ def run(opts, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     peers = [p for p in PEERS if p in opts.candidates]
     workers = start_workers(work, peers, log=log)
-    result = {"environment": environment(workers), "method": {
+    result = {"environment": environment(workers) | {"fma_peak_gflops": fma_peak(work)}, "method": {
         "sample_ms": opts.sample_ms, "budget_s_per_case": opts.budget_s, "min_rounds": opts.min_rounds,
         "max_rounds": opts.max_rounds, "tolerance": TOLERANCE, "block": cases.BLOCK,
         "quick": opts.quick}, "records": [], "not_available": []}
@@ -375,6 +390,7 @@ def run(opts, log=print) -> dict:
         for w in workers.values():
             w.close()
         result["environment"]["load_avg_end"] = list(os.getloadavg())
+        result["environment"]["fma_peak_gflops_end"] = fma_peak(work)
         if not opts.work and not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
     return result

@@ -4,6 +4,7 @@
 ~/.cache/edgesparse/peers (about a minute and a half, from PyPI); a missing registry fails the
 test with the error, it is never skipped."""
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ PEERS = ROOT / "benchmarks" / "peers"
 sys.path.insert(0, str(PEERS))
 
 import envs  # noqa: E402
+import report  # noqa: E402
 
 
 def test_quick_run_outputs_agree_and_records_are_complete(tmp_path):
@@ -47,6 +49,14 @@ def test_quick_run_outputs_agree_and_records_are_complete(tmp_path):
     assert rec["candidates"]["deepsparse"]["info"]["fraction_of_supported_ops"] == 1.0
     # 90% sparse 16x1 blocks: the sparse kernel is several times faster than ORT's dense MatMul
     assert rec["candidates"]["edgesparse"]["ratio"] > 1.5, rec["candidates"]["edgesparse"]
+    # the FMA peak is the yardstick of the AVX2 report (report.peak_check): present on x86-64, and no
+    # runtime's useful rate is above the widest vector's peak (a timing error would show here)
+    if platform.machine() == "x86_64":
+        peak = env["fma_peak_gflops"]
+        assert peak and peak["avx2"] > 1.0, peak
+        widest = peak["avx512"] or peak["avx2"]
+        for name in ("ort", "edgesparse", "deepsparse", "mnn"):
+            assert report.useful_gflops(rec, name) < 1.1 * widest, (name, report.useful_gflops(rec, name), peak)
 
 
 def test_mnn_worker_blocks_the_telemetry_import():
