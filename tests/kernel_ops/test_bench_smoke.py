@@ -33,3 +33,17 @@ def test_direct_kernel_harness_runs(kernel_lib):
                           "--flush-mb", "1", "--lib", str(kernel_lib)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "GFLOP/s" in out.stdout and "M=8" in out.stdout
+
+
+def test_package_ab_harness_runs(built_mlp, kernel_lib):
+    """benchmarks/kernels/ab_package.py (package-level library A/Bs, docs/kernels.md) on a small package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "ab_package.py"
+    out = subprocess.run([sys.executable, str(script), str(built_mlp), str(kernel_lib), str(kernel_lib),
+                          "--rounds", "5", "--budget-s", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].strip().startswith("dense:") and all("speedup" in line for line in lines)

@@ -22,6 +22,15 @@
 extern "C" {
 #endif
 
+/* Kernel scratch (packed token tiles, GatheredFFN's hidden buffer, conv scratch) starts on a 64-byte
+ * line: malloc/new put large buffers 16 bytes into one, which made every 64-byte load of a packed
+ * tile a split load (AVX-512 wide tile 0-13 % slower, MiniLM 75 % package ~5 %: docs/kernels.md).
+ * Allocate ES_SCRATCH_PAD more bytes and start at es_scratch_align(p). */
+#define ES_SCRATCH_PAD 64
+static inline float* es_scratch_align(void* p) {
+  return (float*)(((uintptr_t)p + ES_SCRATCH_PAD - 1) & ~(uintptr_t)(ES_SCRATCH_PAD - 1));
+}
+
 /* Fused activations (attribute strings in the ONNX ops map to these). */
 enum {
   ES_ACT_NONE = 0,

@@ -84,13 +84,10 @@ extern "C" ES_API const char* es_bsmm_validate(int64_t nnzb, int32_t block, int6
   return nullptr;
 }
 
-// Kernel scratch: 64-byte aligned, so a packed tile row is whole cache lines
-// (from malloc, large buffers start 16 bytes past a page: every 64-byte vector
-// load from them crossed two lines, ~15 % of the AVX-512 wide tile's time).
-// *raw is what to free.
+// Aligned kernel scratch (es_scratch_align); *raw is what to free.
 static float* scratch_alloc(size_t floats, void** raw) {
-  *raw = malloc(sizeof(float) * floats + 64);
-  return *raw ? (float*)(((uintptr_t)*raw + 63) & ~(uintptr_t)63) : nullptr;
+  *raw = malloc(sizeof(float) * floats + ES_SCRATCH_PAD);
+  return *raw ? es_scratch_align(*raw) : nullptr;
 }
 
 extern "C" ES_API void es_bsmm_f32(const es_bsmm_args* a) {

@@ -2,7 +2,6 @@
 #include "ort_common.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <memory>
 
 namespace es_ort {
@@ -112,13 +111,12 @@ float* scratch_floats(size_t count, int slot) {
   thread_local Buf bufs[4];
   Buf& b = bufs[slot];
   if (b.n < count) {
-    // +16: vector tails may read past the end; +16 more to start on a cache line
-    // (a packed tile row that straddles lines makes every 64-byte load a split
-    // load: the AVX-512 wide tile ran ~15 % slower from new[]'s 16-byte alignment)
-    size_t n = std::max(count, b.n * 2) + 32;
+    // +16: vector tails may read past the end; the pad: start on a cache line (es_scratch_align)
+    constexpr size_t pad = ES_SCRATCH_PAD / sizeof(float);
+    size_t n = std::max(count, b.n * 2) + 16 + pad;
     b.p.reset(new float[n]);
-    b.aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.p.get()) + 63) & ~uintptr_t(63));
-    b.n = n - 32;
+    b.aligned = es_scratch_align(b.p.get());
+    b.n = n - 16 - pad;
   }
   return b.aligned;
 }
